@@ -1,0 +1,90 @@
+"""The plugin contract: every vlmkit hook, documented in this one file.
+
+A plugin is a module (or any object) with functions decorated by ``@hookimpl``.
+There are two layers, as in pytest:
+
+1. **Registration.** Every plugin implements ``vlmkit_register(registry)`` and
+   adds named component factories of the kinds in ``core.registry.KINDS``.
+   A recipe then builds components by name: ``{name: sam, dim: 768, ...}``
+   calls the registered factory with the remaining keys as keyword arguments.
+
+2. **Behaviour.** Components chosen by the recipe for freezing, regularising,
+   scoring and logging are objects that implement the behaviour hooks below.
+   The core registers the chosen objects with the plugin manager for as long
+   as they apply (a freeze policy or regulariser for its stage, metrics for an
+   evaluation, loggers for the run) and calls the hook; every registered
+   implementation answers, and the core combines the answers as each hook's
+   docstring says. Results of ``None`` are ignored, as pluggy does.
+
+Core imports no concrete plugin: it discovers them (``core.registry``).
+"""
+import pluggy
+
+PROJECT = "vlmkit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def vlmkit_register(registry):
+    """Add this plugin's components: ``registry.add(kind, name, factory)``.
+
+    ``factory`` is a class or function called with the recipe's keyword
+    arguments. Called once per plugin when plugins are loaded.
+    """
+
+
+@hookspec
+def vlmkit_freeze(model, stage):
+    """Decide which parameters of ``model`` train in ``stage`` (a freeze policy).
+
+    Called at the start of each stage after every parameter has been made
+    trainable again. Implementations set ``requires_grad`` on parameters; the
+    trainer then puts every module whose parameters are all frozen in eval mode
+    and builds the optimizer over exactly the trainable parameters. ``stage``
+    is the ``core.recipe.Stage`` being run. Return value ignored.
+    """
+
+
+@hookspec
+def vlmkit_regulariser_loss(model, batch, outputs):
+    """Return ``{name: scalar tensor}`` of extra losses for this training step, or None.
+
+    ``batch`` is the dict from ``core.data`` (pixel_values, input_ids, targets,
+    texts, target_ids); ``outputs`` is ``VisionLanguageModel.forward``'s dict
+    (``loss``, ``vision_features`` before the projector, ``vision_tokens``
+    after it, laid out with newlines and separator). Each loss is multiplied
+    by the regulariser's own weight *before* being returned; the trainer adds
+    them to the next-token loss and logs each one under its name. A
+    regulariser that is an ``nn.Module`` has its parameters trained with the
+    model and saved in the stage checkpoint.
+    """
+
+
+@hookspec
+def vlmkit_metric_score(pred, gt):
+    """Score one sample: return ``{value_name: float | None}``.
+
+    ``pred`` is the system's text, ``gt`` the ground truth. ``None`` marks a
+    value that is undefined for this sample (for example NED of two empty
+    strings); aggregation decides what undefined means and documents it.
+    Value names must be unique across the metrics used together.
+    """
+
+
+@hookspec
+def vlmkit_metric_aggregate(rows):
+    """Aggregate per-sample rows (dicts merged over all metrics) into ``{name: value}``.
+
+    Each metric aggregates the value names it produced, documenting how
+    (plain mean over samples, page averages, exclusions).
+    """
+
+
+@hookspec
+def vlmkit_log(record):
+    """Receive one log record (a flat dict with at least ``event``).
+
+    Events: ``stage_start``, ``train`` (every ``run.log_every`` steps),
+    ``checkpoint``, ``stage_end``, ``eval``. Loggers write them somewhere.
+    """
