@@ -38,8 +38,10 @@ def vlmkit_register(registry):
 def vlmkit_freeze(model, stage):
     """Decide which parameters of ``model`` train in ``stage`` (a freeze policy).
 
-    Called at the start of each stage after every parameter has been made
-    trainable again. Implementations set ``requires_grad`` on parameters; the
+    Called at the start of each stage on the freshly built model (every
+    parameter trainable except what a component freezes by design, such as
+    CLIP's bypassed patch embedding in the DeepEncoder), after ``init_from``
+    weights are loaded. Implementations set ``requires_grad``; the
     trainer then puts every module whose parameters are all frozen in eval mode
     and builds the optimizer over exactly the trainable parameters. ``stage``
     is the ``core.recipe.Stage`` being run. Return value ignored.
@@ -51,7 +53,7 @@ def vlmkit_regulariser_loss(model, batch, outputs):
     """Return ``{name: scalar tensor}`` of extra losses for this training step, or None.
 
     ``batch`` is the dict from ``core.data`` (pixel_values, input_ids, targets,
-    texts, target_ids); ``outputs`` is ``VisionLanguageModel.forward``'s dict
+    texts, keys); ``outputs`` is ``VisionLanguageModel.forward``'s dict
     (``loss``, ``vision_features`` before the projector, ``vision_tokens``
     after it, laid out with newlines and separator). Each loss is multiplied
     by the regulariser's own weight *before* being returned; the trainer adds

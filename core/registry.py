@@ -53,8 +53,12 @@ class Registry:
             raise ConfigError(f"{at}unknown {kind} {name!r}{_closest(name, self.names(kind))}; known: {known}")
         return self._factories[kind][name]
 
-    def build(self, kind, name, where=None, **kwargs):
-        """Call the factory with kwargs; unknown or missing arguments name the recipe key."""
+    def build(self, kind, name, where=None, context=None, **kwargs):
+        """Call the factory with kwargs; unknown or missing arguments name the recipe key.
+
+        ``context`` holds objects the core can offer (model, tokenizer, run_dir): each
+        is passed only to factories whose signature names it, never from the recipe.
+        """
         factory = self.get(kind, name, where)
         at = where or f"{kind} {name!r}"
         try:
@@ -65,6 +69,11 @@ class Registry:
             params = sig.parameters
             takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
             accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            for key in context or {}:
+                if key in kwargs:
+                    raise ConfigError(f"{where or kind}.{key}: is set by vlmkit, not by the recipe")
+                if key in params:
+                    kwargs[key] = context[key]
             if not takes_any:
                 for key in kwargs:
                     if key not in accepted:

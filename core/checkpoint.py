@@ -1,0 +1,112 @@
+"""Checkpoints: safetensors for tensors, JSON for metadata, no pickle.
+
+A stage folder holds ``model_XXXXXX.safetensors`` + ``meta_XXXXXX.json`` (the
+step in six digits, as nanochat names its files) and, for handing the vision
+side to the next stage, ``encoder_XXXXXX.safetensors``. Files are written to a
+temporary name and renamed, so a reader never sees half a file.
+"""
+import glob
+import json
+import os
+import re
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from core.errors import ConfigError
+
+# A "part" of the model, as init_from names it, and the state_dict keys it owns.
+PARTS = {
+    "encoder": ("encoder.",),
+    "projector": ("projector.",),
+    "decoder": ("decoder.",),
+    "vision_layout": ("image_newline", "view_separator"),
+}
+
+
+def _atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tensors(state_dict):
+    return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+
+
+def save_checkpoint(stage_dir, step, model, meta, extra_modules=None):
+    """Write the full model, the encoder alone, and meta json; return the model file's path."""
+    os.makedirs(stage_dir, exist_ok=True)
+    state = _tensors(model.state_dict())
+    for prefix, module in (extra_modules or {}).items():  # e.g. a regulariser's head
+        state.update({f"{prefix}.{k}": v for k, v in _tensors(module.state_dict()).items()})
+    model_path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")
+    _atomic(model_path, lambda p: save_file(state, p))
+    encoder = {k: v for k, v in state.items() if k.startswith(PARTS["encoder"])}
+    _atomic(os.path.join(stage_dir, f"encoder_{step:06d}.safetensors"), lambda p: save_file(encoder, p))
+
+    def write_meta(p):
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump({"step": step, **meta}, f, indent=2)
+    _atomic(os.path.join(stage_dir, f"meta_{step:06d}.json"), write_meta)
+    return model_path
+
+
+def latest(stage_dir, kind="model"):
+    """The newest ``{kind}_XXXXXX.safetensors`` in a stage folder, or None."""
+    files = glob.glob(os.path.join(stage_dir, f"{kind}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
+    return max(files, key=lambda p: int(re.findall(r"(\d{6})\.safetensors$", p)[0])) if files else None
+
+
+def resolve(path, run_dir, parts):
+    """A checkpoint file from ``init_from.path``: a file, a stage folder, or ``stage:NAME`` in this run."""
+    if path.startswith("stage:"):
+        path = os.path.join(run_dir, path[len("stage:"):])
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        kind = "encoder" if set(parts) <= {"encoder"} else "model"
+        found = latest(path, kind)
+        if found is None:
+            raise ConfigError(f"init_from: no {kind}_XXXXXX.safetensors checkpoint in {path}")
+        return found
+    if not os.path.isfile(path):
+        raise ConfigError(f"init_from: checkpoint {path!r} does not exist")
+    return path
+
+
+def load_parts(model, path, parts):
+    """Copy the named parts from a safetensors file into ``model``; all-or-nothing, every key checked."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ConfigError(f"init_from.parts: unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
+    prefixes = tuple(x for p in parts for x in PARTS[p])
+    try:
+        saved = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({e})") from e
+    wanted = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    given = {k: v for k, v in saved.items() if k.startswith(prefixes)}
+    missing = sorted(set(wanted) - set(given))
+    unexpected = sorted(set(given) - set(wanted))
+    mismatched = sorted(k for k in set(wanted) & set(given) if wanted[k].shape != given[k].shape)
+    if missing or unexpected or mismatched:
+        def first(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        problems = [f"{label} {len(keys)}: {first(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
+        raise ConfigError(f"{path}: does not fit the model's {'+'.join(parts)}; " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in given.items():
+            wanted[k].copy_(v)
+    return sorted(given)
+
+
+def read_meta(model_path):
+    meta_path = re.sub(r"(model|encoder)_(\d{6})\.safetensors$", r"meta_\2.json", model_path)
+    if not os.path.isfile(meta_path):
+        return {}
+    with open(meta_path, encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,56 @@
+"""Batched generation: vision embeddings computed once, then a KV-cached decode loop.
+
+DESIGN.md lessons: the vision tower runs once per image per call (not per
+token) and ``<|image|>`` is masked out of the logits. ``use_cache=False`` is
+the naive reference that re-runs the decoder over the whole sequence per token.
+"""
+import torch
+
+
+def _pick(logits, temperature, top_k, generator):
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        values, _ = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)
+        logits = logits.masked_fill(logits < values[:, -1:], float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cache=True,
+             temperature=0.0, top_k=None, seed=None):
+    """Decode up to ``max_new_tokens`` per image; returns a list of token-id lists (stop token excluded).
+
+    ``prompt_ids`` is one prompt (with its <|image|> placeholders) shared by the batch.
+    """
+    decoder = model.decoder
+    batch = pixel_values.shape[0]
+    generator = torch.Generator(device=pixel_values.device).manual_seed(seed) if seed is not None else None
+    _, vision_tokens = model.encode_images(pixel_values)
+    ids = torch.tensor(prompt_ids, device=pixel_values.device).unsqueeze(0).expand(batch, -1)
+    embeds = model.merge(ids, vision_tokens)
+    stop = torch.tensor([tokenizer.eos_id, tokenizer.bos_id], device=ids.device)
+    cache = decoder.make_kv_cache(batch, embeds.shape[1] + max_new_tokens) if use_cache else None
+    logits = decoder(embeds, kv_cache=cache)[:, -1]
+    out = torch.empty(batch, 0, dtype=torch.long, device=ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        logits[:, model.image_token_id] = float("-inf")
+        token = _pick(logits, temperature, top_k, generator)
+        token = torch.where(done, torch.full_like(token, tokenizer.eos_id), token)
+        out = torch.cat([out, token[:, None]], dim=1)
+        done |= torch.isin(token, stop)
+        if bool(done.all()):
+            break
+        step = decoder.embed(token[:, None])
+        if use_cache:
+            logits = decoder(step, kv_cache=cache)[:, -1]
+        else:
+            embeds = torch.cat([embeds, step], dim=1)
+            logits = decoder(embeds)[:, -1]
+    results = []
+    for row in out.tolist():
+        cut = next((i for i, t in enumerate(row) if t in (tokenizer.eos_id, tokenizer.bos_id)), len(row))
+        results.append(row[:cut])
+    return results

@@ -1,0 +1,286 @@
+"""The recipe: an attrs schema for every key, YAML loading, and key=value overrides.
+
+Every recipe key is declared here. A component is a mapping with a ``name``
+(looked up in the registry) and the keyword arguments of its constructor:
+``{name: nanochat, n_layer: 20}``. Errors name the key path and, where it
+exists in the file, the YAML line: ``recipes/x.yaml:14: stages.0.lr: ...``.
+"""
+import difflib
+import os
+import types
+import typing
+
+import attrs
+import yaml
+
+from core.errors import ConfigError
+
+
+@attrs.define
+class Component:
+    """A registry component: its name and its constructor's keyword arguments."""
+    name: str
+    args: dict = attrs.field(factory=dict)
+
+
+@attrs.define
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    device: str = "cpu"
+    threads: typing.Optional[int] = None  # None: as many as the machine has free (DESIGN.md: a busy core slows torch 10x)
+    log_every: int = 20
+    dry_run: bool = False
+
+
+@attrs.define
+class ModelConfig:
+    encoder: Component
+    projector: Component
+    decoder: Component
+    tokenizer: Component
+
+
+@attrs.define
+class DataConfig:
+    dataset: Component
+    prompt: str = "<image>\nFree OCR."
+    batch_size: int = 16
+    max_len: int = 256
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+
+
+@attrs.define
+class InitFrom:
+    """Start a stage from saved weights: a checkpoint file, a run folder's stage ("stage:NAME"), and which parts."""
+    path: str
+    parts: list[str] = attrs.field(factory=lambda: ["encoder", "projector", "decoder", "vision_layout"])
+
+
+@attrs.define
+class Stage:
+    name: str
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.95])
+    warmup: int = 0
+    schedule: str = "constant"  # constant | step | cosine
+    decay_every: typing.Optional[int] = None  # step schedule: multiply by decay_factor every N steps
+    decay_factor: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: typing.Optional[int] = None  # default: data.batch_size
+    freeze: list[Component] = attrs.field(factory=list)
+    regularisers: list[Component] = attrs.field(factory=list)
+    init_from: typing.Optional[InitFrom] = None
+    checkpoint_every: int = 0  # 0: only at the end of the stage
+    probe_every: int = 0  # >0: every N steps greedy-decode eval.probe_samples held-out samples and log exact/NED
+    stop_when_exact: bool = False  # with probe_every: stop the stage once every probe sample is read exactly
+
+    def __attrs_post_init__(self):
+        if self.schedule not in ("constant", "step", "cosine"):
+            raise ValueError(f"schedule must be constant, step or cosine, not {self.schedule!r}")
+
+
+@attrs.define
+class EvalConfig:
+    samples: int = 256
+    probe_samples: int = 64  # the first N eval samples, decoded during training when a stage sets probe_every
+    show_samples: int = 8  # per-sample lines printed at the end (all go to eval_samples.jsonl)
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    metrics: list[Component] = attrs.field(factory=lambda: [Component("fox"), Component("ned"), Component("exact")])
+
+
+@attrs.define
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    stages: list[Stage]
+    run: RunConfig = attrs.field(factory=RunConfig)
+    eval: typing.Optional[EvalConfig] = attrs.field(factory=EvalConfig)
+    plugins: list[str] = attrs.field(factory=list)
+    loggers: list[Component] = attrs.field(factory=lambda: [Component("jsonl")])
+    source: str = attrs.field(default="<recipe>", metadata={"internal": True})
+
+
+# ---------------------------------------------------------------- loading
+
+def load_recipe(path, overrides=()):
+    """Read a YAML recipe, apply ``a.b.0.c=value`` overrides, and validate it into a Recipe."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_numbers(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (model, data, stages, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+        lines.pop(item.partition("=")[0].strip(), None)  # an overridden key is no longer on that line
+    recipe = structure(Recipe, raw, "", _Where(path, lines))
+    recipe.source = path
+    return recipe
+
+
+def apply_override(raw, item):
+    """Set ``dotted.path=value`` in the raw recipe dict; the value is parsed as YAML (numbers, lists, ...)."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {item!r}: {here}: no list item {part!r} (the list has {len(node)})")
+            index = int(part)
+            if last:
+                node[index] = parsed
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = parsed
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
+    return raw
+
+
+class _Where:
+    def __init__(self, path, lines):
+        self.path, self.lines = path, lines
+
+    def error(self, keypath, message):
+        # the nearest enclosing key that is on a known line
+        probe = keypath
+        while probe and probe not in self.lines:
+            probe = probe.rpartition(".")[0]
+        line = self.lines.get(probe)
+        where = f"{self.path}:{line}" if line else self.path
+        return ConfigError(f"{where}: {keypath or '<top>'}: {message}")
+
+
+def _line_numbers(node, prefix="", out=None):
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            out[path] = key_node.start_mark.line + 1
+            _line_numbers(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = f"{prefix}.{i}" if prefix else str(i)
+            out[path] = item.start_mark.line + 1
+            _line_numbers(item, path, out)
+    return out
+
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+def structure(tp, value, path, where):
+    """Turn raw YAML data into ``tp`` (an attrs class, Component, list, Optional, scalar), or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return structure(options[0], value, path, where)
+    if tp is Component:
+        return _structure_component(value, path, where)
+    if attrs.has(tp):
+        return _structure_attrs(tp, value, path, where)
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise where.error(path, f"expected a list, got {_describe(value)}")
+        return [structure(item_type, v, _join(path, i), where) for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise where.error(path, f"expected a mapping, got {_describe(value)}")
+        return value
+    return _structure_scalar(tp, value, path, where)
+
+
+def _structure_scalar(tp, value, path, where):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"recipe schema has an unsupported type {tp!r} at {path}")
+    raise where.error(path, f"expected {tp.__name__}, got {_describe(value)}")
+
+
+def _structure_component(value, path, where):
+    if isinstance(value, str):
+        return Component(value)
+    if not isinstance(value, dict) or "name" not in value:
+        raise where.error(path, f"expected a component mapping with a 'name' key, got {_describe(value)}")
+    args = dict(value)
+    name = args.pop("name")
+    if not isinstance(name, str):
+        raise where.error(_join(path, "name"), f"expected a component name, got {_describe(name)}")
+    return Component(name, args)
+
+
+def _structure_attrs(cls, value, path, where):
+    if not isinstance(value, dict):
+        raise where.error(path, f"expected a mapping for {cls.__name__}, got {_describe(value)}")
+    fields = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
+    for key in value:
+        if key not in fields:
+            match = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise where.error(_join(path, key), f"unknown key{hint}; {path or 'the recipe'} takes: {', '.join(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in value:
+            kwargs[name] = structure(field.type, value[name], _join(path, name), where)
+        elif field.default is attrs.NOTHING:
+            raise where.error(path, f"missing key {name!r}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise where.error(path, str(e)) from e
+
+
+def _describe(value):
+    if value is None:
+        return "nothing (null)"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"
+

@@ -1,0 +1,164 @@
+"""python -m core.run RECIPE [key.path=value ...] [--list-plugins] [--dry-run]
+
+Runs the recipe's stages in order, then evaluates the last stage's model on the
+held-out split. Bad input (recipe, override, plugin, data path) prints one
+``error:`` line and exits with code 2.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from core import registry as plugin_registry
+from core.errors import ConfigError
+from core.evaluate import evaluate, format_samples, format_summary
+from core.model import build_model, format_parameter_table, parameter_table
+from core.recipe import load_recipe
+from core.train import TrainingError, run_stage
+
+
+class RunContext:
+    """What every stage of one run shares: recipe, plugins, device, run folder, data, log."""
+
+    def __init__(self, recipe, pm, registry):
+        self.recipe, self.pm, self.registry = recipe, pm, registry
+        self.device = torch.device(recipe.run.device)
+        self.run_dir = os.path.abspath(os.path.expanduser(recipe.run.dir))
+        ds = recipe.data.dataset
+        self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
+        self._eval_samples = None
+
+    @property
+    def eval_samples(self):
+        from core.data import eval_samples
+        if self._eval_samples is None:
+            limit = self.recipe.eval.samples if self.recipe.eval else None
+            self._eval_samples = eval_samples(self.dataset.shards("eval"), limit=limit)
+        return self._eval_samples
+
+    def say(self, text):
+        print(text, flush=True)
+
+    def log(self, record):
+        self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
+
+
+def choose_threads(requested):
+    """The cores that are idle right now: DESIGN.md measured torch 10x slower when it shares a busy core.
+
+    Idle time is sampled from /proc/stat over a quarter second (the load average lags by a
+    minute, so a just-finished job would still count); elsewhere every core is taken.
+    """
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        first = _cpu_times()
+        time.sleep(0.25)
+        second = _cpu_times()
+    except OSError:
+        return cores
+    total, idle = (b - a for a, b in zip(first, second))
+    busy = (1 - idle / total) * (os.cpu_count() or cores) if total else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def _cpu_times():
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # idle + iowait
+
+
+def list_plugins(registry):
+    rows = registry.listing()
+    width = max(len(f"{k} {n}") for k, n, _ in rows)
+    for kind, name, source in rows:
+        print(f"{kind + ' ' + name:<{width}}  {source}")
+
+
+def dry_run(recipe, registry):
+    """Build the model on the meta device (no memory, no weights, no data) and describe it."""
+    with torch.device("meta"):
+        model, tokenizer = build_model(recipe.model, registry)
+    print(format_parameter_table(parameter_table(model), title=f"{recipe.source}: parameters (meta device)"))
+    n = model.num_image_tokens()
+    h, w = model.encoder.grid_size(model.image_size, model.image_size)
+    print(f"image {model.image_size}x{model.image_size} -> grid {h}x{w} -> {n} vision tokens "
+          f"({h} rows of {w} + newline, + 1 separator)")
+    print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
+
+
+def run(recipe):
+    pm, registry = plugin_registry.load_plugins(recipe.plugins)
+    if recipe.run.dry_run:
+        dry_run(recipe, registry)
+        return None
+    threads = choose_threads(recipe.run.threads)
+    torch.set_num_threads(threads)
+    ctx = RunContext(recipe, pm, registry)
+    os.makedirs(ctx.run_dir, exist_ok=True)
+    for j, spec in enumerate(recipe.loggers):
+        pm.register(registry.build("logger", spec.name, where=f"loggers.{j}", context={"run_dir": ctx.run_dir},
+                                   **spec.args))
+    ctx.say(f"run folder {ctx.run_dir}; {threads} CPU thread(s); device {ctx.device}")
+    summaries, model = [], None
+    for i, stage in enumerate(recipe.stages):
+        model, tokenizer, summary = run_stage(ctx, i, stage)
+        summaries.append(summary)
+    ctx.say("\nstages:")
+    for s in summaries:
+        ctx.say(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
+                f"{s['samples_per_s']:>7.1f} samples/s  final loss {s['loss']:.4f}")
+    result = {"stages": summaries}
+    if recipe.eval is not None:
+        metrics = [registry.build("metric", c.name, where=f"eval.metrics.{j}", **c.args)
+                   for j, c in enumerate(recipe.eval.metrics)]
+        rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
+                                   recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size)
+        with open(os.path.join(ctx.run_dir, "eval_samples.jsonl"), "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(os.path.join(ctx.run_dir, "eval.json"), "w", encoding="utf-8") as f:
+            json.dump({"aggregate": aggregate, "stages": summaries}, f, indent=2)
+        ctx.log({"event": "eval", **aggregate})
+        ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n{format_samples(rows, recipe.eval.show_samples)}\n")
+        ctx.say(format_summary(aggregate))
+        result["eval"] = aggregate
+    ctx.say(f"\nrun folder: {ctx.run_dir}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m core.run", description="Train and evaluate a vlmkit recipe.")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
+    parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model")
+    args = parser.parse_args(argv)
+    try:
+        if args.list_plugins and not args.recipe:
+            list_plugins(plugin_registry.load_plugins()[1])
+            return 0
+        if not args.recipe:
+            parser.error("a recipe is required")
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.list_plugins:
+            list_plugins(plugin_registry.load_plugins(recipe.plugins)[1])
+            return 0
+        if args.dry_run:
+            recipe.run.dry_run = True
+        run(recipe)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""One training stage: build, initialise, freeze, optimise, checkpoint.
+
+Each stage builds the model afresh from the recipe and takes weights only
+through ``init_from``, so a stage's starting point is explicit in the recipe
+(DeepSeek-OCR stage 2 = fresh decoder + the encoder of stage 1).
+"""
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from core import checkpoint, data
+from core.errors import ConfigError
+from core.evaluate import decode_samples
+from core.model import build_model, format_parameter_table, parameter_table
+from core.textdist import ned
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says where and what is intact."""
+
+
+def lr_factor(stage, step):
+    """Multiplier of the stage's lr at ``step``: linear warmup, then constant, step or cosine decay."""
+    if step < stage.warmup:
+        return (step + 1) / stage.warmup
+    if stage.schedule == "step" and stage.decay_every:
+        return stage.decay_factor ** ((step - stage.warmup) // stage.decay_every)
+    if stage.schedule == "cosine":
+        progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def set_train_mode(model):
+    """Train mode, except modules whose parameters are all frozen stay in eval mode."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def _build_all(ctx, kind, components, where, context=None):
+    return [ctx.registry.build(kind, c.name, where=f"{where}.{j}", context=context, **c.args)
+            for j, c in enumerate(components)]
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def run_stage(ctx, index, stage):
+    """Train one stage; returns a summary dict (final loss, steps, seconds, checkpoint path)."""
+    recipe, pm, device = ctx.recipe, ctx.pm, ctx.device
+    torch.manual_seed(recipe.run.seed + 1000 * index)
+    model, tokenizer = build_model(recipe.model, ctx.registry)
+    model.to(device)
+    where = f"stages.{index}"
+    if stage.init_from is not None:
+        path = checkpoint.resolve(stage.init_from.path, ctx.run_dir, stage.init_from.parts)
+        keys = checkpoint.load_parts(model, path, stage.init_from.parts)
+        ctx.say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
+
+    freezers = _build_all(ctx, "freeze", stage.freeze, f"{where}.freeze")
+    for policy in freezers:
+        pm.register(policy)
+    try:
+        pm.hook.vlmkit_freeze(model=model, stage=stage)
+    finally:
+        for policy in freezers:
+            pm.unregister(policy)
+    regularisers = _build_all(ctx, "regulariser", stage.regularisers, f"{where}.regularisers",
+                              context={"model": model, "tokenizer": tokenizer})
+    extra_modules = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
+                     if isinstance(r, torch.nn.Module)}
+    for module in extra_modules.values():
+        module.to(device)
+
+    table = parameter_table(model) + [(name, sum(p.numel() for p in m.parameters()), 0)
+                                      for name, m in extra_modules.items()]
+    ctx.say(format_parameter_table(table, title=f"\nstage {index + 1}/{len(recipe.stages)} {stage.name!r}: parameters"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += [p for m in extra_modules.values() for p in m.parameters()]
+    if not trainable:
+        raise ConfigError(f"{where}.freeze: every parameter is frozen; nothing to train")
+    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(stage, s))
+
+    batch_size = stage.batch_size or recipe.data.batch_size
+    batches = data.train_batches(
+        ctx.dataset.shards("train"), tokenizer, image_size=model.image_size, prompt=recipe.data.prompt,
+        num_image_tokens=model.num_image_tokens(), max_len=recipe.data.max_len, batch_size=batch_size,
+        seed=recipe.run.seed + index, shuffle_buffer=recipe.data.shuffle_buffer, num_workers=recipe.data.num_workers)
+    probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
+
+    stage_dir = os.path.join(ctx.run_dir, stage.name)
+    ctx.log({"event": "stage_start", "stage": stage.name, "trainable": sum(p.numel() for p in trainable)})
+    for r in regularisers:
+        pm.register(r)
+    set_train_mode(model)
+    start = time.perf_counter()
+    last_good, losses, step = None, {}, 0
+    progress = tqdm(range(stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for step in progress:
+            batch = _to(next(batches), device)
+            out = model(batch["pixel_values"], batch["input_ids"], batch["targets"])
+            terms = {"loss": out["loss"]}
+            for result in pm.hook.vlmkit_regulariser_loss(model=model, batch=batch, outputs=out):
+                terms.update(result)
+            total = sum(terms.values())
+            if not torch.isfinite(total):
+                raise TrainingError(f"stage {stage.name} step {step}: loss is {total.item()} "
+                                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+                                    f"last good checkpoint: {last_good or 'none in this stage'}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if stage.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses = {k: v.item() for k, v in terms.items()}
+            rate = (step + 1) * batch_size / (time.perf_counter() - start)
+            progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
+            if step % recipe.run.log_every == 0 or step == stage.steps - 1:
+                ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": scheduler.get_last_lr()[0],
+                         "samples_per_s": rate, **losses})
+            if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
+                last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
+            if probe and (step + 1) % stage.probe_every == 0:
+                result = _probe(ctx, model, tokenizer, probe, stage, step)
+                progress.write(f"{stage.name} step {step + 1}: held-out probe exact {result['exact']:.3f} "
+                               f"NED {result['ned']:.3f} ({len(probe)} samples)")
+                if stage.stop_when_exact and result["exact"] == 1.0:
+                    progress.write(f"{stage.name}: all {len(probe)} probe samples read exactly; stage done")
+                    break
+    finally:
+        progress.close()
+        for r in regularisers:
+            pm.unregister(r)
+    seconds = time.perf_counter() - start
+    path = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
+    summary = {"stage": stage.name, "steps": step + 1, "seconds": round(seconds, 1),
+               "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path, **losses}
+    ctx.log({"event": "stage_end", **summary})
+    return model, tokenizer, summary
+
+
+def _probe(ctx, model, tokenizer, probe, stage, step):
+    """Greedy-decode the probe samples; log and return exact-match rate and mean NED."""
+    recipe = ctx.recipe
+    preds = decode_samples(model, tokenizer, probe, recipe.data.prompt, ctx.device,
+                           max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+    set_train_mode(model)
+    pairs = [(p.strip(), s["text"].strip()) for p, s in zip(preds, probe)]
+    result = {"exact": sum(p == g for p, g in pairs) / len(pairs),
+              "ned": sum(ned(p, g) or 0.0 for p, g in pairs) / len(pairs)}
+    ctx.log({"event": "probe", "stage": stage.name, "step": step + 1, **result})
+    return result
+
+
+def _save(ctx, stage_dir, step, model, extra_modules, stage, losses):
+    meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": losses,
+            "model": {"encoder": ctx.recipe.model.encoder.name, "decoder": ctx.recipe.model.decoder.name}}
+    path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules)
+    ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
+    return path

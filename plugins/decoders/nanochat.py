@@ -1,0 +1,283 @@
+"""nanochat's GPT with the Oct-2025 semantics (NC-OCT, karpathy/nanochat@a088b7a).
+
+NC-OCT is what the public HF d20 checkpoints were trained with (architecture.md §1.1): wte, n_layer
+blocks and an untied lm_head, nothing else (no value embeddings, no lambdas, no smear/backout).
+Module names match the native state_dict (§1.6) so those checkpoints load with strict=True.
+
+Interface used by vlmkit (the vision-language model merges image embeddings between the two calls):
+    embeds = gpt.embed(idx)                      # (B,T) -> (B,T,n_embd), no norm
+    logits = gpt(embeds, kv_cache=cache)         # float (B,T,V), softcapped
+    loss   = gpt(embeds, targets)                # cross-entropy, targets -1 are ignored
+    cache  = gpt.make_kv_cache(batch_size, seq_len)
+    gpt.grow_vocab(65537)                        # after pretrained weights load (adds <|image|>)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core import hookimpl
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    sequence_len: int = 1024   # NC-OCT defaults, architecture.md §1.2; d20 uses 2048
+    n_layer: int = 12
+    n_head: int = 6            # query heads
+    n_kv_head: int = 6         # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    rotary_base: float = 10000.0  # NC-OCT 10000, NC-HEAD 100000 (§1.4)
+    norm_eps: float = None     # None: torch uses finfo(dtype).eps, as native (§1.4, §6)
+    softcap: float = 15.0      # 15·tanh(logits/15) (§1.4)
+
+
+def norm(x, eps=None):
+    # RMSNorm without a learnable weight (§1.4)
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def apply_rotary_emb(x, cos, sin):
+    """x: (B,T,H,D); cos, sin: (1,T,1,D/2). Half-split convention, rotates by -θ (§1.4)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = -x1 * sin + x2 * cos
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+def rotary_tables(seq_len, head_dim, base, device=None):
+    """cos, sin of shape (1, seq_len, 1, head_dim/2) in fp32.
+
+    Native NC-OCT keeps them in bf16; fp32 makes this model the same function as the HF
+    NanoChat port (architecture.md §6), at a small cost in speed.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache this layer writes
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.eps = config.norm_eps
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q, self.eps), norm(k, self.eps)  # QK-norm comes after the rotary (§1.4)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,D)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # now the whole prefix
+        Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_head != self.n_kv_head
+        if kv_cache is None or Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif Tq == 1:  # one new token sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:  # a chunk after a cached prefix: all of the prefix, causal within the chunk (§1.4)
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # relu² (§1.4)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache=None):
+        x = x + self.attn(norm(x, self.eps), cos_sin, kv_cache)  # pre-norm, no dropout
+        return x + self.mlp(norm(x, self.eps))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, sequence_len=1024, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
+                 rotary_base=10000.0, norm_eps=None, softcap=15.0):
+        super().__init__()
+        if n_embd % n_head or (n_embd // n_head) % 2:
+            raise ValueError(f"n_embd {n_embd} must split into n_head {n_head} heads of even size")
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
+        self.config = GPTConfig(vocab_size, sequence_len, n_layer, n_head, n_kv_head, n_embd,
+                                rotary_base, norm_eps, softcap)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd),
+            h=nn.ModuleList([Block(self.config, i) for i in range(n_layer)]),
+        ))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)  # untied from wte
+        # 10x the training length so generation can run past it (§1.4); not in the state_dict
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self._set_rotary()
+        if not self.lm_head.weight.is_meta:  # on meta: to_empty() then init_weights() (§1.9)
+            self.init_weights()
+
+    @property
+    def n_embd(self):
+        return self.config.n_embd
+
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    def _set_rotary(self, device=None):
+        c = self.config
+        self.cos, self.sin = rotary_tables(10 * c.sequence_len, c.n_embd // c.n_head, c.rotary_base,
+                                           device=device or self.lm_head.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        # Recompute the tables after every move or cast: .to(bfloat16) keeps them fp32, and
+        # to_empty() (meta -> device) leaves valid tables instead of uninitialised memory.
+        super()._apply(fn, recurse)
+        self._set_rotary()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self):
+        """NC-OCT init (architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the caller."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        # zero output projections: every block starts as the identity, the model as uniform logits
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self._set_rotary()
+
+    def embed(self, idx):
+        """Token ids (B,T) -> embeddings (B,T,n_embd). The norm is applied in forward, so image
+        embeddings merged in between are normalised the same way (architecture.md §5)."""
+        return self.transformer.wte(idx)
+
+    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T, C = embeds.shape
+        if self.cos.device != embeds.device:  # built on meta, then load_state_dict(assign=True)
+            self._set_rotary(embeds.device)
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary offset (§1.4)
+        if T0 + T > self.cos.size(1):
+            raise ValueError(f"sequence end {T0 + T} exceeds the rotary table ({self.cos.size(1)} positions)")
+        cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        eps = self.config.norm_eps
+        x = norm(embeds, eps)  # the norm right after the embedding (§1.4 step 1)
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x, eps)
+        logits = self.lm_head(x).float()
+        if self.config.softcap:
+            cap = self.config.softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)  # masked targets are -1 (§1.4)
+
+    def make_kv_cache(self, batch_size, seq_len):
+        """An empty cache shaped for this model, as nanochat's Engine builds it (§1.8)."""
+        c = self.config
+        return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+
+    @torch.no_grad()
+    def grow_vocab(self, new_vocab_size):
+        """Append rows to wte and lm_head; existing rows stay bit-identical.
+
+        New wte rows ~ N(0, 1) like init_weights; new lm_head rows are zero, so every existing
+        logit is unchanged. Call before building the optimizer (the Parameters are replaced).
+        """
+        old = self.config.vocab_size
+        if new_vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {new_vocab_size}")
+        n = new_vocab_size - old
+        if n == 0:
+            return
+        wte, head = self.transformer.wte, self.lm_head
+        w = wte.weight
+        rows = torch.randn(n, w.size(1), dtype=w.dtype, device=w.device)
+        wte.weight = nn.Parameter(torch.cat([w, rows]), requires_grad=w.requires_grad)
+        wte.num_embeddings = new_vocab_size
+        h = head.weight
+        head.weight = nn.Parameter(torch.cat([h, h.new_zeros(n, h.size(1))]), requires_grad=h.requires_grad)
+        head.out_features = new_vocab_size
+        self.config.vocab_size = new_vocab_size
+
+
+class KVCache:
+    """NC-OCT KV cache (architecture.md §1.8): one tensor (L, 2, B, H, T, D), allocated on the
+    first insert with that k's dtype and device. Batch, then heads, then positions: a swapped
+    order once asked for 225 GB (DESIGN.md). H is the number of KV heads."""
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers):
+        self.kv_shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
+        self.kv_cache = None
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def prefill(self, other):
+        """Copy other's filled positions into this empty cache; other's batch may be 1 (broadcast)."""
+        if self.kv_cache is not None or other.kv_cache is None:
+            raise ValueError("prefill needs an empty cache and a filled one")
+        L, _, B, H, T, D = self.kv_shape
+        oL, _, oB, oH, _, oD = other.kv_cache.shape
+        if (oL, oH, oD) != (L, H, D) or oB not in (1, B):
+            raise ValueError(f"cannot prefill a cache {self.kv_shape} from {tuple(other.kv_cache.shape)}")
+        self.kv_shape = (L, 2, B, H, max(T, other.pos), D)
+        self.kv_cache = other.kv_cache.new_empty(self.kv_shape)
+        self.kv_cache[..., :other.pos, :] = other.kv_cache[..., :other.pos, :]
+        self.pos = other.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        """Write k, v (B,H,T,D) at pos..pos+T of layer_idx; return the views over 0..pos+T."""
+        if self.kv_cache is None:
+            self.kv_cache = torch.empty(self.kv_shape, dtype=k.dtype, device=k.device)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.kv_cache.size(4):  # grow: +1024, rounded up to a multiple of 1024 (§1.8)
+            t_needed = (t1 + 1024 + 1023) // 1024 * 1024
+            extra = list(self.kv_cache.shape)
+            extra[4] = t_needed - self.kv_cache.size(4)
+            self.kv_cache = torch.cat([self.kv_cache, self.kv_cache.new_empty(extra)], dim=4).contiguous()
+            self.kv_shape = tuple(self.kv_cache.shape)
+        self.kv_cache[layer_idx, 0, :, :, t0:t1] = k
+        self.kv_cache[layer_idx, 1, :, :, t0:t1] = v
+        if layer_idx == self.kv_cache.size(0) - 1:  # every layer has written this chunk
+            self.pos = t1
+        return self.kv_cache[layer_idx, 0, :, :, :t1], self.kv_cache[layer_idx, 1, :, :, :t1]
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("decoder", "nanochat", GPT)

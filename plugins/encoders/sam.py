@@ -1,0 +1,204 @@
+"""SAM-style ViT: the first half of DeepSeek-OCR's DeepEncoder (architecture.md §2.1).
+
+patch embed -> + abs pos -> blocks (windowed / global attention with decomposed
+relative positions) -> neck (1x1 conv, LN2d, 3x3 conv, LN2d) -> compressor
+(net_2, net_3: strided 3x3 convs). Module names match DSO's `sam_vary_sdpa.py`
+so its checkpoints load as they are (architecture.md §2.7). Every size is a
+constructor argument; the defaults are ViT-B as DeepSeek-OCR uses it.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core import hookimpl
+
+
+def resize_pos_grid(pos, height, width):
+    """(1, G, G', C) -> (1, height, width, C); bicubic, antialias, fp32 (architecture.md §2.1)."""
+    if pos.shape[1] == height and pos.shape[2] == width:
+        return pos
+    grid = pos.permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return grid.to(pos.dtype).permute(0, 2, 3, 1)
+
+
+def get_rel_pos(q_size, k_size, rel_pos):
+    """Relative-position embeddings for every (query, key) pair along one axis: (q_size, k_size, C).
+
+    The table holds one row per offset; when the grid differs from the size it
+    was built for, it is resized linearly first, as SAM does (architecture.md §2.1).
+    """
+    max_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_dist:
+        table = F.interpolate(rel_pos.T[None].float(), size=max_dist, mode="linear")
+        rel_pos = table[0].T.to(rel_pos.dtype)
+    # scale coordinates so that q and k of different lengths share one offset axis
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[offsets.long()]
+
+
+def window_partition(x, ws):
+    """(B, H, W, C) -> (B * nWindows, ws, ws, C), zero-padding H and W up to a multiple of ws."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws, ws, C), (Hp, Wp)
+
+
+def window_unpartition(windows, ws, padded_hw, hw):
+    """Inverse of window_partition, cropping the padding away."""
+    (Hp, Wp), (H, W) = padded_hw, hw
+    B = windows.shape[0] // ((Hp // ws) * (Wp // ws))
+    x = windows.view(B, Hp // ws, Wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, Hp, Wp, -1)[:, :H, :W, :]
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) map, with weight and bias."""
+
+    def __init__(self, channels, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)  # with bias
+
+    def forward(self, x):
+        return self.proj(x).permute(0, 2, 3, 1)  # channels-last (B, h, w, dim)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over a (B, H, W, C) grid with decomposed relative positions (MViTv2)."""
+
+    def __init__(self, dim, heads, rel_size):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        head_dim = dim // heads
+        # zero init, one row per offset: 2 * size - 1 (architecture.md §2.1)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, HW, hd)
+        # bias[(qi,qj),(ki,kj)] = q . Rh[qi,ki] + q . Rw[qj,kj], with the UNSCALED q (architecture.md §2.1)
+        Rh = get_rel_pos(H, H, self.rel_pos_h)
+        Rw = get_rel_pos(W, W, self.rel_pos_w)
+        r_q = q.reshape(B, self.heads, H, W, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.heads, H * W, H * W)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # default scale 1/sqrt(hd)
+        return self.proj(x.transpose(1, 2).reshape(B, H, W, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.lin2(F.gelu(self.lin1(x)))  # exact GELU (architecture.md §2.1)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; window_size 0 means global attention."""
+
+    def __init__(self, dim, heads, mlp_ratio, window_size, grid):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, rel_size=window_size if window_size > 0 else grid)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        if self.window_size > 0:  # windows become batch entries: one SDPA call for all of them
+            H, W = h.shape[1], h.shape[2]
+            h, padded = window_partition(h, self.window_size)
+            h = window_unpartition(self.attn(h), self.window_size, padded, (H, W))
+        else:
+            h = self.attn(h)
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+class SAMEncoder(nn.Module):
+    """(B, 3, H, W) pixels -> (B, h, w, out_dim) channels-last grid of the last compressor conv."""
+
+    def __init__(self, image_size=1024, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
+                 window_size=14, global_attn_indexes=(2, 5, 8, 11), out_chans=256,
+                 downsample_channels=(512, 1024), downsample_strides=(2, 2)):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"sam: dim {dim} is not divisible by heads {heads}")
+        if any(not 0 <= i < depth for i in global_attn_indexes):
+            raise ValueError(f"sam: global_attn_indexes {list(global_attn_indexes)} must lie in [0, depth={depth})")
+        if len(downsample_channels) != len(downsample_strides):
+            raise ValueError("sam: downsample_channels and downsample_strides must have the same length")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.strides = tuple(downsample_strides)
+        grid = image_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))  # SAM inits it to zeros
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, 0 if i in global_attn_indexes else window_size, grid)
+            for i in range(depth))
+        self.neck = nn.Sequential(
+            nn.Conv2d(dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+        # the compressor: plain strided convs, no norm or activation between (architecture.md §2.1)
+        self.compressor = []
+        chans = out_chans
+        for i, (c, s) in enumerate(zip(downsample_channels, downsample_strides)):
+            name = f"net_{i + 2}"  # DSO's names: net_2, net_3
+            setattr(self, name, nn.Conv2d(chans, c, kernel_size=3, stride=s, padding=1, bias=False))
+            self.compressor.append(name)
+            chans = c
+        self.out_dim = chans
+
+    def grid_size(self, height, width):
+        h, w = height // self.patch_size, width // self.patch_size
+        for s in self.strides:  # k3 pad1 stride s
+            h, w = (h - 1) // s + 1, (w - 1) // s + 1
+        return h, w
+
+    def forward_features(self, pixel_values):
+        """(B, 3, H, W) -> (B, out_dim, h, w), channels-first as DSO returns it."""
+        x = self.patch_embed(pixel_values)
+        x = x + resize_pos_grid(self.pos_embed, x.shape[1], x.shape[2])
+        for block in self.blocks:
+            x = block(x)
+        x = self.neck(x.permute(0, 3, 1, 2))
+        for name in self.compressor:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, pixel_values):
+        return self.forward_features(pixel_values).permute(0, 2, 3, 1)
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("encoder", "sam", SAMEncoder)

@@ -1,0 +1,51 @@
+"""CTC on the vision tokens: make the image features spell the answer, in reading order.
+
+Why: with only the next-token loss a small decoder learns the text prior and
+ignores the image (DESIGN.md, "Learning at tiny scale"); a CTC head on the
+encoder side gives the vision tower a direct reading signal from the first
+step. The head is used only in training and is saved with the stage.
+
+The sequence is the decoder's vision tokens in layout order (grid rows, each
+followed by its newline slot, then the separator). Each token emits
+``frames_per_token`` CTC frames, so a token may carry two characters and a
+doubled letter in adjacent tokens can still be aligned (CTC needs a blank
+between repeats). The labels are the answer's tokens with whitespace removed:
+space cells and row ends become blanks.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import hookimpl
+
+
+class CTCRegulariser(nn.Module):
+    def __init__(self, model, tokenizer, weight=1.0, frames_per_token=2):
+        super().__init__()
+        self.weight, self.frames = weight, frames_per_token
+        self.tokenizer = tokenizer
+        self.blank = tokenizer.vocab_size  # one extra class after the vocabulary
+        self.head = nn.Linear(model.decoder.n_embd, frames_per_token * (tokenizer.vocab_size + 1))
+
+    def labels(self, texts, device):
+        ids = [self.tokenizer.encode("".join(t.split())) for t in texts]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        flat = torch.tensor([i for x in ids for i in x], dtype=torch.long)
+        return flat.to(device), lengths
+
+    @hookimpl
+    def vlmkit_regulariser_loss(self, model, batch, outputs):
+        tokens = outputs["vision_tokens"]  # (B, N, C)
+        b, n, _ = tokens.shape
+        logits = self.head(tokens).float().view(b, n * self.frames, self.blank + 1)
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, classes) as F.ctc_loss wants
+        targets, target_lengths = self.labels(batch["texts"], tokens.device)
+        input_lengths = torch.full((b,), n * self.frames, dtype=torch.long)
+        loss = F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=self.blank,
+                          reduction="mean", zero_infinity=True)
+        return {"ctc": self.weight * loss}
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("regulariser", "ctc", CTCRegulariser)

@@ -1,0 +1,23 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
+
+
+def run_cli(*args, env_extra=None, cwd=None, timeout=600):
+    """Run ``python -m <args>`` from the repo root; returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, (env_extra or {}).pop("PYTHONPATH", None),
+                                                   env.get("PYTHONPATH")] if p)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,72 @@
+"""python -m core.run as a user meets it: broken recipes, a short real run, the overfit check."""
+import json
+import os
+
+import pytest
+
+from tests.conftest import DEFAULT_RECIPE
+
+SMALL_DATA = ["data.dataset.train_samples=512", "data.dataset.samples_per_shard=256",
+              "data.dataset.eval_samples=16", "eval.samples=16", "eval.probe_samples=8"]
+
+
+def one_error_line(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["stages.0.lrr=0.1"], "stages.0.lrr: unknown key (did you mean 'lr'?)"),
+    (["model.encoder.name=deepencodr"], "model.encoder: unknown encoder 'deepencodr' (did you mean 'deepencoder'?)"),
+    (["stages.0.steps=many"], "stages.0.steps: expected int, got str 'many'"),
+    (["data.dataset.name=shards", "data.dataset.train=/nonexistent/train-{000000..000003}.tar"],
+     "data.dataset.train: shard '/nonexistent/train-000000.tar' does not exist"),
+    (["stages.9.steps=1"], "override 'stages.9.steps=1': stages.9: no list item '9' (the list has 2)"),
+    (["model.decoder.n_layers=3"], "model.decoder.n_layers: decoder 'nanochat' takes no argument 'n_layers'"),
+], ids=["unknown-key", "unknown-plugin", "wrong-type", "missing-shards", "bad-override", "bad-component-arg"])
+def test_broken_recipes_give_one_line_and_exit_2(cli, tmp_path, overrides, expected):
+    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={tmp_path}", "data.dataset.cache_dir=" + str(tmp_path),
+                 *overrides)
+    assert expected in one_error_line(result)
+
+
+def test_missing_recipe_file(cli):
+    assert "recipe 'nope.yaml' does not exist" in one_error_line(cli("core.run", "nope.yaml"))
+
+
+def test_list_plugins_names_sources(cli):
+    result = cli("core.run", "--list-plugins")
+    assert result.returncode == 0
+    assert any(line.startswith("encoder deepencoder") and "built-in plugins.encoders.deepencoder" in line
+               for line in result.stdout.splitlines())
+
+
+def test_short_two_stage_run_writes_everything(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+                 "stages.0.steps=4", "stages.1.steps=4", "stages.0.probe_every=2", "stages.1.probe_every=0",
+                 "data.batch_size=4", *SMALL_DATA)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stage in ("vis_tok", "vis_mid"):
+        files = sorted(os.listdir(run_dir / stage))
+        assert files == ["encoder_000004.safetensors", "meta_000004.json", "model_000004.safetensors"]
+    assert "encoder (" in result.stdout and "from " + str(run_dir / "vis_tok" / "encoder_000004.safetensors") in result.stdout
+    # stage 2 freezes SAM: its rows in the printed parameter table have 0 trainable
+    table = result.stdout[result.stdout.index("stage 2/2"):]
+    sam_row = next(line for line in table.splitlines() if line.startswith("encoder.sam"))
+    assert sam_row.split()[1] == "0"
+    summary = json.loads((run_dir / "eval.json").read_text())["aggregate"]
+    assert summary["samples"] == 16 and {"precision", "recall", "f1", "ned", "exact"} <= set(summary)
+    events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert events.count("stage_start") == 2 and events.count("probe") == 2 and "eval" in events
+    assert len((run_dir / "eval_samples.jsonl").read_text().splitlines()) == 16
+    assert f"run folder: {run_dir}" in result.stdout
+
+
+def test_dry_run_describes_the_model(cli):
+    result = cli("core.run", DEFAULT_RECIPE, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "grid 4x4 -> 21 vision tokens" in result.stdout
+    assert "prompt layout: <|bos|> + '<|image|>x21\\nFree OCR.' + answer + eos" in result.stdout
