@@ -21,7 +21,7 @@ def one_error_line(result):
     (["stages.0.lrr=0.1"], "stages.0.lrr: unknown key (did you mean 'lr'?)"),
     (["model.encoder.name=deepencodr"], "model.encoder: unknown encoder 'deepencodr' (did you mean 'deepencoder'?)"),
     (["stages.0.steps=many"], "stages.0.steps: expected int, got str 'many'"),
-    (["data.dataset.name=shards", "data.dataset.train=/nonexistent/train-{000000..000003}.tar"],
+    (["data.dataset={name: shards, train: '/nonexistent/train-{000000..000003}.tar'}"],
      "data.dataset.train: shard '/nonexistent/train-000000.tar' does not exist"),
     (["stages.9.steps=1"], "override 'stages.9.steps=1': stages.9: no list item '9' (the list has 2)"),
     (["model.decoder.n_layers=3"], "model.decoder.n_layers: decoder 'nanochat' takes no argument 'n_layers'"),
@@ -70,3 +70,13 @@ def test_dry_run_describes_the_model(cli):
     assert result.returncode == 0, result.stderr
     assert "grid 4x4 -> 21 vision tokens" in result.stdout
     assert "prompt layout: <|bos|> + '<|image|>x21\\nFree OCR.' + answer + eos" in result.stdout
+
+
+def test_overfit10_reproduces_every_sample(cli, tmp_path):
+    """The tier-1 check: recipes/overfit10.yaml memorises its 10 fixed samples exactly."""
+    recipe = os.path.join(os.path.dirname(DEFAULT_RECIPE), "overfit10.yaml")
+    result = cli("core.run", recipe, f"run.dir={tmp_path}", f"data.dataset.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "all 10 probe samples read exactly" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["pred"] == r["gt"] and r["precision"] == 1.0 for r in rows)
