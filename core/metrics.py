@@ -1,14 +1,21 @@
 """Score predictions against ground truth with metric plugins; ``python -m core.metrics``.
 
     python -m core.metrics fox ned --pred preds.jsonl --gt gt.jsonl [--per-sample rows.jsonl]
+    python -m core.metrics fox --format fox --pred results_final.json
+    python -m core.metrics omnidocbench --format omnidocbench --gt OmniDocBench.json --pred md_folder/
 
-Both files are JSONL, one ``{"id": ..., "text": ...}`` per line (blank lines are
-skipped). Ids (strings or integers) are matched by their string form. Every
-ground-truth id is scored: a missing prediction is scored as the empty string
-"" and reported on stderr; predictions whose id is not in the ground truth are
-reported and ignored. The aggregate is printed as one JSON object on the last
-line of stdout; ``--per-sample`` writes one JSON row per sample (``id`` +
-values). Bad input prints one ``error: ...`` line to stderr and exits 2.
+``--format`` (``core.metric_inputs`` has the details): ``jsonl`` (default; one
+``{"id": ..., "text": ...}`` per line, a ground-truth line may add ``"page"``),
+``fox`` (Fox's result JSON, which holds both sides: no ``--gt``) or
+``omnidocbench`` (OmniDocBench.json + a folder of ``<image stem>.md`` or a
+JSONL file; one sample per page; ``--evaluator-quirks`` reproduces the
+evaluator's truncation-chain duplication). Ids (strings or integers) are
+matched by their string form. Every ground-truth id is scored: a missing
+prediction is scored as the empty string "" and reported on stderr;
+predictions whose id is not in the ground truth are reported and ignored. The
+aggregate is printed as one JSON object on the last line of stdout;
+``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and
+the values). Bad input prints one ``error: ...`` line to stderr and exits 2.
 """
 import argparse
 import json
@@ -16,18 +23,21 @@ import sys
 import warnings
 
 from core.errors import ConfigError
+from core.metric_inputs import FORMATS, load_pairs
 from core.registry import load_plugins, new_plugin_manager
 
 PROGRESS_MIN = 1000  # show a progress bar above this many pairs
-SHOW_IDS = 5
 
 
 def score_pairs(metrics, pairs, progress=False):
-    """Score ``pairs`` of ``(id, pred, gt)`` with metric objects; return ``(rows, aggregate)``.
+    """Score ``pairs`` of ``(id, pred, gt)`` or ``(id, pred, gt, page)`` with metric objects.
 
-    Each row is ``{"id": id, **values}`` merged over all metrics; the aggregate
-    merges every metric's ``vlmkit_metric_aggregate(rows)``. Two metrics that
-    produce the same value name raise ConfigError.
+    Returns ``(rows, aggregate)``. Each row is ``{"id": id, **values}`` merged
+    over all metrics, with ``"page": page`` after the id when a pair has a page
+    that is not None (metrics that average per page read it, e.g.
+    ``omnidocbench``); the aggregate merges every metric's
+    ``vlmkit_metric_aggregate(rows)``. Two metrics that produce the same value
+    name (or ``id``/``page``) raise ConfigError.
     """
     pm = new_plugin_manager()
     for metric in metrics:
@@ -36,8 +46,10 @@ def score_pairs(metrics, pairs, progress=False):
         from tqdm import tqdm
         pairs = tqdm(pairs, desc="scoring", unit="pair", file=sys.stderr)
     rows = []
-    for sample_id, pred, gt in pairs:
+    for sample_id, pred, gt, *page in pairs:
         row = {"id": sample_id}
+        if page and page[0] is not None:
+            row["page"] = page[0]
         for values in reversed(pm.hook.vlmkit_metric_score(pred=pred, gt=gt)):  # pluggy answers LIFO
             _merge(row, values, "per-sample value")
         rows.append(row)
@@ -54,54 +66,21 @@ def _merge(into, values, what):
         into[name] = value
 
 
-def read_jsonl(path):
-    """Return ``{str(id): (id, text)}`` in file order; a bad line raises ConfigError naming file:line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
-    out = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("text"), str):
-            raise ConfigError(f'{path}:{n}: expected an object {{"id": ..., "text": "..."}}')
-        sid = item["id"]
-        if isinstance(sid, bool) or not isinstance(sid, (str, int)):
-            raise ConfigError(f"{path}:{n}: id must be a string or an integer, not {sid!r}")
-        if str(sid) in out:
-            raise ConfigError(f"{path}:{n}: duplicate id {sid!r}")
-        out[str(sid)] = (sid, item["text"])
-    return out
-
-
-def _report(ids, message):
-    if ids:
-        shown = ", ".join(ids[:SHOW_IDS]) + (", ..." if len(ids) > SHOW_IDS else "")
-        print(f"warning: {len(ids)} {message}: {shown}", file=sys.stderr)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("metrics", nargs="+", metavar="NAME", help="registered metric names, e.g. fox ned exact")
-    parser.add_argument("--pred", required=True, help="predictions file")
-    parser.add_argument("--gt", required=True, help="ground-truth file")
-    parser.add_argument("--format", choices=["jsonl"], default="jsonl", help="file format (default jsonl)")
+    parser.add_argument("--pred", required=True, help="predictions file (or folder of .md for omnidocbench)")
+    parser.add_argument("--gt", help="ground-truth file (not with --format fox)")
+    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="input format (default jsonl)")
+    parser.add_argument("--evaluator-quirks", action="store_true",
+                        help="omnidocbench: repeat a block shared by two truncation relations, as the evaluator does")
     parser.add_argument("--per-sample", metavar="OUT", help="write per-sample rows (JSONL) here")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source frame
     try:
         _, registry = load_plugins()
         metrics = [registry.build("metric", name) for name in args.metrics]
-        gt, pred = read_jsonl(args.gt), read_jsonl(args.pred)
-        _report([k for k in gt if k not in pred], 'ground-truth ids have no prediction (scored as empty string "")')
-        _report([k for k in pred if k not in gt], "prediction ids are not in the ground truth (ignored)")
-        pairs = [(sid, pred.get(key, (None, ""))[1], text) for key, (sid, text) in gt.items()]
+        pairs = load_pairs(args.format, args.pred, args.gt, evaluator_quirks=args.evaluator_quirks)
         rows, aggregate = score_pairs(metrics, pairs, progress=True)
         if args.per_sample:
             try:

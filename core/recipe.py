@@ -28,7 +28,7 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     device: str = "cpu"
-    threads: typing.Optional[int] = None  # None: as many as the machine has free (DESIGN.md: a busy core slows torch 10x)
+    threads: typing.Optional[int] = None  # None: the idle cores, re-checked while training (core/threads.py)
     log_every: int = 20
     dry_run: bool = False
 
@@ -125,7 +125,13 @@ def load_recipe(path, overrides=()):
     for item in overrides:
         apply_override(raw, item)
         lines.pop(item.partition("=")[0].strip(), None)  # an overridden key is no longer on that line
-    recipe = structure(Recipe, raw, "", _Where(path, lines))
+    where = _Where(path, lines)
+    recipe = structure(Recipe, raw, "", where)
+    if not recipe.stages:
+        raise where.error("stages", "a recipe needs at least one stage")
+    names = [s.name for s in recipe.stages]
+    if len(set(names)) != len(names):
+        raise where.error("stages", f"stage names must be unique (they name the stage folders): {names}")
     recipe.source = path
     return recipe
 

@@ -5,7 +5,6 @@ held-out split. Bad input (recipe, override, plugin, data path) prints one
 ``error:`` line and exits with code 2.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -14,10 +13,11 @@ import torch
 
 from core import registry as plugin_registry
 from core.errors import ConfigError
-from core.evaluate import evaluate, format_samples, format_summary
+from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.model import build_model, format_parameter_table, parameter_table
 from core.recipe import load_recipe
-from core.train import TrainingError, run_stage
+from core.threads import ThreadGovernor
+from core.train import TrainingError, apply_freeze, run_stage
 
 
 class RunContext:
@@ -30,6 +30,7 @@ class RunContext:
         ds = recipe.data.dataset
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
         self._eval_samples = None
+        self.threads = ThreadGovernor(recipe.run.threads)
 
     @property
     def eval_samples(self):
@@ -46,32 +47,6 @@ class RunContext:
         self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
 
 
-def choose_threads(requested):
-    """The cores that are idle right now: DESIGN.md measured torch 10x slower when it shares a busy core.
-
-    Idle time is sampled from /proc/stat over a quarter second (the load average lags by a
-    minute, so a just-finished job would still count); elsewhere every core is taken.
-    """
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        first = _cpu_times()
-        time.sleep(0.25)
-        second = _cpu_times()
-    except OSError:
-        return cores
-    total, idle = (b - a for a, b in zip(first, second))
-    busy = (1 - idle / total) * (os.cpu_count() or cores) if total else 0.0
-    return max(1, min(cores, round(cores - busy)))
-
-
-def _cpu_times():
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    return sum(fields), fields[3] + fields[4]  # idle + iowait
-
-
 def list_plugins(registry):
     rows = registry.listing()
     width = max(len(f"{k} {n}") for k, n, _ in rows)
@@ -79,31 +54,34 @@ def list_plugins(registry):
         print(f"{kind + ' ' + name:<{width}}  {source}")
 
 
-def dry_run(recipe, registry):
-    """Build the model on the meta device (no memory, no weights, no data) and describe it."""
-    with torch.device("meta"):
-        model, tokenizer = build_model(recipe.model, registry)
-    print(format_parameter_table(parameter_table(model), title=f"{recipe.source}: parameters (meta device)"))
+def dry_run(recipe, pm, registry):
+    """Build the model on the meta device (no memory, no weights, no data) and describe each stage."""
+    for i, stage in enumerate(recipe.stages):
+        with torch.device("meta"):
+            model, tokenizer = build_model(recipe.model, registry)
+        apply_freeze(registry, pm, model, stage, f"stages.{i}")
+        print(format_parameter_table(parameter_table(model), title=f"stage {i + 1}/{len(recipe.stages)} "
+                                     f"{stage.name!r}: parameters (meta device)"), end="\n\n")
     n = model.num_image_tokens()
     h, w = model.encoder.grid_size(model.image_size, model.image_size)
     print(f"image {model.image_size}x{model.image_size} -> grid {h}x{w} -> {n} vision tokens "
           f"({h} rows of {w} + newline, + 1 separator)")
+    print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
 
 
 def run(recipe):
     pm, registry = plugin_registry.load_plugins(recipe.plugins)
     if recipe.run.dry_run:
-        dry_run(recipe, registry)
+        dry_run(recipe, pm, registry)
         return None
-    threads = choose_threads(recipe.run.threads)
-    torch.set_num_threads(threads)
     ctx = RunContext(recipe, pm, registry)
     os.makedirs(ctx.run_dir, exist_ok=True)
     for j, spec in enumerate(recipe.loggers):
         pm.register(registry.build("logger", spec.name, where=f"loggers.{j}", context={"run_dir": ctx.run_dir},
                                    **spec.args))
-    ctx.say(f"run folder {ctx.run_dir}; {threads} CPU thread(s); device {ctx.device}")
+    ctx.say(f"run folder {ctx.run_dir}; {ctx.threads.threads} CPU thread(s) "
+            f"({'fixed' if recipe.run.threads else 'the idle cores, re-checked while training'}); device {ctx.device}")
     summaries, model = [], None
     for i, stage in enumerate(recipe.stages):
         model, tokenizer, summary = run_stage(ctx, i, stage)
@@ -118,11 +96,7 @@ def run(recipe):
                    for j, c in enumerate(recipe.eval.metrics)]
         rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
                                    recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size)
-        with open(os.path.join(ctx.run_dir, "eval_samples.jsonl"), "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        with open(os.path.join(ctx.run_dir, "eval.json"), "w", encoding="utf-8") as f:
-            json.dump({"aggregate": aggregate, "stages": summaries}, f, indent=2)
+        write_eval(ctx.run_dir, rows, aggregate, summaries)
         ctx.log({"event": "eval", **aggregate})
         ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n{format_samples(rows, recipe.eval.show_samples)}\n")
         ctx.say(format_summary(aggregate))

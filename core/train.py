@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+import attrs
 import torch
 from tqdm import tqdm
 
@@ -48,6 +49,19 @@ def _build_all(ctx, kind, components, where, context=None):
             for j, c in enumerate(components)]
 
 
+def apply_freeze(registry, pm, model, stage, where):
+    """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``."""
+    policies = [registry.build("freeze", c.name, where=f"{where}.freeze.{j}", **c.args)
+                for j, c in enumerate(stage.freeze)]
+    for policy in policies:
+        pm.register(policy)
+    try:
+        pm.hook.vlmkit_freeze(model=model, stage=stage)
+    finally:
+        for policy in policies:
+            pm.unregister(policy)
+
+
 def _to(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -64,14 +78,7 @@ def run_stage(ctx, index, stage):
         keys = checkpoint.load_parts(model, path, stage.init_from.parts)
         ctx.say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
 
-    freezers = _build_all(ctx, "freeze", stage.freeze, f"{where}.freeze")
-    for policy in freezers:
-        pm.register(policy)
-    try:
-        pm.hook.vlmkit_freeze(model=model, stage=stage)
-    finally:
-        for policy in freezers:
-            pm.unregister(policy)
+    apply_freeze(ctx.registry, pm, model, stage, where)
     regularisers = _build_all(ctx, "regulariser", stage.regularisers, f"{where}.regularisers",
                               context={"model": model, "tokenizer": tokenizer})
     extra_modules = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
@@ -106,6 +113,7 @@ def run_stage(ctx, index, stage):
     progress = tqdm(range(stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True, mininterval=1.0)
     try:
         for step in progress:
+            ctx.threads.update()
             batch = _to(next(batches), device)
             out = model(batch["pixel_values"], batch["input_ids"], batch["targets"])
             terms = {"loss": out["loss"]}
@@ -124,10 +132,11 @@ def run_stage(ctx, index, stage):
             scheduler.step()
             losses = {k: v.item() for k, v in terms.items()}
             rate = (step + 1) * batch_size / (time.perf_counter() - start)
-            progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
+            progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}",
+                                  "threads": ctx.threads.threads}, refresh=False)
             if step % recipe.run.log_every == 0 or step == stage.steps - 1:
                 ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": scheduler.get_last_lr()[0],
-                         "samples_per_s": rate, **losses})
+                         "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
                 last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
             if probe and (step + 1) % stage.probe_every == 0:
@@ -163,8 +172,10 @@ def _probe(ctx, model, tokenizer, probe, stage, step):
 
 
 def _save(ctx, stage_dir, step, model, extra_modules, stage, losses):
+    # enough to rebuild the model from the checkpoint alone (python -m core.generate)
     meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": losses,
-            "model": {"encoder": ctx.recipe.model.encoder.name, "decoder": ctx.recipe.model.decoder.name}}
+            "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
+            "plugins": ctx.recipe.plugins}
     path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules)
     ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
     return path
