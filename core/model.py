@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.weights import load_state
 
 
 class VisionLanguageModel(nn.Module):
@@ -79,7 +80,30 @@ def build_model(model_config, registry):
     proj = model_config.projector
     projector = registry.build("projector", proj.name, where="model.projector",
                                in_dim=encoder.out_dim, out_dim=decoder.n_embd, **proj.args)
-    return VisionLanguageModel(encoder, projector, decoder, tokenizer.image_id), tokenizer
+    model = VisionLanguageModel(encoder, projector, decoder, tokenizer.image_id)
+    extras = getattr(encoder, "pretrained_extras", None)  # e.g. DeepSeek-OCR's projector and layout tokens
+    if extras:
+        _load_extras(model, extras)
+    return model, tokenizer
+
+
+def _load_extras(model, extras):
+    """The projector and layout tokens that came with the encoder's checkpoint (DeepSeek-OCR's)."""
+    source = "model.encoder.weights"
+    projector = {k.removeprefix("projector."): v for k, v in extras.items() if k.startswith("projector.")}
+    vectors = {k: v for k, v in extras.items() if not k.startswith("projector.")}
+    for name, value in vectors.items():
+        target = getattr(model, name, None)
+        if not isinstance(target, nn.Parameter) or target.shape != value.shape:
+            raise ConfigError(f"{source}: {name} {tuple(value.shape)} does not fit the model "
+                              f"({None if target is None else tuple(target.shape)})")
+    if projector:
+        load_state(model.projector, projector, source=source, name="projector")
+    if not model.image_newline.is_meta:
+        with torch.no_grad():
+            for name, value in vectors.items():
+                getattr(model, name).copy_(value)
+    print(f"model: {', '.join(sorted(extras))} from the encoder's checkpoint")
 
 
 def parameter_table(model, component_depth=2):

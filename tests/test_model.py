@@ -122,3 +122,33 @@ def test_mismatched_checkpoint_names_keys_and_loads_nothing(registry, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ConfigError, match="bad.safetensors: not a readable safetensors file"):
         checkpoint.load_parts(other, str(tmp_path / "bad.safetensors"), ["decoder"])
+
+
+@pytest.mark.parametrize("mode, tokens", [("tiny", 73), ("small", 111), ("base", 273), ("large", 421)])
+def test_resolution_modes_keep_pretrained_shapes(registry, mode, tokens):
+    """architecture.md §2.4: DSO's modes; position tables stay at 1024 px so one checkpoint fits all."""
+    config = ModelConfig(Component("deepencoder", {"mode": mode}), REAL.projector, REAL.decoder, REAL.tokenizer)
+    with torch.device("meta"):
+        model, _ = build_model(config, registry)
+    assert model.num_image_tokens() == tokens
+    assert model.encoder.sam.pos_embed.shape == (1, 64, 64, 768)
+    assert model.encoder.clip.embeddings.position_embedding.weight.shape == (257, 1024)
+
+
+def test_deepseek_ocr_extras_reach_the_model(registry, tmp_path):
+    """A DeepSeek-OCR-style checkpoint carries the projector and layout tokens: they load into the model."""
+    from safetensors.torch import save_file
+    model, _ = tiny(registry, seed=4)
+    state = {}
+    for k, v in model.state_dict().items():
+        for ours, theirs in (("encoder.sam.", "model.sam_model."), ("encoder.clip.", "model.vision_model."),
+                             ("projector.", "model.projector."), ("image_newline", "model.image_newline"),
+                             ("view_separator", "model.view_seperator")):  # sic: DSO's spelling
+            if k.startswith(ours):
+                state[theirs + k[len(ours):]] = v.contiguous()
+    save_file(state, str(tmp_path / "dso.safetensors"))
+    encoder = Component("deepencoder", {**TINY.encoder.args, "weights": str(tmp_path / "dso.safetensors")})
+    loaded, _ = build_model(ModelConfig(encoder, TINY.projector, TINY.decoder, TINY.tokenizer), registry)
+    for key, value in model.state_dict().items():
+        if not key.startswith("decoder."):
+            assert torch.equal(loaded.state_dict()[key], value), key

@@ -86,7 +86,7 @@ def test_entry_point_encoder_is_used_by_a_recipe(tmp_path, cli):
     listed = cli("core.run", "--list-plugins", env_extra=dict(env))
     assert listed.returncode == 0, listed.stderr
     assert any("pool_encoder" in line and "entry point my (mypkg)" in line for line in listed.stdout.splitlines())
-    dry = cli("core.run", str(recipe), "--dry-run", env_extra=dict(env))
+    dry = cli("core.run", str(recipe), "--dry-run", "stages.1.freeze=[]", env_extra=dict(env))
     assert dry.returncode == 0, dry.stderr
     assert "grid 4x4 -> 21 vision tokens" in dry.stdout
     assert "12,352" in dry.stdout  # the plugin's conv: 3*8*8*64 weights + 64 biases

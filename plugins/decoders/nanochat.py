@@ -10,6 +10,9 @@ Interface used by vlmkit (the vision-language model merges image embeddings betw
     loss   = gpt(embeds, targets)                # cross-entropy, targets -1 are ignored
     cache  = gpt.make_kv_cache(batch_size, seq_len)
     gpt.grow_vocab(65537)                        # after pretrained weights load (adds <|image|>)
+
+The registered ``nanochat`` decoder is ``nanochat_pretrained.nanochat_decoder``: GPT's arguments plus
+``checkpoint`` / ``checkpoint_format`` to load native or HF nanochat weights.
 """
 import math
 from dataclasses import dataclass
@@ -280,4 +283,6 @@ class KVCache:
 
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("decoder", "nanochat", GPT)
+    # The factory builds a GPT, fresh or from a checkpoint (recipe key ``checkpoint``).
+    from plugins.decoders.nanochat_pretrained import nanochat_decoder
+    registry.add("decoder", "nanochat", nanochat_decoder)

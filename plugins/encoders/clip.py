@@ -7,12 +7,17 @@ match DSO's `clip_sdpa.py` (architecture.md §2.7); defaults are ViT-L/14 at 224
 Two classes share one set of weights and names:
 - CLIPVisionTower: forward(pixels, patch_embeds=None) -> (B, 1 + h*w, dim) with CLS, as DSO;
 - CLIPEncoder (registered "clip"): the encoder contract, forward(pixels) -> (B, h, w, dim), CLS dropped.
+
+`weights` names a pretrained file (HF CLIP, DeepSeek-OCR's vision_model, or
+vlmkit's own; `weights_format` "auto" tells them apart), loaded at the end of
+__init__, exactly or not at all (plugins/encoders/pretrained.py, core/weights.py).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from core import hookimpl
+from plugins.encoders import pretrained
 
 
 def quick_gelu(x):
@@ -101,7 +106,8 @@ class Transformer(nn.Module):
 class CLIPVisionTower(nn.Module):
     """(B, 3, H, W) pixels, or (B, dim, h, w) patch_embeds -> (B, 1 + h*w, dim), CLS first."""
 
-    def __init__(self, image_size=224, patch_size=14, dim=1024, depth=24, heads=16, mlp_dim=4096, eps=1e-5):
+    def __init__(self, image_size=224, patch_size=14, dim=1024, depth=24, heads=16, mlp_dim=4096, eps=1e-5,
+                 weights=None, weights_format="auto"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"clip: dim {dim} is not divisible by heads {heads}")
@@ -111,6 +117,14 @@ class CLIPVisionTower(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)  # DSO's spelling
         self.transformer = Transformer(dim, depth, heads, mlp_dim, eps)
         # no post_layernorm: DSO uses the last layer's output as it is (architecture.md §2.2)
+        self.pretrained_report = None
+        if weights is not None:
+            self.load_pretrained(weights, weights_format)
+
+    def load_pretrained(self, path, weights_format="auto"):
+        """Load a weight file (all-or-nothing, every key and shape checked); return the report."""
+        self.pretrained_report = pretrained.load_clip(self, path, weights_format)
+        return self.pretrained_report
 
     def grid_size(self, height, width):
         return height // self.patch_size, width // self.patch_size

@@ -5,12 +5,18 @@ relative positions) -> neck (1x1 conv, LN2d, 3x3 conv, LN2d) -> compressor
 (net_2, net_3: strided 3x3 convs). Module names match DSO's `sam_vary_sdpa.py`
 so its checkpoints load as they are (architecture.md §2.7). Every size is a
 constructor argument; the defaults are ViT-B as DeepSeek-OCR uses it.
+
+`weights` names a pretrained file (HF SAM, segment-anything, transformers'
+deepseek_ocr2, DeepSeek-OCR, or vlmkit's own; `weights_format` "auto" tells them
+apart by key names); it is loaded at the end of __init__, exactly or not at all
+(plugins/encoders/pretrained.py, core/weights.py).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from core import hookimpl
+from plugins.encoders import pretrained
 
 
 def resize_pos_grid(pos, height, width):
@@ -146,7 +152,8 @@ class SAMEncoder(nn.Module):
 
     def __init__(self, image_size=1024, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
                  window_size=14, global_attn_indexes=(2, 5, 8, 11), out_chans=256,
-                 downsample_channels=(512, 1024), downsample_strides=(2, 2)):
+                 downsample_channels=(512, 1024), downsample_strides=(2, 2), position_image_size=None,
+                 weights=None, weights_format="auto"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"sam: dim {dim} is not divisible by heads {heads}")
@@ -156,7 +163,9 @@ class SAMEncoder(nn.Module):
             raise ValueError("sam: downsample_channels and downsample_strides must have the same length")
         self.image_size, self.patch_size = image_size, patch_size
         self.strides = tuple(downsample_strides)
-        grid = image_size // patch_size
+        # the position tables (pos_embed, global rel-pos) are stored for position_image_size and resized to
+        # the input's grid at run time: DSO keeps 64x64 (1024 px) for every mode (architecture.md §2.1, §2.4)
+        grid = (position_image_size or image_size) // patch_size
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))  # SAM inits it to zeros
         self.blocks = nn.ModuleList(
@@ -177,6 +186,18 @@ class SAMEncoder(nn.Module):
             self.compressor.append(name)
             chans = c
         self.out_dim = chans
+        self.pretrained_report = None
+        if weights is not None:
+            self.load_pretrained(weights, weights_format)
+
+    def load_pretrained(self, path, weights_format="auto"):
+        """Load a weight file (all-or-nothing, every key and shape checked); return the report.
+
+        Formats without the compressor (hf, segment_anything) leave net_2 / net_3 as
+        initialised, and the report's "fresh" and the printed line say so.
+        """
+        self.pretrained_report = pretrained.load_sam(self, path, weights_format)
+        return self.pretrained_report
 
     def grid_size(self, height, width):
         h, w = height // self.patch_size, width // self.patch_size
@@ -184,13 +205,18 @@ class SAMEncoder(nn.Module):
             h, w = (h - 1) // s + 1, (w - 1) // s + 1
         return h, w
 
-    def forward_features(self, pixel_values):
-        """(B, 3, H, W) -> (B, out_dim, h, w), channels-first as DSO returns it."""
+    def forward_neck(self, pixel_values):
+        """(B, 3, H, W) -> (B, out_chans, H/patch, W/patch): the neck's map, before the compressor
+        (what SAM itself outputs, e.g. HF SamVisionModel's last_hidden_state)."""
         x = self.patch_embed(pixel_values)
         x = x + resize_pos_grid(self.pos_embed, x.shape[1], x.shape[2])
         for block in self.blocks:
             x = block(x)
-        x = self.neck(x.permute(0, 3, 1, 2))
+        return self.neck(x.permute(0, 3, 1, 2))
+
+    def forward_features(self, pixel_values):
+        """(B, 3, H, W) -> (B, out_dim, h, w), channels-first as DSO returns it."""
+        x = self.forward_neck(pixel_values)
         for name in self.compressor:
             x = getattr(self, name)(x)
         return x
