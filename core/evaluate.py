@@ -1,4 +1,7 @@
-"""Evaluation: greedy generation on held-out samples, per-sample loss, metric plugins."""
+"""Evaluation: greedy generation on held-out samples, per-sample loss, metric plugins, the report files."""
+import html
+import json
+import os
 import time
 
 import torch
@@ -84,3 +87,36 @@ def format_samples(rows, limit=8):
         ned = f"  NED {row['ned']:.2f}" if row.get("ned") is not None else ""
         lines.append(f"{mark}{row['id']:<10} loss {row['loss']:.3f}{overlap}{ned}  {row['gt']!r} -> {row['pred']!r}")
     return "\n".join(lines)
+
+
+def write_eval(run_dir, rows, aggregate, stages):
+    """eval_samples.jsonl (a row per sample), eval.json (aggregate + stages), eval.md (both as tables)."""
+    with open(os.path.join(run_dir, "eval_samples.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with open(os.path.join(run_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump({"aggregate": aggregate, "stages": stages}, f, indent=2)
+    with open(os.path.join(run_dir, "eval.md"), "w", encoding="utf-8") as f:
+        f.write(format_markdown(rows, aggregate))
+
+
+def _cell(value, digits=None):
+    """A markdown table cell: numbers rounded, None as a dash, text HTML-escaped with | and line breaks escaped."""
+    if value is None:
+        return "–"
+    if digits is not None and isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+
+
+def format_markdown(rows, aggregate):
+    """eval.md: the aggregate table, then one table row per sample."""
+    lines = [f"# Evaluation: {len(rows)} samples, greedy", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {key} | {_cell(value, 4)} |" for key, value in aggregate.items()]
+    lines += ["", "word overlap = Fox `precision` (share of the distinct ground-truth words in the output); "
+              "NED = edit distance / longer length.", "",
+              "| id | loss | word overlap | NED | exact | gt | pred |", "|---|---:|---:|---:|:---:|---|---|"]
+    for row in rows:
+        exact = row["pred"].strip() == row["gt"].strip() if row.get("exact") is None else row["exact"] == 1.0
+        lines.append(f"| {_cell(row['id'])} | {_cell(row['loss'], 3)} | {_cell(row.get('precision'), 2)} | "
+                     f"{_cell(row.get('ned'), 2)} | {'✓' if exact else '✗'} | {_cell(row['gt'])} | {_cell(row['pred'])} |")
+    return "\n".join(lines) + "\n"

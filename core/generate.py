@@ -3,7 +3,12 @@
 DESIGN.md lessons: the vision tower runs once per image per call (not per
 token) and ``<|image|>`` is masked out of the logits. ``use_cache=False`` is
 the naive reference that re-runs the decoder over the whole sequence per token.
+
+``python -m core.generate CHECKPOINT IMAGE ...`` reads images with a saved
+checkpoint; the command line lives in ``core/ocr.py`` (usage there).
 """
+import sys
+
 import torch
 
 
@@ -54,3 +59,8 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
         cut = next((i for i, t in enumerate(row) if t in (tokenizer.eos_id, tokenizer.bos_id)), len(row))
         results.append(row[:cut])
     return results
+
+
+if __name__ == "__main__":
+    from core.ocr import main
+    sys.exit(main())

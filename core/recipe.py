@@ -136,6 +136,12 @@ def load_recipe(path, overrides=()):
     return recipe
 
 
+def model_config_from_meta(model_meta, source):
+    """The ``model`` section saved in a checkpoint's meta json (attrs.asdict form) -> ModelConfig."""
+    raw = {k: {"name": v["name"], **v.get("args", {})} for k, v in model_meta.items()}
+    return structure(ModelConfig, raw, "model", _Where(source, {}))
+
+
 def apply_override(raw, item):
     """Set ``dotted.path=value`` in the raw recipe dict; the value is parsed as YAML (numbers, lists, ...)."""
     key, sep, value = item.partition("=")

@@ -62,6 +62,10 @@ def test_short_two_stage_run_writes_everything(cli, tmp_path):
     events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert events.count("stage_start") == 2 and events.count("probe") == 2 and "eval" in events
     assert len((run_dir / "eval_samples.jsonl").read_text().splitlines()) == 16
+    report = (run_dir / "eval.md").read_text(encoding="utf-8")
+    assert "| metric | value |" in report and "| exact |" in report
+    sample_rows = report[report.index("| id | loss |"):].splitlines()[2:]
+    assert len(sample_rows) == 16 and all(r.startswith("| ") and r.count(" | ") >= 6 for r in sample_rows)
     assert f"run folder: {run_dir}" in result.stdout
 
 
