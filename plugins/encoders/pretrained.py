@@ -286,41 +286,37 @@ def _fresh_note(report):
     return f"; starting fresh (not in the file): {first_keys(report['fresh'], 8)}" if report["fresh"] else ""
 
 
-def load_sam(module, path, fmt="auto", who="sam"):
-    """Load a SAM weight file into a SAMEncoder; return the core.weights report (empty on meta)."""
-    _check_format(who, fmt, SAM_FORMATS)
+def _load_layout(module, path, fmt, who, kind, formats, detect, mappers, skip_for=lambda fmt: ()):
+    """Read a weight file, pick its layout (given or detected), map the names and load all-or-nothing."""
+    _check_format(who, fmt, formats)
     if on_meta(module):
         print(f"{who}: built on the meta device, weights {path} not read")
         return empty_report()
     sd = read_state_dict(path)
     if fmt == "auto":
-        fmt = detect_sam_format(sd)
+        fmt = detect(sd)
         if fmt is None:
-            raise ConfigError(f"{path}: cannot tell which SAM weight layout this is (keys: {first_keys(sorted(sd))}); "
-                              f"set {who}.weights_format to one of {', '.join(SAM_FORMATS)}")
-    skip = tuple(f"{n}." for n in module.compressor) if fmt in SAM_FORMATS_WITHOUT_COMPRESSOR else ()
-    report = load_state(module, SAM_MAPPERS[fmt](sd), f"{path} ({fmt} layout)", skip_prefixes=skip,
+            raise ConfigError(f"{path}: cannot tell which {kind} weight layout this is (keys: {first_keys(sorted(sd))}); "
+                              f"set {who}.weights_format to one of {', '.join(formats)}")
+    report = load_state(module, mappers[fmt](sd), f"{path} ({fmt} layout)", skip_prefixes=skip_for(fmt),
                         name=f"{who} ({type(module).__name__})")
     print(f"{who}: loaded {len(report['loaded'])} tensors from {path} ({fmt} layout){_fresh_note(report)}")
     return report
+
+
+def load_sam(module, path, fmt="auto", who="sam"):
+    """Load a SAM weight file into a SAMEncoder; return the core.weights report (empty on meta).
+
+    HF and segment-anything files have no compressor: net_2/net_3 start fresh, and the log says so.
+    """
+    def skip_for(fmt):
+        return tuple(f"{n}." for n in module.compressor) if fmt in SAM_FORMATS_WITHOUT_COMPRESSOR else ()
+    return _load_layout(module, path, fmt, who, "SAM", SAM_FORMATS, detect_sam_format, SAM_MAPPERS, skip_for)
 
 
 def load_clip(module, path, fmt="auto", who="clip"):
     """Load a CLIP weight file into a CLIPVisionTower; return the core.weights report (empty on meta)."""
-    _check_format(who, fmt, CLIP_FORMATS)
-    if on_meta(module):
-        print(f"{who}: built on the meta device, weights {path} not read")
-        return empty_report()
-    sd = read_state_dict(path)
-    if fmt == "auto":
-        fmt = detect_clip_format(sd)
-        if fmt is None:
-            raise ConfigError(f"{path}: cannot tell which CLIP weight layout this is (keys: {first_keys(sorted(sd))}); "
-                              f"set {who}.weights_format to one of {', '.join(CLIP_FORMATS)}")
-    report = load_state(module, CLIP_MAPPERS[fmt](sd), f"{path} ({fmt} layout)",
-                        name=f"{who} ({type(module).__name__})")
-    print(f"{who}: loaded {len(report['loaded'])} tensors from {path} ({fmt} layout){_fresh_note(report)}")
-    return report
+    return _load_layout(module, path, fmt, who, "CLIP", CLIP_FORMATS, detect_clip_format, CLIP_MAPPERS)
 
 
 def load_deepencoder(module, path, who="deepencoder"):
