@@ -55,7 +55,8 @@ def vlmkit_regulariser_loss(model, batch, outputs):
     ``batch`` is the dict from ``core.data`` (pixel_values, input_ids, targets,
     texts, keys); ``outputs`` is ``VisionLanguageModel.forward``'s dict
     (``loss``, ``vision_features`` before the projector, ``vision_tokens``
-    after it, laid out with newlines and separator). Each loss is multiplied
+    after it, laid out with newlines and separator; both None for a
+    text-only batch, for which a vision regulariser returns None). Each loss is multiplied
     by the regulariser's own weight *before* being returned; the trainer adds
     them to the next-token loss and logs each one under its name. A
     regulariser that is an ``nn.Module`` has its parameters trained with the

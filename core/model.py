@@ -55,8 +55,14 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), vision_tokens.to(embeds.dtype))
 
     def forward(self, pixel_values, input_ids, targets=None):
-        features, vision_tokens = self.encode_images(pixel_values)
-        embeds = self.merge(input_ids, vision_tokens)
+        """``pixel_values`` None: a text-only batch, which skips the vision tower (DESIGN.md)."""
+        if pixel_values is None:
+            if bool((input_ids == self.image_token_id).any()):
+                raise ValueError("a text-only batch (no pixel_values) holds <|image|> tokens")
+            features, vision_tokens, embeds = None, None, self.decoder.embed(input_ids)
+        else:
+            features, vision_tokens = self.encode_images(pixel_values)
+            embeds = self.merge(input_ids, vision_tokens)
         out = {"vision_features": features, "vision_tokens": vision_tokens}
         if targets is None:
             out["logits"] = self.decoder(embeds)

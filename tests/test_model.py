@@ -152,3 +152,17 @@ def test_deepseek_ocr_extras_reach_the_model(registry, tmp_path):
     for key, value in model.state_dict().items():
         if not key.startswith("decoder."):
             assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_text_only_batch_skips_the_vision_tower(registry):
+    model, tok = tiny(registry)
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([[tok.bos_id] + tok.encode("plain text")])
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), tok.eos_id)], dim=1)
+    out = model(None, ids, targets)
+    assert calls == [] and out["vision_tokens"] is None and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.encoder.sam.patch_embed.proj.weight.grad is None
+    with pytest.raises(ValueError, match="text-only batch .* holds <\\|image\\|> tokens"):
+        model(None, torch.tensor([prompt_ids(model, tok)]))

@@ -41,6 +41,8 @@ class CellReading(nn.Module):
 
     @hookimpl
     def vlmkit_regulariser_loss(self, model, batch, outputs):
+        if outputs["vision_tokens"] is None:  # a text-only batch
+            return None
         h, w = self.grid
         tokens = outputs["vision_tokens"]
         cells = tokens[:, :h * (w + 1)].reshape(tokens.shape[0], h, w + 1, -1)[:, :, :w]  # drop newline slots

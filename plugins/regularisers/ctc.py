@@ -35,6 +35,8 @@ class CTCRegulariser(nn.Module):
 
     @hookimpl
     def vlmkit_regulariser_loss(self, model, batch, outputs):
+        if outputs["vision_tokens"] is None:  # a text-only batch
+            return None
         tokens = outputs["vision_tokens"]  # (B, N, C)
         b, n, _ = tokens.shape
         logits = self.head(tokens).float().view(b, n * self.frames, self.blank + 1)
