@@ -77,6 +77,7 @@ class Stage:
     checkpoint_every: int = 0  # 0: only at the end of the stage
     probe_every: int = 0  # >0: every N steps greedy-decode eval.probe_samples held-out samples and log exact/NED
     stop_when_exact: bool = False  # with probe_every: stop the stage once every probe sample is read exactly
+    monitor_every: int = 0  # >0: every N steps log the collapse monitor (core/monitor.py)
 
     def __attrs_post_init__(self):
         if self.schedule not in ("constant", "step", "cosine"):

@@ -88,8 +88,10 @@ def run(recipe):
         summaries.append(summary)
     ctx.say("\nstages:")
     for s in summaries:
+        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}" for k, v in s.items() if k.startswith("collapse_"))
         ctx.say(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
-                f"{s['samples_per_s']:>7.1f} samples/s  final loss {s['loss']:.4f}")
+                f"{s['samples_per_s']:>7.1f} samples/s  final loss {s['loss']:.4f}"
+                + (f"  collapse monitor: {collapse}" if collapse else ""))
     result = {"stages": summaries}
     if recipe.eval is not None:
         metrics = [registry.build("metric", c.name, where=f"eval.metrics.{j}", **c.args)

@@ -16,6 +16,7 @@ from core import checkpoint, data
 from core.errors import ConfigError
 from core.evaluate import decode_samples
 from core.model import build_model, format_parameter_table, parameter_table
+from core.monitor import collapse_scores, probe_images
 from core.textdist import ned
 
 
@@ -102,6 +103,8 @@ def run_stage(ctx, index, stage):
         num_image_tokens=model.num_image_tokens(), max_len=recipe.data.max_len, batch_size=batch_size,
         seed=recipe.run.seed + index, shuffle_buffer=recipe.data.shuffle_buffer, num_workers=recipe.data.num_workers)
     probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
+    monitor_pixels = probe_images(ctx.eval_samples, model.image_size).to(device) if stage.monitor_every else None
+    collapse = {}
 
     stage_dir = os.path.join(ctx.run_dir, stage.name)
     ctx.log({"event": "stage_start", "stage": stage.name, "trainable": sum(p.numel() for p in trainable)})
@@ -139,6 +142,12 @@ def run_stage(ctx, index, stage):
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
                 last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
+            if monitor_pixels is not None and (step == 0 or (step + 1) % stage.monitor_every == 0):
+                collapse = collapse_scores(model, monitor_pixels)
+                set_train_mode(model)
+                ctx.log({"event": "collapse", "stage": stage.name, "step": step + 1, **collapse})
+                progress.write(f"{stage.name} step {step + 1}: collapse monitor (mean pairwise cosine) "
+                               + ", ".join(f"{k} {v:.3f}" for k, v in collapse.items()))
             if probe and (step + 1) % stage.probe_every == 0:
                 result = _probe(ctx, model, tokenizer, probe, stage, step)
                 progress.write(f"{stage.name} step {step + 1}: held-out probe exact {result['exact']:.3f} "
@@ -153,7 +162,8 @@ def run_stage(ctx, index, stage):
     seconds = time.perf_counter() - start
     path = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
     summary = {"stage": stage.name, "steps": step + 1, "seconds": round(seconds, 1),
-               "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path, **losses}
+               "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path, **losses,
+               **{f"collapse_{k}": round(v, 4) for k, v in collapse.items()}}
     ctx.log({"event": "stage_end", **summary})
     return model, tokenizer, summary
 

@@ -77,6 +77,10 @@ class DeepEncoder(nn.Module):
     def grid_size(self, height, width):
         return self.sam.grid_size(height, width)
 
+    def feature_parts(self):
+        """Which output channels come from where (the collapse monitor scores each part)."""
+        return {"clip": slice(0, self.clip.out_dim), "sam": slice(self.clip.out_dim, None)}
+
     def forward(self, pixel_values):
         sam_map = self.sam.forward_features(pixel_values)  # (B, C, h, w)
         B, _, h, w = sam_map.shape
