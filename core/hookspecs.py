@@ -44,7 +44,9 @@ def vlmkit_freeze(model, stage):
     weights are loaded. Implementations set ``requires_grad``; the
     trainer then puts every module whose parameters are all frozen in eval mode
     and builds the optimizer over exactly the trainable parameters. ``stage``
-    is the ``core.recipe.Stage`` being run. Return value ignored.
+    is the ``core.recipe.Stage`` being run. May return ``{parameter name:
+    lr multiplier}`` for trainable parameters that should learn at a multiple
+    of the stage's lr (several policies naming one parameter multiply).
     """
 
 

@@ -51,16 +51,35 @@ def _build_all(ctx, kind, components, where, context=None):
 
 
 def apply_freeze(registry, pm, model, stage, where):
-    """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``."""
+    """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``; return {name: lr multiplier}."""
     policies = [registry.build("freeze", c.name, where=f"{where}.freeze.{j}", **c.args)
                 for j, c in enumerate(stage.freeze)]
+    frozen_by_design = [p for p in model.parameters() if not p.requires_grad]  # e.g. CLIP's bypassed patch conv
     for policy in policies:
         pm.register(policy)
     try:
-        pm.hook.vlmkit_freeze(model=model, stage=stage)
+        answers = pm.hook.vlmkit_freeze(model=model, stage=stage)
     finally:
         for policy in policies:
             pm.unregister(policy)
+    for p in frozen_by_design:  # a broad "trainable" glob must not wake them (DDP fails on unused parameters)
+        p.requires_grad_(False)
+    multipliers = {}
+    for answer in answers:
+        for name, factor in (answer or {}).items():
+            multipliers[name] = multipliers.get(name, 1.0) * factor
+    return multipliers
+
+
+def parameter_groups(model, extra_modules, multipliers, lr):
+    """Optimizer groups over exactly the trainable parameters, one group per lr multiplier."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(multipliers.get(name, 1.0), []).append(p)
+    groups.setdefault(1.0, []).extend(p for m in extra_modules.values() for p in m.parameters())
+    return [{"params": params, "lr": lr * factor, "lr_multiplier": factor}
+            for factor, params in sorted(groups.items()) if params]
 
 
 def _to(batch, device):
@@ -79,7 +98,7 @@ def run_stage(ctx, index, stage):
         keys = checkpoint.load_parts(model, path, stage.init_from.parts)
         ctx.say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
 
-    apply_freeze(ctx.registry, pm, model, stage, where)
+    multipliers = apply_freeze(ctx.registry, pm, model, stage, where)
     regularisers = _build_all(ctx, "regulariser", stage.regularisers, f"{where}.regularisers",
                               context={"model": model, "tokenizer": tokenizer})
     extra_modules = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
@@ -90,11 +109,15 @@ def run_stage(ctx, index, stage):
     table = parameter_table(model) + [(name, sum(p.numel() for p in m.parameters()), 0)
                                       for name, m in extra_modules.items()]
     ctx.say(format_parameter_table(table, title=f"\nstage {index + 1}/{len(recipe.stages)} {stage.name!r}: parameters"))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable += [p for m in extra_modules.values() for p in m.parameters()]
+    groups = parameter_groups(model, extra_modules, multipliers, stage.lr)
+    trainable = [p for g in groups for p in g["params"]]
+    expected = {id(p) for p in model.parameters() if p.requires_grad} | {
+        id(p) for m in extra_modules.values() for p in m.parameters()}
+    assert {id(p) for p in trainable} == expected and len(trainable) == len(expected), \
+        "the optimizer must hold exactly the trainable parameters"
     if not trainable:
         raise ConfigError(f"{where}.freeze: every parameter is frozen; nothing to train")
-    optimizer = torch.optim.AdamW(trainable, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(stage, s))
 
     batch_size = stage.batch_size or recipe.data.batch_size
@@ -138,7 +161,7 @@ def run_stage(ctx, index, stage):
             progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}",
                                   "threads": ctx.threads.threads}, refresh=False)
             if step % recipe.run.log_every == 0 or step == stage.steps - 1:
-                ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": scheduler.get_last_lr()[0],
+                ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": stage.lr * lr_factor(stage, step),
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
                 last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
