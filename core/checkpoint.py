@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import ConfigError
 
+LATEST = "latest.json"  # {"step": N, "model": "model_XXXXXX.safetensors"}, updated after every checkpoint
+
 # A "part" of the model, as init_from names it, and the state_dict keys it owns.
 PARTS = {
     "encoder": ("encoder.",),
@@ -37,8 +39,12 @@ def _tensors(state_dict):
     return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 
 
-def save_checkpoint(stage_dir, step, model, meta, extra_modules=None):
-    """Write the full model, the encoder alone, and meta json; return the model file's path."""
+def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None):
+    """Write the full model, the encoder alone and meta json, then the ``latest`` pointer; return the model path.
+
+    The pointer is written last, so a reader that follows it never finds a step whose
+    files are incomplete; ``keep_last`` then deletes all but the newest N steps.
+    """
     os.makedirs(stage_dir, exist_ok=True)
     state = _tensors(model.state_dict())
     for prefix, module in (extra_modules or {}).items():  # e.g. a regulariser's head
@@ -52,11 +58,41 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None):
         with open(p, "w", encoding="utf-8") as f:
             json.dump({"step": step, **meta}, f, indent=2)
     _atomic(os.path.join(stage_dir, f"meta_{step:06d}.json"), write_meta)
+
+    def write_pointer(p):
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump({"step": step, "model": os.path.basename(model_path)}, f)
+    _atomic(os.path.join(stage_dir, LATEST), write_pointer)
+    if keep_last:
+        for old_step in _steps(stage_dir)[:-keep_last]:
+            for kind in ("model", "encoder"):
+                _remove(os.path.join(stage_dir, f"{kind}_{old_step:06d}.safetensors"))
+            _remove(os.path.join(stage_dir, f"meta_{old_step:06d}.json"))
     return model_path
 
 
+def _steps(stage_dir):
+    files = glob.glob(os.path.join(stage_dir, "model_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
+    return sorted(int(re.findall(r"(\d{6})\.safetensors$", p)[0]) for p in files)
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def latest(stage_dir, kind="model"):
-    """The newest ``{kind}_XXXXXX.safetensors`` in a stage folder, or None."""
+    """The ``{kind}_XXXXXX.safetensors`` the ``latest`` pointer names, else the newest one; or None."""
+    try:
+        with open(os.path.join(stage_dir, LATEST), encoding="utf-8") as f:
+            step = int(json.load(f)["step"])
+        path = os.path.join(stage_dir, f"{kind}_{step:06d}.safetensors")
+        if os.path.isfile(path):
+            return path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no pointer (an older folder) or an unreadable one: fall back to the newest file
     files = glob.glob(os.path.join(stage_dir, f"{kind}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
     return max(files, key=lambda p: int(re.findall(r"(\d{6})\.safetensors$", p)[0])) if files else None
 

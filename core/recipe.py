@@ -75,6 +75,7 @@ class Stage:
     regularisers: list[Component] = attrs.field(factory=list)
     init_from: typing.Optional[InitFrom] = None
     checkpoint_every: int = 0  # 0: only at the end of the stage
+    checkpoint_keep: typing.Optional[int] = None  # keep the newest N checkpoints of the stage (None: all)
     probe_every: int = 0  # >0: every N steps greedy-decode eval.probe_samples held-out samples and log exact/NED
     stop_when_exact: bool = False  # with probe_every: stop the stage once every probe sample is read exactly
     monitor_every: int = 0  # >0: every N steps log the collapse monitor (core/monitor.py)

@@ -209,6 +209,6 @@ def _save(ctx, stage_dir, step, model, extra_modules, stage, losses):
     meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": losses,
             "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
             "plugins": ctx.recipe.plugins}
-    path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules)
+    path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules, keep_last=stage.checkpoint_keep)
     ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
     return path
