@@ -3,17 +3,17 @@
 Generic over dataset plugins: a dataset plugin only has to hand over shard paths
 (tar files of samples with an image under png/jpg/jpeg/webp and the target text
 under txt). Preprocessing follows DeepSeek-OCR's global view (architecture §2.5).
+
+The training stream over these samples (splitting, position, bad data) is core/stream.py.
 """
 import io
 import itertools
 import os
-import random
 import tarfile
-from collections import Counter
+import zlib
 
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.errors import ConfigError
 
@@ -21,6 +21,30 @@ IMAGE_MARKER = "<image>"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 PAD_COLOR = (127, 127, 127)  # DeepSeek-OCR: tuple(int(0.5 * 255)) -> ~0 after normalisation
 IGNORE = -1  # target of positions that carry no loss (prompt, image, padding)
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (89,478,485)
+
+REASONS = {  # why a sample was not used (or, truncated_target, was used cut short)
+    "truncated_shard": "the tar breaks off or is corrupt; the samples before the break were used",
+    "wrong_keys": "neither an image (png, jpg, jpeg, webp) nor a txt member",
+    "missing_image": "no image member (png, jpg, jpeg, webp)",
+    "missing_text": "no txt member",
+    "bad_text": "the txt member is not UTF-8",
+    "empty_image": "the image member is empty (0 bytes or 0 pixels)",
+    "image_too_large": "more pixels than data.max_image_pixels (decompression-bomb guard)",
+    "bad_image": "the image does not decode",
+    "long_target": "the text does not fit data.max_len; skipped (data.on_long_target: skip)",
+    "truncated_target": "the text did not fit data.max_len and was cut (data.on_long_target: truncate); used",
+}
+ON_BAD_SAMPLE = ("skip", "error")
+ON_LONG_TARGET = ("truncate", "skip")
+
+
+class BadSample(Exception):
+    """One sample that cannot be used: ``reason`` is a key of REASONS, ``detail`` a short what-and-why."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, " ".join(str(detail).split())[:200]
 
 
 # ---- one sample
@@ -38,20 +62,31 @@ def preprocess(image, image_size):
     return (x / 255 - 0.5) / 0.5  # written as torchvision's ToTensor + Normalize(0.5, 0.5) to match it exactly
 
 
-def encode_sample(tokenizer, text, prompt, num_image_tokens, max_len):
-    """-> (input_ids, targets): next-token pairs where only the answer (text + eos) carries loss."""
+def prompt_prefix(tokenizer, prompt, num_image_tokens, max_len):
+    """The token ids before the answer: bos, the prompt with ``num_image_tokens`` image placeholders."""
     before, marker, after = prompt.partition(IMAGE_MARKER)
     if not marker or IMAGE_MARKER in after:
         raise ConfigError(f"prompt {prompt!r} must contain {IMAGE_MARKER} exactly once")
     prefix = [tokenizer.bos_id, *tokenizer.encode(before), *[tokenizer.image_id] * num_image_tokens,
               *tokenizer.encode(after)]
-    room = max_len - len(prefix)  # len(inputs) = len(prefix) + len(answer tokens) must stay <= max_len
-    if room < 0:
+    if max_len - len(prefix) < 0:
         raise ConfigError(f"max_len {max_len} is shorter than the prompt and image tokens ({len(prefix)})")
-    seq = prefix + tokenizer.encode(text)[:room] + [tokenizer.eos_id]  # truncate the text, never the eos
+    return prefix
+
+
+def _pair(prefix, answer, eos_id, max_len):
+    """-> (inputs, targets, cut): the answer truncated (never the eos) so len(inputs) <= max_len."""
+    room = max_len - len(prefix)
+    seq = prefix + answer[:room] + [eos_id]
     targets = seq[1:]
     targets[:len(prefix) - 1] = [IGNORE] * (len(prefix) - 1)  # these positions predict prompt/image tokens
-    return seq[:-1], targets
+    return seq[:-1], targets, len(answer) > room
+
+
+def encode_sample(tokenizer, text, prompt, num_image_tokens, max_len):
+    """-> (input_ids, targets): next-token pairs where only the answer (text + eos) carries loss."""
+    prefix = prompt_prefix(tokenizer, prompt, num_image_tokens, max_len)
+    return _pair(prefix, tokenizer.encode(text), tokenizer.eos_id, max_len)[:2]
 
 
 def collate(samples, pad_id=0):
@@ -78,11 +113,27 @@ def check_shards(shard_paths):
     return paths
 
 
-def read_shard(path, skipped):
-    """Yield raw samples {__key__, __url__, ext: bytes} of one tar, grouped as WebDataset does."""
+class _TarInfo(tarfile.TarInfo):
+    """tarfile ends a stream silently where a header is cut off or missing; this notes that it happened."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            tar.vlmkit_cut = True  # a complete tar ends with zero blocks (EOFHeaderError), not with nothing
+            raise
+
+
+def read_shard(path):
+    """Yield the raw samples {__key__, __url__, ext: bytes} of one tar, grouped as WebDataset does.
+
+    Where the tar breaks off or is corrupt, the sample being read is dropped (it may lack members) and
+    one {__key__, __url__, __bad__: "truncated_shard", __detail__} item follows the samples before it.
+    """
     sample = None
     try:
-        with tarfile.open(path, "r|*") as tar:  # streaming mode: one pass, no index
+        with tarfile.open(path, "r|*", tarinfo=_TarInfo) as tar:  # streaming mode: one pass, no index
             for member in tar:
                 folder, _, base = member.name.rpartition("/")
                 stem, dot, ext = base.partition(".")  # WebDataset: the key ends at the first dot
@@ -94,138 +145,137 @@ def read_shard(path, skipped):
                         yield sample
                     sample = {"__key__": key, "__url__": path}
                 sample[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError):  # truncated or corrupt: keep what came before
-        skipped["bad_shard"] += 1
+            if getattr(tar, "vlmkit_cut", False):
+                raise tarfile.ReadError("the tar ends without its end-of-archive blocks")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        where = "in this sample" if sample else "before the first sample"
+        yield {"__key__": sample["__key__"] if sample else "", "__url__": path, "__bad__": "truncated_shard",
+               "__detail__": f"the tar breaks off {where}: {type(e).__name__}: {e}"}
+        return
     if sample is not None:
         yield sample
 
 
-def decode(raw, skipped):
-    """Raw sample -> (PIL image, text), or None (counted in skipped by reason)."""
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    reason = "missing_image" if ext is None else "missing_text" if "txt" not in raw else None
-    if reason is None:
-        try:
-            text = raw["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            reason = "bad_text"
-    if reason is None:
-        try:
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
-            return image, text
-        except Exception:  # Pillow raises many types for bad bytes; one bad image must not stop training
-            reason = "bad_image"
-    skipped[reason] += 1
-    return None
+def image_ext(raw):
+    return next((e for e in IMAGE_EXTS if e in raw), None)
 
 
-def eval_samples(shard_paths, limit=None):
-    """-> [{key, image, text}] in shard order (bad samples skipped)."""
-    out, skipped = [], Counter()
-    for path in check_shards(shard_paths):
-        for raw in read_shard(path, skipped):
-            if limit is not None and len(out) >= limit:
-                return out
-            decoded = decode(raw, skipped)
-            if decoded:
-                out.append({"key": raw["__key__"], "image": decoded[0], "text": decoded[1]})
+def sample_text(raw):
+    """The sample's target text; BadSample for a broken tar, wrong or missing members, or non-UTF-8 text."""
+    if "__bad__" in raw:
+        raise BadSample(raw["__bad__"], raw.get("__detail__", ""))
+    ext, has_text = image_ext(raw), "txt" in raw
+    if ext is None and not has_text:
+        members = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+        raise BadSample("wrong_keys", f"members: {members}")
+    if ext is None:
+        raise BadSample("missing_image", "no png, jpg, jpeg or webp member")
+    if not has_text:
+        raise BadSample("missing_text", "no txt member")
+    try:
+        return raw["txt"].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("bad_text", f"txt is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Image bytes -> loaded PIL image; BadSample if empty, too large (checked before decoding) or broken."""
+    if not data:
+        raise BadSample("empty_image", "0 bytes")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # Pillow warns above its limit and raises above twice it: we check ourselves
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.UnidentifiedImageError:
+        raise BadSample("bad_image", "cannot identify image file") from None
+    except Image.DecompressionBombError as e:  # a format plugin that checks on its own
+        raise BadSample("image_too_large", str(e)) from None
+    except Exception as e:  # Pillow raises many types for bad bytes; one bad image must not stop training
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise BadSample("empty_image", f"{width}x{height} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise BadSample("image_too_large", f"{width}x{height} = {width * height:,} pixels > data.max_image_pixels "
+                                           f"{max_pixels:,}")
+    try:
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise BadSample("image_too_large", str(e)) from None
+    except Exception as e:
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+    return image
+
+
+def decode(raw, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Raw sample -> (PIL image, text); BadSample (reason, detail) if it cannot be used."""
+    text = sample_text(raw)
+    return open_image(raw[image_ext(raw)], max_pixels), text
+
+
+def _count(report, reason, shard, n=1):
+    by_shard = report.setdefault(reason, {})
+    by_shard[shard] = by_shard.get(shard, 0) + n
+
+
+def merge_reports(into, other):
+    """Add ``other`` ({reason: {shard: count}}) into ``into``; returns ``into``."""
+    for reason, by_shard in other.items():
+        for shard, n in by_shard.items():
+            _count(into, reason, shard, n)
+    return into
+
+
+def _bad(bad, raw, report, policy):
+    """Count a bad sample, or stop the run (policy "error"; a chosen on_long_target: skip only counts)."""
+    if policy == "error" and bad.reason not in ("long_target", "truncated_target"):
+        key = f", sample {raw['__key__']!r}" if raw.get("__key__") else ""
+        detail = f" ({bad.detail})" if bad.detail else ""
+        raise ConfigError(f"data: shard {raw['__url__']!r}{key}: {bad.reason}{detail} "
+                          f"[data.on_bad_sample: error]")
+    _count(report, bad.reason, raw["__url__"])
+
+
+def _check_policy(key, value, options):
+    if value not in options:
+        raise ConfigError(f"data.{key}: expected {' or '.join(options)}, not {value!r}")
+
+
+def format_report(report, title):
+    """The report as a short table: a title line with totals, then reason, count, shard per line."""
+    used = sum(report.get("truncated_target", {}).values())
+    skipped = sum(n for reason, by in report.items() if reason != "truncated_target" for n in by.values())
+    parts = [f"{skipped} sample(s) skipped"] + ([f"{used} target(s) truncated"] if used else [])
+    rows = sorted((reason, n, shard) for reason, by in report.items() for shard, n in by.items())
+    width = max([len("reason")] + [len(r) for r, _, _ in rows])
+    lines = [f"data report, {title}: {', '.join(parts)}", f"  {'reason':<{width}}  {'count':>6}  shard"]
+    lines += [f"  {reason:<{width}}  {n:>6}  {shard}" for reason, n, shard in rows]
+    return "\n".join(lines)
+
+
+class SampleList(list):
+    """eval_samples' result: a list of {key, image, text} with ``.report`` ({reason: {shard: count}})."""
+    report = None
+
+
+def eval_samples(shard_paths, limit=None, on_bad_sample="skip", max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                 say=print):
+    """-> SampleList of {key, image, text} in shard order; bad samples skipped and counted in ``.report``
+    (and printed with ``say`` when there are any), or a ConfigError with on_bad_sample="error"."""
+    _check_policy("on_bad_sample", on_bad_sample, ON_BAD_SAMPLE)
+    out, report = SampleList(), {}
+    for raw in itertools.chain.from_iterable(read_shard(p) for p in check_shards(shard_paths)):
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            image, text = decode(raw, max_image_pixels)
+        except BadSample as bad:
+            _bad(bad, raw, report, on_bad_sample)
+            continue
+        out.append({"key": raw["__key__"], "image": image, "text": text})
+    out.report = report
+    if report and say:
+        say(format_report(report, f"eval split ({len(out)} samples read)"))
     return out
-
-
-# ---- the training stream
-
-class _Stream(IterableDataset):
-    """Endless batches: per epoch a fresh shard order and a shuffle buffer; workers split shards."""
-
-    def __init__(self, paths, tokenizer, image_size, prompt, num_image_tokens, max_len, batch_size, seed,
-                 shuffle_buffer):
-        self.paths, self.tokenizer, self.image_size, self.prompt = paths, tokenizer, image_size, prompt
-        self.num_image_tokens, self.max_len, self.batch_size = num_image_tokens, max_len, batch_size
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-
-    def _raw_samples(self, epoch, worker, workers, skipped):
-        shards = list(self.paths)
-        random.Random(f"{self.seed}:{epoch}").shuffle(shards)  # same order in every worker
-        if len(shards) >= workers:
-            yield from itertools.chain.from_iterable(read_shard(p, skipped) for p in shards[worker::workers])
-        else:  # fewer shards than workers: every worker reads all of them and keeps its share of samples
-            raws = itertools.chain.from_iterable(read_shard(p, skipped) for p in shards)
-            yield from itertools.islice(raws, worker, None, workers)
-
-    def _shuffled(self, raws, rng):
-        buffer = []  # raw bytes, decoded after shuffling so the buffer stays small for big images
-        for raw in raws:
-            buffer.append(raw)
-            if len(buffer) >= max(self.shuffle_buffer, 1):
-                j = rng.randrange(len(buffer))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _prepare(self, raw, skipped):
-        decoded = decode(raw, skipped)
-        if decoded is None:
-            return None
-        image, text = decoded
-        input_ids, targets = encode_sample(self.tokenizer, text, self.prompt, self.num_image_tokens,
-                                           self.max_len)
-        return {"key": raw["__key__"], "text": text, "pixel_values": preprocess(image, self.image_size),
-                "input_ids": input_ids, "targets": targets}
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        skipped, batch = Counter(), []
-        for epoch in itertools.count():
-            rng = random.Random(f"{self.seed}:{epoch}:{worker}")
-            good, bad_before = 0, sum(skipped.values())
-            for raw in self._shuffled(self._raw_samples(epoch, worker, workers, skipped), rng):
-                sample = self._prepare(raw, skipped)
-                if sample is None:
-                    continue
-                good += 1
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    out = collate(batch, self.tokenizer.pad_id)
-                    out["_skipped"] = dict(skipped)  # counts since the last batch, summed by Batches
-                    skipped, batch = Counter(), []
-                    yield out
-            if good == 0:
-                if workers > 1 and sum(skipped.values()) == bad_before:
-                    return  # this worker's share is empty (more workers than samples); the others go on
-                raise ConfigError(f"data: no usable sample in {len(self.paths)} shard(s) starting "
-                                  f"{self.paths[0]!r} (skipped: {dict(skipped)})")
-
-
-def _one_thread(_worker_id):
-    torch.set_num_threads(1)  # workers decode images; torch threads would fight the trainer for cores
-
-
-class Batches:
-    """Iterator of training batches; .stats counts skipped samples by reason."""
-
-    def __init__(self, stream, num_workers):
-        self.stats = Counter()
-        if num_workers:
-            stream = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                worker_init_fn=_one_thread)
-        self._it = iter(stream)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self._it)
-        self.stats.update(batch.pop("_skipped"))
-        return batch
-
-
-def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, max_len, batch_size, seed=0,
-                  shuffle_buffer=1000, num_workers=0):
-    """Endless iterator of batches (see collate); deterministic for a seed and worker count."""
-    encode_sample(tokenizer, "", prompt, num_image_tokens, max_len)  # bad prompt or max_len: fail here, not in a worker
-    stream = _Stream(check_shards(shard_paths), tokenizer, image_size, prompt, num_image_tokens, max_len,
-                     batch_size, seed, shuffle_buffer)
-    return Batches(stream, num_workers)

@@ -11,6 +11,7 @@ import types
 import typing
 
 import attrs
+import PIL.Image
 import yaml
 
 from core.errors import ConfigError
@@ -49,6 +50,17 @@ class DataConfig:
     max_len: int = 256
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    resample: bool = False  # false: epochs, each a fresh shard order; true: shards drawn with replacement, endless
+    on_bad_sample: str = "skip"  # skip: count by reason and shard (printed per stage) | error: stop, naming shard + key
+    on_long_target: str = "truncate"  # a text longer than max_len allows: truncate | skip (counted either way)
+    max_image_pixels: typing.Optional[int] = PIL.Image.MAX_IMAGE_PIXELS  # larger images are bad samples; null: no limit
+
+    def __attrs_post_init__(self):
+        for key, options in (("on_bad_sample", ("skip", "error")), ("on_long_target", ("truncate", "skip"))):
+            if getattr(self, key) not in options:
+                raise ValueError(f"{key} must be {' or '.join(options)}, not {getattr(self, key)!r}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be at least 1 (or null: no limit), not {self.max_image_pixels}")
 
 
 @attrs.define

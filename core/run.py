@@ -37,7 +37,11 @@ class RunContext:
         from core.data import eval_samples
         if self._eval_samples is None:
             limit = self.recipe.eval.samples if self.recipe.eval else None
-            self._eval_samples = eval_samples(self.dataset.shards("eval"), limit=limit)
+            data = self.recipe.data
+            self._eval_samples = eval_samples(self.dataset.shards("eval"), limit=limit, on_bad_sample=data.on_bad_sample,
+                                              max_image_pixels=data.max_image_pixels)
+            if self._eval_samples.report:
+                self.log({"event": "data_report", "split": "eval", "skipped": self._eval_samples.report})
         return self._eval_samples
 
     def say(self, text):

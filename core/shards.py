@@ -78,11 +78,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from core.data import IMAGE_EXTS
 from core.errors import ConfigError
 from core.metric_inputs import omnidocbench_page_text
 
 FORMATS = ("folder", "jsonl", "olmocr", "llava", "fox", "omnidocbench")
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # what core.data reads
 PIL_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 OTHER_IMAGE_EXTS = ("tif", "tiff", "bmp", "gif", "jp2", "ppm", "pgm", "pbm")  # Pillow reads them, core.data not
 TEXT_EXTS = ("txt", "md")

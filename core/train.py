@@ -12,7 +12,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, data
+from core import checkpoint, data, stream
 from core.errors import ConfigError
 from core.evaluate import decode_samples
 from core.model import build_model, format_parameter_table, parameter_table
@@ -121,10 +121,12 @@ def run_stage(ctx, index, stage):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(stage, s))
 
     batch_size = stage.batch_size or recipe.data.batch_size
-    batches = data.train_batches(
+    batches = stream.train_batches(
         ctx.dataset.shards("train"), tokenizer, image_size=model.image_size, prompt=recipe.data.prompt,
         num_image_tokens=model.num_image_tokens(), max_len=recipe.data.max_len, batch_size=batch_size,
-        seed=recipe.run.seed + index, shuffle_buffer=recipe.data.shuffle_buffer, num_workers=recipe.data.num_workers)
+        seed=recipe.run.seed + index, shuffle_buffer=recipe.data.shuffle_buffer, num_workers=recipe.data.num_workers,
+        resample=recipe.data.resample, on_bad_sample=recipe.data.on_bad_sample,
+        on_long_target=recipe.data.on_long_target, max_image_pixels=recipe.data.max_image_pixels)
     probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
     monitor_pixels = probe_images(ctx.eval_samples, model.image_size).to(device) if stage.monitor_every else None
     collapse = {}
@@ -180,9 +182,14 @@ def run_stage(ctx, index, stage):
                     break
     finally:
         progress.close()
+        batches.close()
         for r in regularisers:
             pm.unregister(r)
     seconds = time.perf_counter() - start
+    report = batches.report()  # samples skipped (or targets truncated) behind the batches this stage used
+    if report:
+        ctx.say(data.format_report(report, f"stage {stage.name}"))
+        ctx.log({"event": "data_report", "stage": stage.name, "report": report})
     path = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
     summary = {"stage": stage.name, "steps": step + 1, "seconds": round(seconds, 1),
                "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path, **losses,

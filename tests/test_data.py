@@ -9,7 +9,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from core.data import IGNORE, collate, encode_sample, eval_samples, preprocess, train_batches
+from core.data import IGNORE, collate, encode_sample, eval_samples, preprocess
+from core.stream import train_batches
 from core.errors import ConfigError
 from core.registry import Registry
 from plugins.datasets import shards as shards_plugin
@@ -224,6 +225,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     it = train_batches([path], Bytes(), 64, PROMPT, 8, 64, batch_size=3, shuffle_buffer=1)
     keys = [k for batch in itertools.islice(it, 2) for k in batch["keys"]]
     assert sorted(keys) == [f"good{i}" for i in range(6)]
+    assert it.report() == {"bad_image": {path: 1}, "missing_text": {path: 1}}  # by reason and shard
     assert it.stats == {"bad_image": 1, "missing_text": 1}
 
 
