@@ -38,10 +38,10 @@ class RunContext:
         if self._eval_samples is None:
             limit = self.recipe.eval.samples if self.recipe.eval else None
             data = self.recipe.data
-            self._eval_samples = eval_samples(self.dataset.shards("eval"), limit=limit, on_bad_sample=data.on_bad_sample,
-                                              max_image_pixels=data.max_image_pixels)
+            self._eval_samples = eval_samples(self.dataset.shards("eval"), limit=limit,
+                                              on_bad_sample=data.on_bad_sample, max_image_pixels=data.max_image_pixels)
             if self._eval_samples.report:
-                self.log({"event": "data_report", "split": "eval", "skipped": self._eval_samples.report})
+                self.log({"event": "data_report", "stage": "eval", "report": self._eval_samples.report})
         return self._eval_samples
 
     def say(self, text):
