@@ -36,7 +36,7 @@ def normalise_turns(turns, where="conversation"):
 
 
 def encode_conversation(tokenizer, turns, num_image_tokens, max_len, where="conversation"):
-    """-> (input_ids, targets, has_image). ``num_image_tokens`` replaces the first turn's <image>.
+    """-> (input_ids, targets, has_image, cut). ``num_image_tokens`` replaces the first turn's <image>.
 
     Truncation keeps whole leading turns: a pair that does not fit in ``max_len``
     inputs is dropped with everything after it; a first answer that does not fit is cut,
@@ -44,7 +44,7 @@ def encode_conversation(tokenizer, turns, num_image_tokens, max_len, where="conv
     """
     pairs = normalise_turns(turns, where)
     seq, mask = [tokenizer.bos_id], [False]
-    has_image = False
+    has_image, cut = False, False
     for i, (role, text) in enumerate(pairs):
         if role == "human":
             ids = _human_ids(tokenizer, text, num_image_tokens, first=(i == 0), where=f"{where}.{i}")
@@ -55,6 +55,7 @@ def encode_conversation(tokenizer, turns, num_image_tokens, max_len, where="conv
             piece, piece_mask = ids, [True] * len(ids)
         room = max_len + 1 - len(seq)  # inputs = seq[:-1] must stay within max_len
         if len(piece) > room:
+            cut = True
             if role == "gpt" and i == 1 and room > 1:  # cut the first answer, keep its eos
                 seq += piece[:room - 1] + [tokenizer.eos_id]
                 mask += [True] * room
@@ -67,7 +68,7 @@ def encode_conversation(tokenizer, turns, num_image_tokens, max_len, where="conv
         seq.pop()
         mask.pop()
     targets = [t if m else IGNORE for t, m in zip(seq[1:], mask[1:])]
-    return seq[:-1], targets, has_image
+    return seq[:-1], targets, has_image, cut
 
 
 def _human_ids(tokenizer, text, num_image_tokens, first, where):

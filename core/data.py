@@ -7,6 +7,7 @@ under txt). Preprocessing follows DeepSeek-OCR's global view (architecture §2.5
 The training stream over these samples (splitting, position, bad data) is core/stream.py.
 """
 import io
+import json
 import itertools
 import os
 import tarfile
@@ -15,6 +16,7 @@ import zlib
 import torch
 from PIL import Image, ImageOps
 
+from core.conversation import encode_conversation
 from core.errors import ConfigError
 
 IMAGE_MARKER = "<image>"
@@ -34,6 +36,10 @@ REASONS = {  # why a sample was not used (or, truncated_target, was used cut sho
     "bad_image": "the image does not decode",
     "long_target": "the text does not fit data.max_len; skipped (data.on_long_target: skip)",
     "truncated_target": "the text did not fit data.max_len and was cut (data.on_long_target: truncate); used",
+    "text_only": "a sample without an image; text-only samples feed a stage's text_ratio from data.text_dataset",
+    "image_sample": "a sample with an image in the text-only stream (data.text_dataset)",
+    "bad_conversation": "the json conversation is malformed (turns, roles, <image> marker)",
+    "bad_json": "the json member does not parse",
 }
 ON_BAD_SAMPLE = ("skip", "error")
 ON_LONG_TARGET = ("truncate", "skip")
@@ -97,7 +103,10 @@ def collate(samples, pad_id=0):
     for i, s in enumerate(samples):
         input_ids[i, :len(s["input_ids"])] = torch.tensor(s["input_ids"])
         targets[i, :len(s["targets"])] = torch.tensor(s["targets"])
-    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]), "input_ids": input_ids,
+    images = [s["pixel_values"] for s in samples]
+    if any(x is None for x in images) and not all(x is None for x in images):
+        raise ValueError("a batch mixes image and text-only samples")  # each stream keeps to one kind
+    return {"pixel_values": None if images[0] is None else torch.stack(images), "input_ids": input_ids,
             "targets": targets, "texts": [s["text"] for s in samples], "keys": [s["key"] for s in samples]}
 
 
@@ -158,6 +167,61 @@ def read_shard(path):
 
 def image_ext(raw):
     return next((e for e in IMAGE_EXTS if e in raw), None)
+
+
+def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=False):
+    """A raw sample -> (inputs, targets, cut, text, image member or None), by its schema (README, "Your own data"):
+
+    - ``json`` with ``conversations`` (LLaVA style): rendered by core.conversation, the image (if any)
+      in place of the first turn's <image>;
+    - ``txt`` with an image: OCR, ``prefix`` (bos + prompt with placeholders) then the text + eos;
+    - ``txt`` alone, in a text stream (``text_only``): plain language modelling, bos + text + eos.
+    A text stream skips image samples (``image_sample``) and an image stream text-only ones
+    (``text_only``): each kind is used by its own stream (a stage's ``text_ratio``).
+    """
+    if "__bad__" in raw:
+        raise BadSample(raw["__bad__"], raw.get("__detail__", ""))
+    ext = image_ext(raw)
+    if text_only and ext is not None:
+        raise BadSample("image_sample", "an image sample in the text-only stream")
+    conversation = _conversation(raw)
+    if conversation is not None:
+        if ext is None and not text_only:
+            raise BadSample("text_only", "a conversation without an image")
+        try:
+            inputs, targets, _, cut = encode_conversation(tokenizer, conversation, num_image_tokens, max_len)
+        except ConfigError as e:
+            raise BadSample("bad_conversation", str(e)) from None
+        answers = [t.get("value", t.get("content", "")) for t in conversation[1::2]]
+        return inputs, targets, cut, answers[0] if answers else "", ext
+    if text_only:
+        if "txt" not in raw:
+            members = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+            raise BadSample("wrong_keys", f"members: {members}")
+        text = _utf8(raw["txt"])
+        inputs, targets, cut = _pair([tokenizer.bos_id], tokenizer.encode(text), tokenizer.eos_id, max_len)
+        return inputs, targets, cut, text, None  # bos predicts nothing masked: every text token is a target
+    text = sample_text(raw)
+    answer = tokenizer.encode(text)
+    inputs, targets, cut = _pair(prefix, answer, tokenizer.eos_id, max_len)
+    return inputs, targets, cut, text, ext
+
+
+def _conversation(raw):
+    if "json" not in raw:
+        return None
+    try:
+        meta = json.loads(_utf8(raw["json"]))
+    except ValueError as e:
+        raise BadSample("bad_json", str(e)) from None
+    return meta.get("conversations") if isinstance(meta, dict) else None
+
+
+def _utf8(data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("bad_text", f"not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def sample_text(raw):

@@ -54,6 +54,7 @@ class DataConfig:
     on_bad_sample: str = "skip"  # skip: count by reason and shard (printed per stage) | error: stop, naming shard + key
     on_long_target: str = "truncate"  # a text longer than max_len allows: truncate | skip (counted either way)
     max_image_pixels: typing.Optional[int] = PIL.Image.MAX_IMAGE_PIXELS  # larger images are bad samples; null: no limit
+    text_dataset: typing.Optional[Component] = None  # text-only samples for a stage's text_ratio
 
     def __attrs_post_init__(self):
         for key, options in (("on_bad_sample", ("skip", "error")), ("on_long_target", ("truncate", "skip"))):
@@ -91,8 +92,11 @@ class Stage:
     probe_every: int = 0  # >0: every N steps greedy-decode eval.probe_samples held-out samples and log exact/NED
     stop_when_exact: bool = False  # with probe_every: stop the stage once every probe sample is read exactly
     monitor_every: int = 0  # >0: every N steps log the collapse monitor (core/monitor.py)
+    text_ratio: float = 0.0  # the share of steps that train on a text-only batch from data.text_dataset
 
     def __attrs_post_init__(self):
+        if not 0.0 <= self.text_ratio <= 1.0:
+            raise ValueError(f"text_ratio must lie in [0, 1], not {self.text_ratio}")
         if self.schedule not in ("constant", "step", "cosine"):
             raise ValueError(f"schedule must be constant, step or cosine, not {self.schedule!r}")
 
@@ -143,6 +147,9 @@ def load_recipe(path, overrides=()):
     recipe = structure(Recipe, raw, "", where)
     if not recipe.stages:
         raise where.error("stages", "a recipe needs at least one stage")
+    for i, stage in enumerate(recipe.stages):
+        if stage.text_ratio > 0 and recipe.data.text_dataset is None:
+            raise where.error(f"stages.{i}.text_ratio", "text-only steps need data.text_dataset")
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise where.error("stages", f"stage names must be unique (they name the stage folders): {names}")

@@ -29,6 +29,8 @@ class RunContext:
         self.run_dir = os.path.abspath(os.path.expanduser(recipe.run.dir))
         ds = recipe.data.dataset
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
+        text = recipe.data.text_dataset
+        self.text_dataset = text and registry.build("dataset", text.name, where="data.text_dataset", **text.args)
         self._eval_samples = None
         self.threads = ThreadGovernor(recipe.run.threads)
 

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.data import (DEFAULT_MAX_IMAGE_PIXELS, ON_BAD_SAMPLE, ON_LONG_TARGET, REASONS, BadSample, _bad,
-                       _check_policy, _count, _pair, check_shards, collate, decode, image_ext, merge_reports,
-                       open_image, preprocess, prompt_prefix, read_shard, sample_text)
+                       _check_policy, _count, check_shards, collate, decode, encode_raw, merge_reports, open_image,
+                       preprocess, prompt_prefix, read_shard)
 from core.errors import ConfigError
 
 
@@ -62,8 +62,10 @@ class _Stream(IterableDataset):
     """The batches of one rank's slots (see the module docstring); an item per batch, tagged for Batches."""
 
     def __init__(self, paths, tokenizer, image_size, prefix, max_len, batch_size, seed, shuffle_buffer, resample,
-                 epochs, on_bad_sample, on_long_target, max_image_pixels, rank, world_size, workers):
+                 epochs, on_bad_sample, on_long_target, max_image_pixels, rank, world_size, workers,
+                 num_image_tokens, text_only):
         self.paths, self.tokenizer, self.image_size, self.prefix = paths, tokenizer, image_size, prefix
+        self.num_image_tokens, self.text_only = num_image_tokens, text_only
         self.max_len, self.batch_size, self.seed, self.shuffle_buffer = max_len, batch_size, seed, shuffle_buffer
         self.resample, self.epochs, self.on_bad_sample = resample, epochs, on_bad_sample
         self.on_long_target, self.max_image_pixels = on_long_target, max_image_pixels
@@ -100,16 +102,17 @@ class _Stream(IterableDataset):
 
     def _prepare(self, raw, report):
         try:
-            text = sample_text(raw)
-            answer = self.tokenizer.encode(text)
-            inputs, targets, cut = _pair(self.prefix, answer, self.tokenizer.eos_id, self.max_len)
+            inputs, targets, cut, text, ext = encode_raw(raw, self.tokenizer, self.prefix, self.num_image_tokens,
+                                                         self.max_len, text_only=self.text_only)
             if cut and self.on_long_target == "skip":
-                raise BadSample("long_target", f"{len(answer)} tokens, room for {self.max_len - len(self.prefix)}")
-            image = open_image(raw[image_ext(raw)], self.max_image_pixels)
-            try:
-                pixels = preprocess(image, self.image_size)
-            except Exception as e:  # e.g. a malformed EXIF block
-                raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+                raise BadSample("long_target", f"does not fit max_len {self.max_len}")
+            pixels = None
+            if ext is not None:
+                image = open_image(raw[ext], self.max_image_pixels)
+                try:
+                    pixels = preprocess(image, self.image_size)
+                except Exception as e:  # e.g. a malformed EXIF block
+                    raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
         except BadSample as bad:
             _bad(bad, raw, report, self.on_bad_sample)
             return None
@@ -274,7 +277,8 @@ class Batches:
 
 def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, max_len, batch_size, seed=0,
                   shuffle_buffer=1000, num_workers=0, *, resample=False, epochs=None, on_bad_sample="skip",
-                  on_long_target="truncate", max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, rank=None, world_size=None):
+                  on_long_target="truncate", max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, rank=None, world_size=None,
+                  text_only=False):
     """Iterator of batches (see collate, Batches); endless unless ``epochs`` is given (then the last batch of
     each worker may be short). Deterministic for a seed, rank, world size and worker count."""
     prefix = prompt_prefix(tokenizer, prompt, num_image_tokens, max_len)  # fail here, not in a worker
@@ -285,5 +289,5 @@ def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, 
     rank, world_size = dist_rank_world(rank, world_size)
     stream = _Stream(check_shards(shard_paths), tokenizer, image_size, prefix, max_len, batch_size, seed,
                      shuffle_buffer, resample, epochs, on_bad_sample, on_long_target, max_image_pixels, rank,
-                     world_size, max(num_workers, 1))
+                     world_size, max(num_workers, 1), num_image_tokens, text_only)
     return Batches(stream, num_workers)

@@ -6,6 +6,7 @@ through ``init_from``, so a stage's starting point is explicit in the recipe
 """
 import math
 import os
+import random
 import time
 
 import attrs
@@ -121,12 +122,18 @@ def run_stage(ctx, index, stage):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(stage, s))
 
     batch_size = stage.batch_size or recipe.data.batch_size
-    batches = stream.train_batches(
-        ctx.dataset.shards("train"), tokenizer, image_size=model.image_size, prompt=recipe.data.prompt,
-        num_image_tokens=model.num_image_tokens(), max_len=recipe.data.max_len, batch_size=batch_size,
-        seed=recipe.run.seed + index, shuffle_buffer=recipe.data.shuffle_buffer, num_workers=recipe.data.num_workers,
-        resample=recipe.data.resample, on_bad_sample=recipe.data.on_bad_sample,
-        on_long_target=recipe.data.on_long_target, max_image_pixels=recipe.data.max_image_pixels)
+
+    def open_stream(dataset, text_only, seed):
+        d = recipe.data
+        return stream.train_batches(
+            dataset.shards("train"), tokenizer, image_size=model.image_size, prompt=d.prompt,
+            num_image_tokens=model.num_image_tokens(), max_len=d.max_len, batch_size=batch_size, seed=seed,
+            shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, resample=d.resample,
+            on_bad_sample=d.on_bad_sample, on_long_target=d.on_long_target, max_image_pixels=d.max_image_pixels,
+            text_only=text_only)
+    batches = open_stream(ctx.dataset, False, recipe.run.seed + index)
+    text_batches = open_stream(ctx.text_dataset, True, recipe.run.seed + index + 7919) if stage.text_ratio else None
+    text_steps = 0
     probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
     monitor_pixels = probe_images(ctx.eval_samples, model.image_size).to(device) if stage.monitor_every else None
     collapse = {}
@@ -142,7 +149,9 @@ def run_stage(ctx, index, stage):
     try:
         for step in progress:
             ctx.threads.update()
-            batch = _to(next(batches), device)
+            text_step = text_batches is not None and _text_step(recipe.run.seed, index, step, stage.text_ratio)
+            batch = _to(next(text_batches if text_step else batches), device)
+            text_steps += text_step
             out = model(batch["pixel_values"], batch["input_ids"], batch["targets"])
             terms = {"loss": out["loss"]}
             for result in pm.hook.vlmkit_regulariser_loss(model=model, batch=batch, outputs=out):
@@ -183,19 +192,28 @@ def run_stage(ctx, index, stage):
     finally:
         progress.close()
         batches.close()
+        if text_batches is not None:
+            text_batches.close()
         for r in regularisers:
             pm.unregister(r)
     seconds = time.perf_counter() - start
-    report = batches.report()  # samples skipped (or targets truncated) behind the batches this stage used
-    if report:
-        ctx.say(data.format_report(report, f"stage {stage.name}"))
-        ctx.log({"event": "data_report", "stage": stage.name, "report": report})
+    for name, source in (("", batches), (" text-only", text_batches)):
+        report = source.report() if source is not None else None  # what the batches this stage used skipped
+        if report:
+            ctx.say(data.format_report(report, f"stage {stage.name}{name}"))
+            ctx.log({"event": "data_report", "stage": stage.name + name.replace(" ", ":"), "report": report})
     path = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
     summary = {"stage": stage.name, "steps": step + 1, "seconds": round(seconds, 1),
-               "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path, **losses,
+               "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path,
+               **({"text_steps": text_steps} if text_batches is not None else {}), **losses,
                **{f"collapse_{k}": round(v, 4) for k, v in collapse.items()}}
     ctx.log({"event": "stage_end", **summary})
     return model, tokenizer, summary
+
+
+def _text_step(seed, stage_index, step, ratio):
+    """Whether this step trains on a text-only batch: a coin with P(ratio), the same in every process."""
+    return random.Random(f"{seed}:{stage_index}:{step}:text").random() < ratio
 
 
 def _probe(ctx, model, tokenizer, probe, stage, step):

@@ -10,7 +10,8 @@ TURNS = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": 
 
 
 def test_loss_only_on_answers_and_their_eos():
-    ids, targets, has_image = encode_conversation(TOK, TURNS, num_image_tokens=3, max_len=100)
+    ids, targets, has_image, cut = encode_conversation(TOK, TURNS, num_image_tokens=3, max_len=100)
+    assert not cut
     assert has_image
     full = ids + [targets[-1]]
     assert full[:4] == [TOK.bos_id] + [TOK.image_id] * 3
@@ -23,15 +24,16 @@ def test_loss_only_on_answers_and_their_eos():
 
 
 def test_truncation_drops_whole_later_turns_and_keeps_eos():
-    ids, targets, _ = encode_conversation(TOK, TURNS, num_image_tokens=3, max_len=14)
+    ids, targets, _, cut = encode_conversation(TOK, TURNS, num_image_tokens=3, max_len=14)
+    assert cut
     supervised = [t for t in targets if t != -1]
     assert supervised == TOK.encode("ab") + [TOK.eos_id]
-    ids, targets, _ = encode_conversation(TOK, TURNS[:2], num_image_tokens=3, max_len=12)
+    ids, targets, _, _ = encode_conversation(TOK, TURNS[:2], num_image_tokens=3, max_len=12)
     assert len(ids) <= 12 and [t for t in targets if t != -1][-1] == TOK.eos_id
 
 
 def test_text_only_and_bad_conversations():
-    ids, targets, has_image = encode_conversation(TOK, [{"role": "user", "content": "hi"},
+    ids, targets, has_image, _ = encode_conversation(TOK, [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "yo"}], 5, 50)
     assert not has_image and TOK.image_id not in ids
     with pytest.raises(ConfigError, match=r"conv.1: turns must alternate"):
