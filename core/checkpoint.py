@@ -39,7 +39,7 @@ def _tensors(state_dict):
     return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 
 
-def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None):
+def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None, train_state=None):
     """Write the full model, the encoder alone and meta json, then the ``latest`` pointer; return the model path.
 
     The pointer is written last, so a reader that follows it never finds a step whose
@@ -54,6 +54,11 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
     encoder = {k: v for k, v in state.items() if k.startswith(PARTS["encoder"])}
     _atomic(os.path.join(stage_dir, f"encoder_{step:06d}.safetensors"), lambda p: save_file(encoder, p))
 
+    if train_state is not None:  # (tensors, json-able state) from core.resume.capture
+        tensors, state = train_state
+        _atomic(os.path.join(stage_dir, f"train_{step:06d}.safetensors"), lambda p: save_file(_tensors(tensors), p))
+        meta = {**meta, "train_state": state}
+
     def write_meta(p):
         with open(p, "w", encoding="utf-8") as f:
             json.dump({"step": step, **meta}, f, indent=2)
@@ -65,7 +70,7 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
     _atomic(os.path.join(stage_dir, LATEST), write_pointer)
     if keep_last:
         for old_step in _steps(stage_dir)[:-keep_last]:
-            for kind in ("model", "encoder"):
+            for kind in ("model", "encoder", "train"):
                 _remove(os.path.join(stage_dir, f"{kind}_{old_step:06d}.safetensors"))
             _remove(os.path.join(stage_dir, f"meta_{old_step:06d}.json"))
     return model_path
@@ -138,6 +143,24 @@ def load_parts(model, path, parts):
         for k, v in given.items():
             wanted[k].copy_(v)
     return sorted(given)
+
+
+def resume_point(stage_dir):
+    """(model file, meta, train-state tensors) of the stage's latest checkpoint, or None if it has none."""
+    path = latest(stage_dir) if os.path.isdir(stage_dir) else None
+    if path is None:
+        return None
+    meta = read_meta(path)
+    train_file = re.sub(r"model_(\d{6})\.safetensors$", r"train_\1.safetensors", path)
+    tensors = load_file(train_file) if os.path.isfile(train_file) else None
+    return path, meta, tensors
+
+
+def load_prefixed(module, path, prefix):
+    """Load ``prefix.*`` tensors of a checkpoint file into ``module`` (e.g. a regulariser's head)."""
+    saved = load_file(path)
+    state = {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(state)
 
 
 def read_meta(model_path):

@@ -32,6 +32,11 @@ class RunConfig:
     threads: typing.Optional[int] = None  # None: the idle cores, re-checked while training (core/threads.py)
     log_every: int = 20
     dry_run: bool = False
+    resume: str = "never"  # auto: continue an interrupted run in run.dir from its checkpoints (core/resume.py)
+
+    def __attrs_post_init__(self):
+        if self.resume not in ("never", "auto"):
+            raise ValueError(f"resume must be never or auto, not {self.resume!r}")
 
 
 @attrs.define

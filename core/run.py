@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from core import checkpoint
 from core import registry as plugin_registry
 from core.errors import ConfigError
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
@@ -90,7 +91,16 @@ def run(recipe):
             f"({'fixed' if recipe.run.threads else 'the idle cores, re-checked while training'}); device {ctx.device}")
     summaries, model = [], None
     for i, stage in enumerate(recipe.stages):
-        model, tokenizer, summary = run_stage(ctx, i, stage)
+        point = checkpoint.resume_point(os.path.join(ctx.run_dir, stage.name)) if recipe.run.resume == "auto" else None
+        if point is not None and point[1].get("complete"):
+            ctx.say(f"stage {stage.name}: complete in {point[0]}; not trained again (run.resume=auto)")
+            model, tokenizer = build_model(recipe.model, registry)
+            checkpoint.load_parts(model.to(ctx.device), point[0], list(checkpoint.PARTS))
+            summaries.append(point[1]["summary"])
+            continue
+        if point is not None and point[2] is None:
+            raise ConfigError(f"run.resume: {point[0]} has no training state (train_XXXXXX.safetensors) to resume from")
+        model, tokenizer, summary = run_stage(ctx, i, stage, resume=point)
         summaries.append(summary)
     ctx.say("\nstages:")
     for s in summaries:

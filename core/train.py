@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from core import checkpoint, data, stream
+from core import resume as resume_state
 from core.errors import ConfigError
 from core.evaluate import decode_samples
 from core.model import build_model, format_parameter_table, parameter_table
@@ -87,14 +88,18 @@ def _to(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def run_stage(ctx, index, stage):
-    """Train one stage; returns a summary dict (final loss, steps, seconds, checkpoint path)."""
+def run_stage(ctx, index, stage, resume=None):
+    """Train one stage; returns (model, tokenizer, summary dict: final loss, steps, seconds, checkpoint path).
+
+    ``resume``: (model file, meta, train-state tensors) of an interrupted run of this stage
+    (checkpoint.resume_point): weights, optimizer, scheduler, RNG and data positions continue from there.
+    """
     recipe, pm, device = ctx.recipe, ctx.pm, ctx.device
     torch.manual_seed(recipe.run.seed + 1000 * index)
     model, tokenizer = build_model(recipe.model, ctx.registry)
     model.to(device)
     where = f"stages.{index}"
-    if stage.init_from is not None:
+    if stage.init_from is not None and resume is None:
         path = checkpoint.resolve(stage.init_from.path, ctx.run_dir, stage.init_from.parts)
         keys = checkpoint.load_parts(model, path, stage.init_from.parts)
         ctx.say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
@@ -133,7 +138,15 @@ def run_stage(ctx, index, stage):
             text_only=text_only)
     batches = open_stream(ctx.dataset, False, recipe.run.seed + index)
     text_batches = open_stream(ctx.text_dataset, True, recipe.run.seed + index + 7919) if stage.text_ratio else None
-    text_steps = 0
+    text_steps, first_step = 0, 0
+    if resume is not None:
+        path, meta, tensors = resume
+        checkpoint.load_parts(model, path, list(checkpoint.PARTS))
+        for prefix, module in extra_modules.items():
+            checkpoint.load_prefixed(module, path, prefix)
+        first_step = resume_state.restore(optimizer, scheduler, {"image": batches, "text": text_batches},
+                                          tensors, meta["train_state"])
+        ctx.say(f"stage {stage.name}: resumed at step {first_step} from {path}")
     probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
     monitor_pixels = probe_images(ctx.eval_samples, model.image_size).to(device) if stage.monitor_every else None
     collapse = {}
@@ -144,8 +157,10 @@ def run_stage(ctx, index, stage):
         pm.register(r)
     set_train_mode(model)
     start = time.perf_counter()
-    last_good, losses, step = None, {}, 0
-    progress = tqdm(range(stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True, mininterval=1.0)
+    last_good, losses, step = (resume[0] if resume else None), {}, first_step - 1
+    progress = tqdm(range(first_step, stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True,
+                    mininterval=1.0, initial=first_step, total=stage.steps)
+    streams = {"image": batches, "text": text_batches}
     try:
         for step in progress:
             ctx.threads.update()
@@ -168,14 +183,15 @@ def run_stage(ctx, index, stage):
             optimizer.step()
             scheduler.step()
             losses = {k: v.item() for k, v in terms.items()}
-            rate = (step + 1) * batch_size / (time.perf_counter() - start)
+            rate = (step + 1 - first_step) * batch_size / (time.perf_counter() - start)
             progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}",
                                   "threads": ctx.threads.threads}, refresh=False)
             if step % recipe.run.log_every == 0 or step == stage.steps - 1:
                 ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": stage.lr * lr_factor(stage, step),
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
-                last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
+                last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses,
+                                  resume_state.capture(optimizer, scheduler, streams, step + 1))
             if monitor_pixels is not None and (step == 0 or (step + 1) % stage.monitor_every == 0):
                 collapse = collapse_scores(model, monitor_pixels)
                 set_train_mode(model)
@@ -202,11 +218,12 @@ def run_stage(ctx, index, stage):
         if report:
             ctx.say(data.format_report(report, f"stage {stage.name}{name}"))
             ctx.log({"event": "data_report", "stage": stage.name + name.replace(" ", ":"), "report": report})
-    path = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses)
     summary = {"stage": stage.name, "steps": step + 1, "seconds": round(seconds, 1),
-               "samples_per_s": round((step + 1) * batch_size / seconds, 1), "checkpoint": path,
+               "samples_per_s": round((step + 1 - first_step) * batch_size / max(seconds, 1e-9), 1),
                **({"text_steps": text_steps} if text_batches is not None else {}), **losses,
                **{f"collapse_{k}": round(v, 4) for k, v in collapse.items()}}
+    summary["checkpoint"] = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses,
+                                  resume_state.capture(optimizer, scheduler, streams, step + 1), summary=summary)
     ctx.log({"event": "stage_end", **summary})
     return model, tokenizer, summary
 
@@ -229,11 +246,13 @@ def _probe(ctx, model, tokenizer, probe, stage, step):
     return result
 
 
-def _save(ctx, stage_dir, step, model, extra_modules, stage, losses):
+def _save(ctx, stage_dir, step, model, extra_modules, stage, losses, train_state, summary=None):
+    """A checkpoint with the training state; ``summary`` marks the stage complete (resume skips it)."""
     # enough to rebuild the model from the checkpoint alone (python -m core.generate)
     meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": losses,
             "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
-            "plugins": ctx.recipe.plugins}
-    path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules, keep_last=stage.checkpoint_keep)
+            "plugins": ctx.recipe.plugins, **({"complete": True, "summary": summary} if summary else {})}
+    path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules, keep_last=stage.checkpoint_keep,
+                                      train_state=train_state)
     ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
     return path

@@ -51,7 +51,8 @@ def test_short_two_stage_run_writes_everything(cli, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for stage in ("vis_tok", "vis_mid"):
         files = sorted(os.listdir(run_dir / stage))
-        assert files == ["encoder_000004.safetensors", "latest.json", "meta_000004.json", "model_000004.safetensors"]
+        assert files == ["encoder_000004.safetensors", "latest.json", "meta_000004.json", "model_000004.safetensors",
+                         "train_000004.safetensors"]
     assert "encoder (" in result.stdout and "from " + str(run_dir / "vis_tok" / "encoder_000004.safetensors") in result.stdout
     # stage 2 freezes SAM: its rows in the printed parameter table have 0 trainable
     table = result.stdout[result.stdout.index("stage 2/2"):]
