@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from core import checkpoint
+from core import checkpoint, distributed
 from core import registry as plugin_registry
 from core.errors import ConfigError
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
@@ -26,7 +26,8 @@ class RunContext:
 
     def __init__(self, recipe, pm, registry):
         self.recipe, self.pm, self.registry = recipe, pm, registry
-        self.device = torch.device(recipe.run.device)
+        self.rank, self.world_size, self.device = distributed.setup(recipe.run.device)
+        self.main = self.rank == 0  # only rank 0 prints, logs, writes checkpoints and evaluates
         self.run_dir = os.path.abspath(os.path.expanduser(recipe.run.dir))
         ds = recipe.data.dataset
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
@@ -48,10 +49,12 @@ class RunContext:
         return self._eval_samples
 
     def say(self, text):
-        print(text, flush=True)
+        if self.main:
+            print(text, flush=True)
 
     def log(self, record):
-        self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
+        if self.main:
+            self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
 
 
 def list_plugins(registry):
@@ -83,10 +86,14 @@ def run(recipe):
         dry_run(recipe, pm, registry)
         return None
     ctx = RunContext(recipe, pm, registry)
+    if ctx.world_size > 1 and recipe.run.resume == "auto":
+        raise ConfigError("run.resume: auto is for single-process runs for now (each rank's data position differs)")
     os.makedirs(ctx.run_dir, exist_ok=True)
     for j, spec in enumerate(recipe.loggers):
         pm.register(registry.build("logger", spec.name, where=f"loggers.{j}", context={"run_dir": ctx.run_dir},
                                    **spec.args))
+    if ctx.world_size > 1:
+        ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})")
     ctx.say(f"run folder {ctx.run_dir}; {ctx.threads.threads} CPU thread(s) "
             f"({'fixed' if recipe.run.threads else 'the idle cores, re-checked while training'}); device {ctx.device}")
     summaries, model = [], None
@@ -109,7 +116,7 @@ def run(recipe):
                 f"{s['samples_per_s']:>7.1f} samples/s  final loss {s['loss']:.4f}"
                 + (f"  collapse monitor: {collapse}" if collapse else ""))
     result = {"stages": summaries}
-    if recipe.eval is not None:
+    if recipe.eval is not None and ctx.main:
         metrics = [registry.build("metric", c.name, where=f"eval.metrics.{j}", **c.args)
                    for j, c in enumerate(recipe.eval.metrics)]
         rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
@@ -142,7 +149,10 @@ def main(argv=None):
             return 0
         if args.dry_run:
             recipe.run.dry_run = True
-        run(recipe)
+        try:
+            run(recipe)
+        finally:
+            distributed.shutdown()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, data, stream
+from core import checkpoint, data, distributed, stream
 from core import resume as resume_state
 from core.errors import ConfigError
 from core.evaluate import decode_samples
@@ -159,7 +159,8 @@ def run_stage(ctx, index, stage, resume=None):
     start = time.perf_counter()
     last_good, losses, step = (resume[0] if resume else None), {}, first_step - 1
     progress = tqdm(range(first_step, stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True,
-                    mininterval=1.0, initial=first_step, total=stage.steps)
+                    mininterval=1.0, initial=first_step, total=stage.steps, disable=not ctx.main)
+    engine = distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
     streams = {"image": batches, "text": text_batches}
     try:
         for step in progress:
@@ -167,7 +168,7 @@ def run_stage(ctx, index, stage, resume=None):
             text_step = text_batches is not None and _text_step(recipe.run.seed, index, step, stage.text_ratio)
             batch = _to(next(text_batches if text_step else batches), device)
             text_steps += text_step
-            out = model(batch["pixel_values"], batch["input_ids"], batch["targets"])
+            out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"])
             terms = {"loss": out["loss"]}
             for result in pm.hook.vlmkit_regulariser_loss(model=model, batch=batch, outputs=out):
                 terms.update(result)
@@ -178,6 +179,7 @@ def run_stage(ctx, index, stage, resume=None):
                                     f"last good checkpoint: {last_good or 'none in this stage'}")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            distributed.average_gradients(p for m in extra_modules.values() for p in m.parameters())
             if stage.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
             optimizer.step()
@@ -247,7 +249,13 @@ def _probe(ctx, model, tokenizer, probe, stage, step):
 
 
 def _save(ctx, stage_dir, step, model, extra_modules, stage, losses, train_state, summary=None):
-    """A checkpoint with the training state; ``summary`` marks the stage complete (resume skips it)."""
+    """A checkpoint with the training state; ``summary`` marks the stage complete (resume skips it).
+
+    Rank 0 writes it; every rank waits until it is there (the next stage may start from it)."""
+    path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")
+    if not ctx.main:
+        distributed.barrier()
+        return path
     # enough to rebuild the model from the checkpoint alone (python -m core.generate)
     meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": losses,
             "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
@@ -255,4 +263,5 @@ def _save(ctx, stage_dir, step, model, extra_modules, stage, losses, train_state
     path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules, keep_last=stage.checkpoint_keep,
                                       train_state=train_state)
     ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
+    distributed.barrier()
     return path
