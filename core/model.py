@@ -10,6 +10,7 @@ Image embeddings are merged *before* the decoder's input RMSNorm (nanochat
 norms right after wte), so their scale is irrelevant (architecture.md §5).
 """
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from core.errors import ConfigError
@@ -91,6 +92,34 @@ def build_model(model_config, registry):
     if extras:
         _load_extras(model, extras)
     return model, tokenizer
+
+
+def checkpoint_activations(model, components, where="activation_checkpointing"):
+    """Recompute the blocks of the named components (e.g. ``encoder.sam``, ``decoder``) in the backward pass.
+
+    Every module in an ``nn.ModuleList`` inside the component is a block; its activations are
+    dropped after the forward and recomputed for the gradients, trading compute for memory
+    (the original project ran out of memory at seq 4096, batch 8, on an H100). Only while
+    training with gradients: generation and evaluation run the blocks as they are.
+    """
+    for i, path in enumerate(components):
+        try:
+            component = model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(f"{where}.{i}: the model has no component {path!r}") from None
+        blocks = [b for m in component.modules() if isinstance(m, nn.ModuleList) for b in m]
+        if not blocks:
+            raise ConfigError(f"{where}.{i}: {path!r} has no list of blocks to checkpoint")
+        for block in blocks:
+            block.forward = _recomputed(block, block.forward)
+
+
+def _recomputed(block, forward):
+    def run(*args, **kwargs):
+        if block.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
 
 
 def _load_extras(model, extras):

@@ -33,10 +33,13 @@ class RunConfig:
     log_every: int = 20
     dry_run: bool = False
     resume: str = "never"  # auto: continue an interrupted run in run.dir from its checkpoints (core/resume.py)
+    precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (GPUs; works, slowly, on CPUs)
 
     def __attrs_post_init__(self):
         if self.resume not in ("never", "auto"):
             raise ValueError(f"resume must be never or auto, not {self.resume!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
 
 
 @attrs.define
@@ -88,6 +91,8 @@ class Stage:
     decay_every: typing.Optional[int] = None  # step schedule: multiply by decay_factor every N steps
     decay_factor: float = 0.1
     grad_clip: float = 1.0
+    grad_accum: int = 1  # batches per optimizer step (the effective batch is batch_size * grad_accum * ranks)
+    activation_checkpointing: list[str] = attrs.field(factory=list)  # components whose blocks recompute in backward
     batch_size: typing.Optional[int] = None  # default: data.batch_size
     freeze: list[Component] = attrs.field(factory=list)
     regularisers: list[Component] = attrs.field(factory=list)
@@ -100,6 +105,8 @@ class Stage:
     text_ratio: float = 0.0  # the share of steps that train on a text-only batch from data.text_dataset
 
     def __attrs_post_init__(self):
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, not {self.grad_accum}")
         if not 0.0 <= self.text_ratio <= 1.0:
             raise ValueError(f"text_ratio must lie in [0, 1], not {self.text_ratio}")
         if self.schedule not in ("constant", "step", "cosine"):

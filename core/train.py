@@ -4,6 +4,7 @@ Each stage builds the model afresh from the recipe and takes weights only
 through ``init_from``, so a stage's starting point is explicit in the recipe
 (DeepSeek-OCR stage 2 = fresh decoder + the encoder of stage 1).
 """
+import contextlib
 import math
 import os
 import random
@@ -17,7 +18,7 @@ from core import checkpoint, data, distributed, stream
 from core import resume as resume_state
 from core.errors import ConfigError
 from core.evaluate import decode_samples
-from core.model import build_model, format_parameter_table, parameter_table
+from core.model import build_model, checkpoint_activations, format_parameter_table, parameter_table
 from core.monitor import collapse_scores, probe_images
 from core.textdist import ned
 
@@ -160,32 +161,42 @@ def run_stage(ctx, index, stage, resume=None):
     last_good, losses, step = (resume[0] if resume else None), {}, first_step - 1
     progress = tqdm(range(first_step, stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True,
                     mininterval=1.0, initial=first_step, total=stage.steps, disable=not ctx.main)
+    checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
     engine = distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
     streams = {"image": batches, "text": text_batches}
     try:
         for step in progress:
             ctx.threads.update()
-            text_step = text_batches is not None and _text_step(recipe.run.seed, index, step, stage.text_ratio)
-            batch = _to(next(text_batches if text_step else batches), device)
-            text_steps += text_step
-            out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"])
-            terms = {"loss": out["loss"]}
-            for result in pm.hook.vlmkit_regulariser_loss(model=model, batch=batch, outputs=out):
-                terms.update(result)
-            total = sum(terms.values())
-            if not torch.isfinite(total):
-                raise TrainingError(f"stage {stage.name} step {step}: loss is {total.item()} "
-                                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
-                                    f"last good checkpoint: {last_good or 'none in this stage'}")
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            sums = {}
+            for micro in range(stage.grad_accum):  # the optimizer step sees grad_accum batches
+                text_step = text_batches is not None and _text_step(recipe.run.seed, index,
+                                                                    step * stage.grad_accum + micro, stage.text_ratio)
+                batch = _to(next(text_batches if text_step else batches), device)
+                text_steps += text_step
+                last = micro == stage.grad_accum - 1
+                with (contextlib.nullcontext() if last or engine is model else engine.no_sync()), \
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.precision == "bf16"):
+                    out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"])
+                    terms = {"loss": out["loss"]}
+                    for result in pm.hook.vlmkit_regulariser_loss(model=model, batch=batch, outputs=out):
+                        terms.update(result)
+                    total = sum(terms.values())
+                    if not torch.isfinite(total):
+                        raise TrainingError(f"stage {stage.name} step {step}: loss is {total.item()} "
+                                            f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
+                                            f"last good checkpoint: {last_good or 'none in this stage'}")
+                    (total / stage.grad_accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
+            terms = sums
             distributed.average_gradients(p for m in extra_modules.values() for p in m.parameters())
             if stage.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
             optimizer.step()
             scheduler.step()
             losses = {k: v.item() for k, v in terms.items()}
-            rate = (step + 1 - first_step) * batch_size / (time.perf_counter() - start)
+            rate = (step + 1 - first_step) * batch_size * stage.grad_accum / (time.perf_counter() - start)
             progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}",
                                   "threads": ctx.threads.threads}, refresh=False)
             if step % recipe.run.log_every == 0 or step == stage.steps - 1:
@@ -221,7 +232,7 @@ def run_stage(ctx, index, stage, resume=None):
             ctx.say(data.format_report(report, f"stage {stage.name}{name}"))
             ctx.log({"event": "data_report", "stage": stage.name + name.replace(" ", ":"), "report": report})
     summary = {"stage": stage.name, "steps": step + 1, "seconds": round(seconds, 1),
-               "samples_per_s": round((step + 1 - first_step) * batch_size / max(seconds, 1e-9), 1),
+               "samples_per_s": round((step + 1 - first_step) * batch_size * stage.grad_accum / max(seconds, 1e-9), 1),
                **({"text_steps": text_steps} if text_batches is not None else {}), **losses,
                **{f"collapse_{k}": round(v, 4) for k, v in collapse.items()}}
     summary["checkpoint"] = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses,
