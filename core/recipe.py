@@ -90,6 +90,8 @@ class Stage:
     schedule: str = "constant"  # constant | step | cosine
     decay_every: typing.Optional[int] = None  # step schedule: multiply by decay_factor every N steps
     decay_factor: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon: nanochat's Muon for the decoder's block matrices, AdamW for the rest
+    muon_lr: float = 0.02  # architecture.md §1.7
     grad_clip: float = 1.0
     grad_accum: int = 1  # batches per optimizer step (the effective batch is batch_size * grad_accum * ranks)
     activation_checkpointing: list[str] = attrs.field(factory=list)  # components whose blocks recompute in backward
@@ -105,6 +107,8 @@ class Stage:
     text_ratio: float = 0.0  # the share of steps that train on a text-only batch from data.text_dataset
 
     def __attrs_post_init__(self):
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, not {self.grad_accum}")
         if not 0.0 <= self.text_ratio <= 1.0:

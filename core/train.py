@@ -20,6 +20,7 @@ from core.errors import ConfigError
 from core.evaluate import decode_samples
 from core.model import build_model, checkpoint_activations, format_parameter_table, parameter_table
 from core.monitor import collapse_scores, probe_images
+from core.muon import MuonAdamW
 from core.textdist import ned
 
 
@@ -74,15 +75,28 @@ def apply_freeze(registry, pm, model, stage, where):
     return multipliers
 
 
-def parameter_groups(model, extra_modules, multipliers, lr):
-    """Optimizer groups over exactly the trainable parameters, one group per lr multiplier."""
+MUON_MATRICES = "decoder.transformer.h."  # nanochat's Muon takes the block matrices (architecture.md §1.7)
+
+
+def parameter_groups(model, extra_modules, multipliers, lr, muon_lr=None):
+    """Optimizer groups over exactly the trainable parameters, one per (lr multiplier, kind).
+
+    With ``muon_lr`` the decoder's 2-D block matrices form Muon groups at that lr; the rest is AdamW.
+    """
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(multipliers.get(name, 1.0), []).append(p)
-    groups.setdefault(1.0, []).extend(p for m in extra_modules.values() for p in m.parameters())
-    return [{"params": params, "lr": lr * factor, "lr_multiplier": factor}
-            for factor, params in sorted(groups.items()) if params]
+            kind = "muon" if muon_lr is not None and name.startswith(MUON_MATRICES) and p.ndim == 2 else "adamw"
+            groups.setdefault((multipliers.get(name, 1.0), kind), []).append(p)
+    groups.setdefault((1.0, "adamw"), []).extend(p for m in extra_modules.values() for p in m.parameters())
+    return [{"params": params, "lr": (muon_lr if kind == "muon" else lr) * factor, "lr_multiplier": factor,
+             "kind": kind} for (factor, kind), params in sorted(groups.items()) if params]
+
+
+def make_optimizer(stage, groups):
+    if stage.optimizer == "muon":
+        return MuonAdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
 
 
 def _to(batch, device):
@@ -116,7 +130,8 @@ def run_stage(ctx, index, stage, resume=None):
     table = parameter_table(model) + [(name, sum(p.numel() for p in m.parameters()), 0)
                                       for name, m in extra_modules.items()]
     ctx.say(format_parameter_table(table, title=f"\nstage {index + 1}/{len(recipe.stages)} {stage.name!r}: parameters"))
-    groups = parameter_groups(model, extra_modules, multipliers, stage.lr)
+    groups = parameter_groups(model, extra_modules, multipliers, stage.lr,
+                              muon_lr=stage.muon_lr if stage.optimizer == "muon" else None)
     trainable = [p for g in groups for p in g["params"]]
     expected = {id(p) for p in model.parameters() if p.requires_grad} | {
         id(p) for m in extra_modules.values() for p in m.parameters()}
@@ -124,7 +139,7 @@ def run_stage(ctx, index, stage, resume=None):
         "the optimizer must hold exactly the trainable parameters"
     if not trainable:
         raise ConfigError(f"{where}.freeze: every parameter is frozen; nothing to train")
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    optimizer = make_optimizer(stage, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(stage, s))
 
     batch_size = stage.batch_size or recipe.data.batch_size
