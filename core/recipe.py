@@ -34,6 +34,7 @@ class RunConfig:
     dry_run: bool = False
     resume: str = "never"  # auto: continue an interrupted run in run.dir from its checkpoints (core/resume.py)
     precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (GPUs; works, slowly, on CPUs)
+    compile: bool = False  # torch.compile the training forward (minutes of compiling; pays off on long GPU runs)
 
     def __attrs_post_init__(self):
         if self.resume not in ("never", "auto"):

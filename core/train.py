@@ -178,6 +178,8 @@ def run_stage(ctx, index, stage, resume=None):
                     mininterval=1.0, initial=first_step, total=stage.steps, disable=not ctx.main)
     checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
     engine = distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
+    if recipe.run.compile:
+        engine = torch.compile(engine)
     streams = {"image": batches, "text": text_batches}
     try:
         for step in progress:
@@ -190,7 +192,7 @@ def run_stage(ctx, index, stage, resume=None):
                 batch = _to(next(text_batches if text_step else batches), device)
                 text_steps += text_step
                 last = micro == stage.grad_accum - 1
-                with (contextlib.nullcontext() if last or engine is model else engine.no_sync()), \
+                with (contextlib.nullcontext() if last or not distributed.active() else _no_sync(engine)), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.precision == "bf16"):
                     out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"])
                     terms = {"loss": out["loss"]}
@@ -254,6 +256,11 @@ def run_stage(ctx, index, stage, resume=None):
                                   resume_state.capture(optimizer, scheduler, streams, step + 1), summary=summary)
     ctx.log({"event": "stage_end", **summary})
     return model, tokenizer, summary
+
+
+def _no_sync(engine):
+    """DDP's no_sync (skip the gradient all-reduce) through a torch.compile wrapper if there is one."""
+    return getattr(engine, "_orig_mod", engine).no_sync()
 
 
 def _text_step(seed, stage_index, step, ratio):
