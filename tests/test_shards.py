@@ -14,7 +14,8 @@ from PIL import Image
 from core.data import eval_samples
 from core.errors import ConfigError
 from core.metric_inputs import omnidocbench_page_text
-from core.shards import clean_key, fox_prompt, format_summary, parse_size, write_shards
+from core.shard_sources import clean_key, fox_prompt, parse_size
+from core.shards import format_summary, write_shards
 from tests.conftest import run_cli
 
 
