@@ -3,6 +3,35 @@
 Each reader yields one ``Item`` per sample it finds (paths and texts not yet read) or a
 ``Skip`` with its reason; core/shards.py reads, checks and writes them. Malformed input (a
 line that is not JSON, a field of the wrong type) raises ConfigError naming file, line, key.
+
+Formats (SOURCE):
+
+* ``folder``: a folder of images (png, jpg, jpeg, webp), searched recursively (hidden files and
+  folders skipped), each with a text file of the same stem: ``page1.png`` + ``page1.txt`` (or
+  ``page1.md``; ``.txt`` wins if both exist). Key = the relative path without extension.
+* ``jsonl``: a manifest (``.jsonl`` or ``.jsonl.gz``), one ``{"image": path, "text": "...",
+  "id": optional, "meta": optional object}`` per line. Key = ``id``, else the image path without
+  extension.
+* ``olmocr``: olmOCR-mix style records, a JSONL file or a folder of them (``*.jsonl``,
+  ``*.jsonl.gz``, recursive). Accepted keys, the first present wins: image path ``image``,
+  ``image_path``, ``page_image``, ``png_path`` (a ``data:image/...;base64,`` value is decoded);
+  embedded image ``png_base64``, ``image_base64``; text ``text``, ``markdown``,
+  ``natural_text``, ``response.natural_text`` (``response`` an object or a JSON string; a null
+  text counts as empty); key ``id``, else ``<file stem>_<line>``. The other fields go to the
+  json member. olmOCR-mix itself ships PDFs: render the pages to PNG first and add an image key;
+  a record without one is skipped as ``missing_image``.
+* ``llava``: LLaVA-Instruct JSON (a list, or JSONL) of ``{"id", "image", "conversations"}``.
+  Key = ``id``, else the image path without extension, else the item index.
+* ``fox``: Fox GT JSON (a list of ``{"image", "conversations": [human, gpt]}``): ``txt`` = the
+  gpt turn (the GT), json ``prompt`` = the human turn without its ``<image>`` line. Key = the
+  image name without extension, ``<stem>_<index>`` for an image listed more than once.
+* ``omnidocbench``: OmniDocBench.json: image ``page_info.image_path``, ``txt`` = the page text as
+  the evaluator assembles it (``core.metric_inputs.omnidocbench_page_text``), json
+  ``{"page_info"}``. Key = the image stem.
+
+Relative image paths are looked up under ``--images-root``, else beside the SOURCE file. ``fox``
+and ``omnidocbench`` are eval sets: a sample with empty text is kept (its page still counts);
+the other formats skip it.
 """
 import base64
 import binascii
