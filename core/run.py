@@ -17,6 +17,7 @@ from core.errors import ConfigError
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.model import build_model, format_parameter_table, parameter_table
 from core.recipe import load_recipe
+from core.report import write_report
 from core.threads import ThreadGovernor
 from core.train import TrainingError, apply_freeze, run_stage
 
@@ -126,6 +127,8 @@ def run(recipe):
         ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n{format_samples(rows, recipe.eval.show_samples)}\n")
         ctx.say(format_summary(aggregate))
         result["eval"] = aggregate
+    if ctx.main:
+        ctx.say(f"report: {write_report(ctx.run_dir)}")
     ctx.say(f"\nrun folder: {ctx.run_dir}")
     return result
 

@@ -168,7 +168,8 @@ def run_stage(ctx, index, stage, resume=None):
     collapse = {}
 
     stage_dir = os.path.join(ctx.run_dir, stage.name)
-    ctx.log({"event": "stage_start", "stage": stage.name, "trainable": sum(p.numel() for p in trainable)})
+    ctx.log({"event": "stage_start", "stage": stage.name, "trainable": sum(p.numel() for p in trainable),
+             "parameters": table})
     for r in regularisers:
         pm.register(r)
     set_train_mode(model)

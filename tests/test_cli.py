@@ -85,3 +85,22 @@ def test_overfit10_reproduces_every_sample(cli, tmp_path):
     assert "all 10 probe samples read exactly" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and all(r["pred"] == r["gt"] and r["precision"] == 1.0 for r in rows)
+
+
+def test_report_with_plots(cli, tmp_path):
+    """Every run folder gets report.md; with matplotlib, its PNG plots are real images."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    run_dir = tmp_path / "run"
+    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+                 "stages.0.steps=6", "stages.1.steps=4", "stages.0.probe_every=3", "stages.0.monitor_every=3",
+                 "stages.1.monitor_every=2", "run.log_every=1", "data.batch_size=4", *SMALL_DATA)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (run_dir / "report.md").read_text()
+    for name in ("loss.png", "lr.png", "collapse.png", "probe.png"):
+        assert f"]({name})" in report
+        with Image.open(run_dir / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 100
+    assert "## Stage vis_mid: parameters" in report and "| encoder.sam | 0 |" in report
+    assert "## Evaluation" in report and f"report: {run_dir / 'report.md'}" in result.stdout

@@ -1,0 +1,17 @@
+"""report.md without matplotlib: the tables stay and the report says how to get the plots."""
+import json
+import sys
+
+from core.report import write_report
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    events = [{"event": "stage_start", "stage": "a", "parameters": [["encoder.sam", 0, 10], ["decoder", 5, 0]]},
+              {"event": "train", "stage": "a", "step": 0, "loss": 3.0, "lr": 0.1},
+              {"event": "stage_end", "stage": "a", "steps": 1, "seconds": 1.0, "samples_per_s": 4.0, "loss": 3.0}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    report = open(write_report(str(tmp_path))).read()
+    assert 'pip install -e ".[report]"' in report
+    assert "| encoder.sam | 0 | 10 |" in report and "| a | 1 | 1.0000 | 4.0000 | 3.0000 |" in report
+    assert not list(tmp_path.glob("*.png"))
