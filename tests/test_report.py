@@ -15,3 +15,21 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     assert 'pip install -e ".[report]"' in report
     assert "| encoder.sam | 0 | 10 |" in report and "| a | 1 | 1.0000 | 4.0000 | 3.0000 |" in report
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path):
+    import pytest
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from plugins.loggers.tensorboard import TensorBoardLogger
+    logger = TensorBoardLogger(str(tmp_path))
+    for step, loss in enumerate([3.0, 2.5, 2.0]):
+        logger.vlmkit_log(record={"event": "train", "stage": "vis_tok", "step": step, "loss": loss, "time": 1.0})
+    logger.vlmkit_log(record={"event": "eval", "precision": 0.9, "samples": 8})
+    logger.writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [s.value for s in events.Scalars("vis_tok/train/loss")] == [3.0, 2.5, 2.0]
+    assert events.Scalars("eval/precision")[0].value == pytest.approx(0.9)
+    assert "vis_tok/train/time" not in events.Tags()["scalars"]
