@@ -20,7 +20,7 @@ from rapidfuzz.distance import Levenshtein
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
-from core.evaluate import _prompt_ids  # noqa: E402
+from core.evaluate import prompt_ids  # noqa: E402
 from core.generate import generate  # noqa: E402
 from core.model import build_model  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
@@ -46,32 +46,32 @@ def default_model():
     torch.manual_seed(0)
     model, tokenizer = build_model(recipe.model, load_plugins(recipe.plugins)[1])
     torch.nn.init.normal_(model.decoder.lm_head.weight, std=0.02)  # init leaves it zero: every logit equal
-    return model.eval(), tokenizer, _prompt_ids(model, tokenizer, recipe.data.prompt)
+    return model.eval(), tokenizer, prompt_ids(model, tokenizer, recipe.data.prompt)
 
 
-def tokens_per_s(model, tokenizer, prompt_ids, batch, new_tokens, use_cache, repeats=1):
+def tokens_per_s(model, tokenizer, prompt, batch, new_tokens, use_cache, repeats=1):
     positions = model.decoder.cos.size(1)  # nanochat's rotary table: 10 x sequence_len
-    assert len(prompt_ids) + new_tokens <= positions, f"{len(prompt_ids)} + {new_tokens} > {positions} positions"
+    assert len(prompt) + new_tokens <= positions, f"{len(prompt)} + {new_tokens} > {positions} positions"
     pixels = torch.randn(batch, 3, model.image_size, model.image_size)
     seconds = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        rows = generate(model, NeverStop(tokenizer), pixels, prompt_ids, new_tokens, use_cache=use_cache)
+        rows = generate(model, NeverStop(tokenizer), pixels, prompt, new_tokens, use_cache=use_cache)
         seconds = min(seconds, time.perf_counter() - start)
         assert all(len(r) == new_tokens for r in rows)
     return batch * new_tokens / seconds
 
 
 def bench_generation(lengths, batch):
-    model, tokenizer, prompt_ids = default_model()
-    tokens_per_s(model, tokenizer, prompt_ids, batch, 8, True)  # warm-up
-    print(f"generation, batch {batch}, prompt {len(prompt_ids)} tokens ({model.num_image_tokens()} vision), "
+    model, tokenizer, prompt = default_model()
+    tokens_per_s(model, tokenizer, prompt, batch, 8, True)  # warm-up
+    print(f"generation, batch {batch}, prompt {len(prompt)} tokens ({model.num_image_tokens()} vision), "
           f"{torch.get_num_threads()} thread(s), best of 3 (of 1 above 256 tokens)\n")
     print("| new tokens | KV cache tokens/s | no cache tokens/s | speed-up |\n|---:|---:|---:|---:|")
     for n in lengths:
         repeats = 3 if n <= 256 else 1
-        cached = tokens_per_s(model, tokenizer, prompt_ids, batch, n, True, repeats)
-        naive = tokens_per_s(model, tokenizer, prompt_ids, batch, n, False, repeats)
+        cached = tokens_per_s(model, tokenizer, prompt, batch, n, True, repeats)
+        naive = tokens_per_s(model, tokenizer, prompt, batch, n, False, repeats)
         print(f"| {n} | {cached:,.0f} | {naive:,.0f} | {cached / naive:.1f}x |", flush=True)
 
 

@@ -76,8 +76,9 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
     return model_path
 
 
-def _steps(stage_dir):
-    files = glob.glob(os.path.join(stage_dir, "model_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
+def _steps(stage_dir, kind="model"):
+    """The steps of the ``{kind}_XXXXXX.safetensors`` files in a stage folder, ascending."""
+    files = glob.glob(os.path.join(stage_dir, f"{kind}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
     return sorted(int(re.findall(r"(\d{6})\.safetensors$", p)[0]) for p in files)
 
 
@@ -98,8 +99,8 @@ def latest(stage_dir, kind="model"):
             return path
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no pointer (an older folder) or an unreadable one: fall back to the newest file
-    files = glob.glob(os.path.join(stage_dir, f"{kind}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
-    return max(files, key=lambda p: int(re.findall(r"(\d{6})\.safetensors$", p)[0])) if files else None
+    steps = _steps(stage_dir, kind)
+    return os.path.join(stage_dir, f"{kind}_{steps[-1]:06d}.safetensors") if steps else None
 
 
 def resolve(path, run_dir, parts):

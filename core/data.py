@@ -196,8 +196,7 @@ def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=Fals
         return inputs, targets, cut, answers[0] if answers else "", ext
     if text_only:
         if "txt" not in raw:
-            members = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
-            raise BadSample("wrong_keys", f"members: {members}")
+            raise _wrong_keys(raw)
         text = _utf8(raw["txt"])
         inputs, targets, cut = _pair([tokenizer.bos_id], tokenizer.encode(text), tokenizer.eos_id, max_len)
         return inputs, targets, cut, text, None  # bos predicts nothing masked: every text token is a target
@@ -217,6 +216,11 @@ def _conversation(raw):
     return meta.get("conversations") if isinstance(meta, dict) else None
 
 
+def _wrong_keys(raw):
+    members = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
+    return BadSample("wrong_keys", f"members: {members}")
+
+
 def _utf8(data):
     try:
         return data.decode("utf-8")
@@ -230,16 +234,12 @@ def sample_text(raw):
         raise BadSample(raw["__bad__"], raw.get("__detail__", ""))
     ext, has_text = image_ext(raw), "txt" in raw
     if ext is None and not has_text:
-        members = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
-        raise BadSample("wrong_keys", f"members: {members}")
+        raise _wrong_keys(raw)
     if ext is None:
         raise BadSample("missing_image", "no png, jpg, jpeg or webp member")
     if not has_text:
         raise BadSample("missing_text", "no txt member")
-    try:
-        return raw["txt"].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadSample("bad_text", f"txt is not UTF-8 ({e.reason} at byte {e.start})") from None
+    return _utf8(raw["txt"])
 
 
 def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):

@@ -11,7 +11,7 @@ from core.generate import generate
 from core.metrics import score_pairs
 
 
-def _prompt_ids(model, tokenizer, prompt):
+def prompt_ids(model, tokenizer, prompt):
     ids, _ = data.encode_sample(tokenizer, "", prompt, model.num_image_tokens(), max_len=10 ** 9)
     return ids  # the inputs without the answer: bos + prompt with placeholders
 
@@ -25,11 +25,12 @@ def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64,
     """Greedy OCR of each sample's image; returns the decoded strings."""
     was_training = model.training
     model.eval()
-    prompt_ids = _prompt_ids(model, tokenizer, prompt)
+    ids_before_answer = prompt_ids(model, tokenizer, prompt)
     texts = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
-        for ids in generate(model, tokenizer, _pixels(chunk, model.image_size, device), prompt_ids, max_new_tokens):
+        for ids in generate(model, tokenizer, _pixels(chunk, model.image_size, device), ids_before_answer,
+                            max_new_tokens):
             texts.append(tokenizer.decode(ids))
     model.train(was_training)
     return texts

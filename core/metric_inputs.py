@@ -22,13 +22,13 @@ scored as ""; predictions with an unknown id are reported and ignored. Bad
 input raises ConfigError with a one-line message naming the file (and the
 line or item).
 """
-import json
 import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from core.errors import ConfigError
+from core.jsonfiles import jsonl_records, read_json
 
 FORMATS = ("jsonl", "fox", "omnidocbench")
 SHOW_IDS = 5
@@ -74,13 +74,6 @@ def _read_text(path):
         raise ConfigError(f"cannot read {path}: {e}") from e
 
 
-def _read_json(path):
-    try:
-        return json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-
-
 def _is_id(value):
     return isinstance(value, (str, int)) and not isinstance(value, bool)
 
@@ -88,14 +81,8 @@ def _is_id(value):
 def read_jsonl(path, allow_page=False):
     """Return ``{str(id): (id, text, page)}`` in file order (page None unless ``allow_page`` and given)."""
     out = {}
-    for n, line in enumerate(_read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(item, dict) or "id" not in item or not isinstance(item.get("text"), str):
+    for n, item in jsonl_records(path):
+        if "id" not in item or not isinstance(item.get("text"), str):
             raise ConfigError(f'{path}:{n}: expected an object {{"id": ..., "text": "..."}}')
         sid = item["id"]
         if not _is_id(sid):
@@ -111,7 +98,7 @@ def read_jsonl(path, allow_page=False):
 
 def read_fox_results(path):
     """Fox's result JSON (§1.1) -> ``[(id, answer, label, None)]``: ``answer`` is the model output."""
-    items = _read_json(path)
+    items = read_json(path)
     if not isinstance(items, list):
         raise ConfigError(f"{path}: expected a JSON list of Fox results")
     for i, item in enumerate(items):
@@ -134,7 +121,7 @@ def read_md_folder(path):
 
 def read_omnidocbench_gt(path, evaluator_quirks=False):
     """OmniDocBench.json (§2.5) -> ``{stem: (stem, page text, stem)}``, one sample per page."""
-    pages = _read_json(path)
+    pages = read_json(path)
     if not isinstance(pages, list):
         raise ConfigError(f"{path}: expected a JSON list of pages")
     out = {}

@@ -89,6 +89,11 @@ class Registry:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{at}: {kind} {name!r}: {e}") from e
 
+    def build_all(self, kind, components, where, context=None):
+        """Build a recipe list of components (``.name`` + ``.args``); errors name ``where.INDEX``."""
+        return [self.build(kind, c.name, where=f"{where}.{j}", context=context, **c.args)
+                for j, c in enumerate(components)]
+
     def listing(self):
         """Rows of (kind, name, source), sorted."""
         return [(kind, name, self._sources[kind][name]) for kind in KINDS for name in self.names(kind)]

@@ -90,9 +90,8 @@ def run(recipe):
     if ctx.world_size > 1 and recipe.run.resume == "auto":
         raise ConfigError("run.resume: auto is for single-process runs for now (each rank's data position differs)")
     os.makedirs(ctx.run_dir, exist_ok=True)
-    for j, spec in enumerate(recipe.loggers):
-        pm.register(registry.build("logger", spec.name, where=f"loggers.{j}", context={"run_dir": ctx.run_dir},
-                                   **spec.args))
+    for logger in registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir}):
+        pm.register(logger)
     if ctx.world_size > 1:
         ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})")
     ctx.say(f"run folder {ctx.run_dir}; {ctx.threads.threads} CPU thread(s) "
@@ -118,8 +117,7 @@ def run(recipe):
                 + (f"  collapse monitor: {collapse}" if collapse else ""))
     result = {"stages": summaries}
     if recipe.eval is not None and ctx.main:
-        metrics = [registry.build("metric", c.name, where=f"eval.metrics.{j}", **c.args)
-                   for j, c in enumerate(recipe.eval.metrics)]
+        metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics")
         rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
                                    recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size)
         write_eval(ctx.run_dir, rows, aggregate, summaries)

@@ -35,7 +35,6 @@ the other formats skip it.
 """
 import base64
 import binascii
-import gzip
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from core.data import IMAGE_EXTS
 from core.errors import ConfigError
+from core.jsonfiles import jsonl_records, read_json
 from core.metric_inputs import omnidocbench_page_text
 
 TEXT_EXTS = ("txt", "md")
@@ -114,49 +114,13 @@ def _image_base(source, images_root):
     return images_root if images_root is not None else os.path.dirname(os.path.abspath(source))
 
 
-def _read_json(path):
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return json.loads(data.decode("utf-8-sig"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-
-
-def _jsonl_records(path):
-    """Yield (line number, object) of a JSONL file (or .jsonl.gz); bad lines are ConfigErrors naming file:line."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise ConfigError(f"{path}:{n}: not UTF-8 ({e.reason})") from e
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{path}:{n}: expected a JSON object, not {type(record).__name__}")
-                yield n, record
-    except (OSError, EOFError) as e:
-        raise ConfigError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
-
-
 def _json_items(path):
     """(where, index, item) of a JSON list (or of a JSONL file), each item an object."""
     if str(path).endswith((".jsonl", ".jsonl.gz")):
-        for n, record in _jsonl_records(path):
+        for n, record in jsonl_records(path):
             yield f"{path}:{n}", n, record
         return
-    items = _read_json(path)
+    items = read_json(path)
     if not isinstance(items, list):
         raise ConfigError(f"{path}: expected a JSON list of items")
     for i, item in enumerate(items):
@@ -220,7 +184,7 @@ def read_folder(source, images_root=None):
 
 def read_jsonl(source, images_root=None):
     base = _image_base(source, images_root)
-    for n, record in _jsonl_records(source):
+    for n, record in jsonl_records(source):
         where = f"{source}:{n}"
         image = _string(record.get("image"), where, "image")
         text = _string(record.get("text"), where, "text")
@@ -261,7 +225,7 @@ def read_olmocr(source, images_root=None):
     for path in _olmocr_files(source):
         base = _image_base(path, images_root)
         stem = Path(path).name.split(".")[0]
-        for n, record in _jsonl_records(path):
+        for n, record in jsonl_records(path):
             where = f"{path}:{n}"
             rest = dict(record)
             image = None

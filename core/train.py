@@ -49,15 +49,9 @@ def set_train_mode(model):
             module.eval()
 
 
-def _build_all(ctx, kind, components, where, context=None):
-    return [ctx.registry.build(kind, c.name, where=f"{where}.{j}", context=context, **c.args)
-            for j, c in enumerate(components)]
-
-
 def apply_freeze(registry, pm, model, stage, where):
     """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``; return {name: lr multiplier}."""
-    policies = [registry.build("freeze", c.name, where=f"{where}.freeze.{j}", **c.args)
-                for j, c in enumerate(stage.freeze)]
+    policies = registry.build_all("freeze", stage.freeze, f"{where}.freeze")
     frozen_by_design = [p for p in model.parameters() if not p.requires_grad]  # e.g. CLIP's bypassed patch conv
     for policy in policies:
         pm.register(policy)
@@ -120,8 +114,8 @@ def run_stage(ctx, index, stage, resume=None):
         ctx.say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
 
     multipliers = apply_freeze(ctx.registry, pm, model, stage, where)
-    regularisers = _build_all(ctx, "regulariser", stage.regularisers, f"{where}.regularisers",
-                              context={"model": model, "tokenizer": tokenizer})
+    regularisers = ctx.registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
+                                          context={"model": model, "tokenizer": tokenizer})
     extra_modules = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
                      if isinstance(r, torch.nn.Module)}
     for module in extra_modules.values():

@@ -10,27 +10,17 @@ import webdataset as wds
 from PIL import Image
 
 from core.data import IGNORE, collate, encode_sample, eval_samples, preprocess
-from core.stream import train_batches
 from core.errors import ConfigError
 from core.registry import Registry
+from core.stream import train_batches
 from plugins.datasets import shards as shards_plugin
 from plugins.datasets import synthetic_ocr
 from plugins.datasets.shards import Shards
 from plugins.datasets.synthetic_ocr import SyntheticOCR
+from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
 
 GREY = ((torch.tensor(127.0) / 255 - 0.5) / 0.5).item()  # pad colour (127,127,127) normalised, in float32
 PROMPT = "<image>\nFree OCR."
-
-
-class Bytes:
-    """Stand-in tokenizer: UTF-8 bytes plus four specials."""
-    bos_id, eos_id, image_id, pad_id = 256, 257, 258, 259
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
 
 
 def small(tmp, **kw):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from core import checkpoint, data
-from core.evaluate import _prompt_ids
+from core.evaluate import prompt_ids
 from core.generate import generate
 from core.model import build_model
 from core.ocr import main, tsv_line
@@ -38,7 +38,7 @@ def saved(tmp_path_factory):
         images.append(str(root / f"page{i}.png"))
         image.save(images[-1])
     pixels = torch.stack([data.preprocess(Image.open(p), model.image_size) for p in images])
-    rows = generate(model, tok, pixels, _prompt_ids(model, tok, PROMPT), int(NEW_TOKENS))
+    rows = generate(model, tok, pixels, prompt_ids(model, tok, PROMPT), int(NEW_TOKENS))
     texts = [tok.decode(ids) for ids in rows]
     assert len(set(texts)) > 1  # the images reach the text
     return root, path, images, texts

@@ -18,22 +18,12 @@ from core.data import eval_samples
 from core.stream import train_batches
 from core.errors import ConfigError
 from core.recipe import load_recipe
+from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
 from tests.conftest import DEFAULT_RECIPE
 
 PROMPT = "<image>\nFree OCR."
 PREFIX = 1 + 4 + len("\nFree OCR.")  # bos, 4 image tokens, the prompt's tail
 MAX_LEN = PREFIX + 12  # room for 12 answer bytes
-
-
-class Bytes:
-    """Stand-in tokenizer: UTF-8 bytes plus four specials."""
-    bos_id, eos_id, image_id, pad_id = 256, 257, 258, 259
-
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
 
 
 def png(size=8, shade=0):
