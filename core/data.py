@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from core.conversation import encode_conversation
 from core.errors import ConfigError
+from core.tiles import cut_tiles
 
 IMAGE_MARKER = "<image>"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -35,6 +36,7 @@ REASONS = {  # why a sample was not used (or, truncated_target, was used cut sho
     "image_too_large": "more pixels than data.max_image_pixels (decompression-bomb guard)",
     "bad_image": "the image does not decode",
     "long_target": "the text does not fit data.max_len; skipped (data.on_long_target: skip)",
+    "long_image": "the prompt with the image's vision tokens (global view + crops) leaves no room in data.max_len",
     "truncated_target": "the text did not fit data.max_len and was cut (data.on_long_target: truncate); used",
     "text_only": "a sample without an image; text-only samples feed a stage's text_ratio from data.text_dataset",
     "image_sample": "a sample with an image in the text-only stream (data.text_dataset)",
@@ -55,17 +57,43 @@ class BadSample(Exception):
 
 # ---- one sample
 
-def preprocess(image, image_size):
-    """PIL image -> float tensor (3, S, S) in [-1, 1]: upright, RGB, padded to square, resized."""
+def upright_rgb(image):
     image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF, not in the pixels
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _normalised(image):
+    """A square RGB PIL image -> (3, S, S) in [-1, 1]."""
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    x = x.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float()
+    return (x / 255 - 0.5) / 0.5  # written as torchvision's ToTensor + Normalize(0.5, 0.5) to match it exactly
+
+
+def _global_view(image, image_size):
     if image.size != (image_size, image_size):  # fast path: synthetic images are already S x S
         image = ImageOps.pad(image, (image_size, image_size), method=Image.Resampling.BICUBIC,
                              color=PAD_COLOR, centering=(0.5, 0.5))
-    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    x = x.view(image_size, image_size, 3).permute(2, 0, 1).float()
-    return (x / 255 - 0.5) / 0.5  # written as torchvision's ToTensor + Normalize(0.5, 0.5) to match it exactly
+    return _normalised(image)
+
+
+def preprocess(image, image_size):
+    """PIL image -> float tensor (3, S, S) in [-1, 1]: upright, RGB, padded to square, resized."""
+    return _global_view(upright_rgb(image), image_size)
+
+
+def image_views(image, image_size, tiling=None):
+    """PIL image -> (global view (3, S, S), tiles (n, 3, t, t) or None, grid (across, down) or None).
+
+    The global view is always the padded square (architecture.md §2.5); with a ``tiling``
+    (core.tiles.Tiling) an image larger than a tile also gets DSO's crops (§2.4), which are
+    resized and cut, not padded.
+    """
+    image = upright_rgb(image)
+    grid = tiling.grid(*image.size) if tiling is not None else None
+    if grid is None:
+        return _global_view(image, image_size), None, None
+    tiles = torch.stack([_normalised(t) for t in cut_tiles(image, tiling.tile_size, grid)])
+    return _global_view(image, image_size), tiles, grid
 
 
 def prompt_prefix(tokenizer, prompt, num_image_tokens, max_len):
@@ -96,7 +124,12 @@ def encode_sample(tokenizer, text, prompt, num_image_tokens, max_len):
 
 
 def collate(samples, pad_id=0):
-    """List of prepared samples -> batch dict, token rows right-padded to the longest."""
+    """List of prepared samples -> batch dict, token rows right-padded to the longest.
+
+    Crops (samples with ``tiles`` and ``grid``): ``tiles`` is every sample's tiles concatenated in
+    sample order (None if no sample has any) and ``grids`` the per-sample (across, down) or None,
+    which is how VisionLanguageModel.forward takes them.
+    """
     T = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), T), IGNORE, dtype=torch.long)
@@ -106,8 +139,10 @@ def collate(samples, pad_id=0):
     images = [s["pixel_values"] for s in samples]
     if any(x is None for x in images) and not all(x is None for x in images):
         raise ValueError("a batch mixes image and text-only samples")  # each stream keeps to one kind
+    tiles = [s["tiles"] for s in samples if s.get("tiles") is not None]
     return {"pixel_values": None if images[0] is None else torch.stack(images), "input_ids": input_ids,
-            "targets": targets, "texts": [s["text"] for s in samples], "keys": [s["key"] for s in samples]}
+            "targets": targets, "texts": [s["text"] for s in samples], "keys": [s["key"] for s in samples],
+            "tiles": torch.cat(tiles) if tiles else None, "grids": [s.get("grid") for s in samples]}
 
 
 # ---- reading shards
@@ -174,7 +209,8 @@ def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=Fals
 
     - ``json`` with ``conversations`` (LLaVA style): rendered by core.conversation, the image (if any)
       in place of the first turn's <image>;
-    - ``txt`` with an image: OCR, ``prefix`` (bos + prompt with placeholders) then the text + eos;
+    - ``txt`` with an image: OCR, ``prefix`` (bos + prompt with placeholders) then the text + eos
+      (``prefix`` None: the image's tokens leave no room, ``long_image``);
     - ``txt`` alone, in a text stream (``text_only``): plain language modelling, bos + text + eos.
     A text stream skips image samples (``image_sample``) and an image stream text-only ones
     (``text_only``): each kind is used by its own stream (a stage's ``text_ratio``).
@@ -201,6 +237,8 @@ def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=Fals
         inputs, targets, cut = _pair([tokenizer.bos_id], tokenizer.encode(text), tokenizer.eos_id, max_len)
         return inputs, targets, cut, text, None  # bos predicts nothing masked: every text token is a target
     text = sample_text(raw)
+    if prefix is None:  # crops: this image's vision tokens and the prompt leave no room for an answer
+        raise BadSample("long_image", f"the prompt and {num_image_tokens} vision tokens do not fit max_len {max_len}")
     answer = tokenizer.encode(text)
     inputs, targets, cut = _pair(prefix, answer, tokenizer.eos_id, max_len)
     return inputs, targets, cut, text, ext

@@ -7,31 +7,32 @@ import time
 import torch
 
 from core import data
-from core.generate import generate
+from core.generate import generate, grid_batches, image_grid, image_prompt_ids, view_batch
 from core.metrics import score_pairs
 
 
-def prompt_ids(model, tokenizer, prompt):
-    ids, _ = data.encode_sample(tokenizer, "", prompt, model.num_image_tokens(), max_len=10 ** 9)
-    return ids  # the inputs without the answer: bos + prompt with placeholders
-
-
-def _pixels(samples, image_size, device):
-    return torch.stack([data.preprocess(s["image"], image_size) for s in samples]).to(device)
+def prompt_ids(model, tokenizer, prompt, grid=None):
+    """bos + prompt with the placeholders of an image with crop ``grid`` (None: the global view alone)."""
+    return image_prompt_ids(model, tokenizer, prompt, grid)
 
 
 @torch.no_grad()
 def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32):
-    """Greedy OCR of each sample's image; returns the decoded strings."""
+    """Greedy OCR of each sample's image; returns the decoded strings, in sample order.
+
+    With crops, images are batched by crop grid (one prompt length per generate call).
+    """
     was_training = model.training
     model.eval()
-    ids_before_answer = prompt_ids(model, tokenizer, prompt)
-    texts = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        for ids in generate(model, tokenizer, _pixels(chunk, model.image_size, device), ids_before_answer,
-                            max_new_tokens):
-            texts.append(tokenizer.decode(ids))
+    grids = [image_grid(model, s["image"]) for s in samples]
+    texts = [None] * len(samples)
+    for batch in grid_batches(grids, batch_size):
+        grid = grids[batch[0]]
+        pixels, tiles, batch_grids = view_batch(model, [samples[i]["image"] for i in batch], grid, device)
+        rows = generate(model, tokenizer, pixels, prompt_ids(model, tokenizer, prompt, grid), max_new_tokens,
+                        tiles=tiles, grids=batch_grids)
+        for i, ids in zip(batch, rows):
+            texts[i] = tokenizer.decode(ids)
     model.train(was_training)
     return texts
 
@@ -41,12 +42,16 @@ def sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size
     """Teacher-forced next-token loss of each sample's answer (mean over its tokens)."""
     losses = []
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        encoded = [data.encode_sample(tokenizer, s["text"], prompt, model.num_image_tokens(), max_len) for s in chunk]
-        batch = data.collate([{"pixel_values": data.preprocess(s["image"], model.image_size), "input_ids": ids,
-                               "targets": tg, "text": s["text"], "key": s["key"]}
-                              for s, (ids, tg) in zip(chunk, encoded)], pad_id=tokenizer.pad_id)
-        out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device))
+        prepared = []
+        for s in samples[i:i + batch_size]:
+            pixels, tiles, grid = data.image_views(s["image"], model.image_size, model.tiling)
+            ids, tg = data.encode_sample(tokenizer, s["text"], prompt, model.num_image_tokens(grid), max_len)
+            prepared.append({"pixel_values": pixels, "tiles": tiles, "grid": grid, "input_ids": ids, "targets": tg,
+                             "text": s["text"], "key": s["key"]})
+        batch = data.collate(prepared, pad_id=tokenizer.pad_id)
+        tiles = batch["tiles"].to(device) if batch["tiles"] is not None else None
+        out = model(batch["pixel_values"].to(device), batch["input_ids"].to(device), tiles=tiles,
+                    grids=batch["grids"])
         logits, targets = out["logits"].float(), batch["targets"].to(device)
         per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1,
                                                       reduction="none")

@@ -11,6 +11,9 @@ import sys
 
 import torch
 
+from core import data
+from core.tiles import upright_size
+
 
 def _pick(logits, temperature, top_k, generator):
     if temperature == 0:
@@ -22,17 +25,48 @@ def _pick(logits, temperature, top_k, generator):
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def image_prompt_ids(model, tokenizer, prompt, grid=None):
+    """bos + ``prompt`` with the placeholders of an image with crop grid ``grid`` (None: global view only)."""
+    ids, _ = data.encode_sample(tokenizer, "", prompt, model.num_image_tokens(grid), max_len=10 ** 9)
+    return ids  # the inputs without the answer
+
+
+def image_grid(model, image):
+    """The crop grid the model's tiling gives ``image`` (read from its header), or None."""
+    return model.tiling.grid(*upright_size(image)) if model.tiling is not None else None
+
+
+def grid_batches(grids, batch_size):
+    """Lists of at most ``batch_size`` indices whose images share a crop grid, so one generate call has
+    one prompt length; groups in the order their grid first appears, indices in order within each."""
+    groups = {}
+    for i, grid in enumerate(grids):
+        groups.setdefault(None if grid is None else tuple(grid), []).append(i)
+    return [ids[k:k + batch_size] for ids in groups.values() for k in range(0, len(ids), batch_size)]
+
+
+def view_batch(model, images, grid, device):
+    """PIL images that share crop ``grid`` -> generate's (pixel_values, tiles, grids) on ``device``."""
+    views = [data.image_views(image, model.image_size, model.tiling) for image in images]
+    if any(v[2] != grid for v in views):
+        raise ValueError(f"images of one batch must share the crop grid {grid}; got {[v[2] for v in views]}")
+    tiles = torch.cat([v[1] for v in views]).to(device) if grid is not None else None
+    return torch.stack([v[0] for v in views]).to(device), tiles, [grid] * len(views)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cache=True,
-             temperature=0.0, top_k=None, seed=None):
+             temperature=0.0, top_k=None, seed=None, tiles=None, grids=None):
     """Decode up to ``max_new_tokens`` per image; returns a list of token-id lists (stop token excluded).
 
-    ``prompt_ids`` is one prompt (with its <|image|> placeholders) shared by the batch.
+    ``prompt_ids`` is one prompt (with its <|image|> placeholders) shared by the batch, so with crops
+    every image of the batch has the same grid (``grid_batches``); ``tiles``/``grids`` as in
+    VisionLanguageModel.forward.
     """
     decoder = model.decoder
     batch = pixel_values.shape[0]
     generator = torch.Generator(device=pixel_values.device).manual_seed(seed) if seed is not None else None
-    _, vision_tokens = model.encode_images(pixel_values)
+    _, _, vision_tokens = model.encode_views(pixel_values, tiles, grids)
     ids = torch.tensor(prompt_ids, device=pixel_values.device).unsqueeze(0).expand(batch, -1)
     embeds = model.merge(ids, vision_tokens)
     stop = torch.tensor([tokenizer.eos_id, tokenizer.bos_id], device=ids.device)

@@ -55,9 +55,10 @@ def vlmkit_regulariser_loss(model, batch, outputs):
     """Return ``{name: scalar tensor}`` of extra losses for this training step, or None.
 
     ``batch`` is the dict from ``core.data`` (pixel_values, input_ids, targets,
-    texts, keys); ``outputs`` is ``VisionLanguageModel.forward``'s dict
-    (``loss``, ``vision_features`` before the projector, ``vision_tokens``
-    after it, laid out with newlines and separator; both None for a
+    texts, keys, and with crops tiles and grids); ``outputs`` is
+    ``VisionLanguageModel.forward``'s dict (``loss``, ``vision_features`` before
+    the projector, ``vision_tokens`` after it, laid out with newlines and
+    separator, both the global view's even with crops; both None for a
     text-only batch, for which a vision regulariser returns None). Each loss is multiplied
     by the regulariser's own weight *before* being returned; the trainer adds
     them to the next-token loss and logs each one under its name. A

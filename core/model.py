@@ -1,10 +1,16 @@
 """VisionLanguageModel: encoder -> projector -> vision token layout -> decoder.
 
-The layout is DeepSeek-OCR's for one global view (architecture.md §2.3): the
+The layout is DeepSeek-OCR's (architecture.md §2.3). One global view: the
 projected h x w grid gets ``image_newline`` appended to every row and one
 ``view_separator`` at the end, h*(w+1)+1 embeddings that replace the same
 number of ``<|image|>`` placeholder tokens in the prompt. 1024 px, patch 16,
 downsample 4 gives 16*17+1 = 273; the tiny default obeys the same rule.
+
+With crops (``model.crops``, core/tiles.py) an image larger than a tile also has
+across x down local tiles: their grids are joined into one (down*h2) x (across*w2)
+map, each row followed by the newline, and these local rows come FIRST, then the
+global rows and the separator (DSO's order; §2.3). The count differs per image,
+so each sample's sequence is merged into its own placeholders.
 
 Image embeddings are merged *before* the decoder's input RMSNorm (nanochat
 norms right after wte), so their scale is irrelevant (architecture.md §5).
@@ -13,15 +19,17 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from core import tiles as tiling_rules
 from core.errors import ConfigError
 from core.weights import load_state
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, encoder, projector, decoder, image_token_id):
+    def __init__(self, encoder, projector, decoder, image_token_id, tiling=None):
         super().__init__()
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.image_token_id = image_token_id
+        self.tiling = tiling  # core.tiles.Tiling, or None: the global view alone
         n_embd = decoder.n_embd
         # architecture.md §2.3: randn * 1/sqrt(n_embed). DSO spells it "view_seperator"; loaders map the name.
         self.image_newline = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
@@ -31,9 +39,14 @@ class VisionLanguageModel(nn.Module):
     def image_size(self):
         return self.encoder.image_size
 
-    def num_image_tokens(self):
+    def num_image_tokens(self, grid=None):
+        """Placeholders for an image with crop grid ``grid`` (across, down), or None: the global view alone."""
         h, w = self.encoder.grid_size(self.image_size, self.image_size)
-        return h * (w + 1) + 1
+        if grid is None:
+            return h * (w + 1) + 1
+        if self.tiling is None:
+            raise ValueError(f"a crop grid {tuple(grid)} for a model without crops (model.crops)")
+        return h * (w + 1) + 1 + self.tiling.local_tokens(tuple(grid))
 
     def encode_images(self, pixel_values):
         """(B,3,S,S) -> (vision features (B,h,w,C_enc), vision tokens (B, h*(w+1)+1, n_embd))."""
@@ -45,25 +58,68 @@ class VisionLanguageModel(nn.Module):
         separator = self.view_separator.to(grid.dtype).expand(b, 1, c)
         return features, torch.cat([rows, separator], dim=1)
 
+    def encode_views(self, pixel_values, tiles=None, grids=None):
+        """Global views plus crops -> (global features, global tokens, per-sample token sequences).
+
+        ``tiles`` (N, 3, t, t): every sample's tiles, in sample order, each row-major; ``grids``: per
+        sample (across, down) or None (no crops). The sequences are a list of (n_i, n_embd): local rows
+        then the global view's tokens; without ``tiles`` they are the global tokens themselves (B, n, C).
+        """
+        features, global_tokens = self.encode_images(pixel_values)
+        if tiles is None:
+            if grids is not None and any(g is not None for g in grids):
+                raise ValueError("crop grids without tiles")
+            return features, global_tokens, global_tokens
+        if grids is None or len(grids) != pixel_values.shape[0]:
+            raise ValueError(f"tiles need one grid (or None) per image; got {grids!r} for {pixel_values.shape[0]}")
+        grids = [None if g is None else tuple(g) for g in grids]  # DataLoader workers turn tuples into lists
+        counts = [0 if g is None else g[0] * g[1] for g in grids]
+        if sum(counts) != tiles.shape[0]:
+            raise ValueError(f"grids {grids} need {sum(counts)} tiles; got {tiles.shape[0]}")
+        local = self.projector(self.encoder(tiles))  # (N, h2, w2, C): all tiles of the batch in one pass
+        _, h2, w2, c = local.shape
+        newline = self.image_newline.to(local.dtype)
+        sequences, start = [], 0
+        for grid, count, view in zip(grids, counts, global_tokens):
+            if grid is None:
+                sequences.append(view)
+                continue
+            across, down = grid
+            rows = (local[start:start + count].reshape(down, across, h2, w2, c).permute(0, 2, 1, 3, 4)
+                    .reshape(down * h2, across * w2, c))  # the tiles' grids side by side (DSO's permute)
+            rows = torch.cat([rows, newline.expand(down * h2, 1, c)], dim=1).reshape(-1, c)
+            sequences.append(torch.cat([rows, view]))  # local first, then global rows + separator
+            start += count
+        return features, global_tokens, sequences
+
     def merge(self, input_ids, vision_tokens):
-        """Token embeddings with the <|image|> positions replaced, in order, by the vision tokens."""
+        """Token embeddings with each sequence's <|image|> positions replaced, in order, by its vision tokens.
+
+        ``vision_tokens``: (B, n, C), or a list of B (n_i, C) when the counts differ (crops).
+        """
         embeds = self.decoder.embed(input_ids)
         is_image = input_ids == self.image_token_id
-        expected = vision_tokens.shape[1]
-        counts = is_image.sum(dim=1)
-        if not torch.all(counts == expected):
-            raise ValueError(f"each sequence needs {expected} <|image|> tokens; got {counts.tolist()}")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), vision_tokens.to(embeds.dtype))
+        counts = is_image.sum(dim=1).tolist()
+        expected = [len(v) for v in vision_tokens]
+        if counts != expected:
+            shown = expected[0] if len(set(expected)) == 1 else expected  # one count, or one per sequence
+            raise ValueError(f"each sequence needs {shown} <|image|> tokens; got {counts}")
+        flat = vision_tokens if torch.is_tensor(vision_tokens) else torch.cat(list(vision_tokens))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), flat.to(embeds.dtype))
 
-    def forward(self, pixel_values, input_ids, targets=None):
-        """``pixel_values`` None: a text-only batch, which skips the vision tower (DESIGN.md)."""
+    def forward(self, pixel_values, input_ids, targets=None, tiles=None, grids=None):
+        """``pixel_values`` None: a text-only batch, which skips the vision tower (DESIGN.md).
+
+        ``vision_features`` / ``vision_tokens`` in the output are the global view's, (B,h,w,C) and
+        (B, h*(w+1)+1, n_embd), with or without crops: what regularisers and the collapse monitor read.
+        """
         if pixel_values is None:
             if bool((input_ids == self.image_token_id).any()):
                 raise ValueError("a text-only batch (no pixel_values) holds <|image|> tokens")
             features, vision_tokens, embeds = None, None, self.decoder.embed(input_ids)
         else:
-            features, vision_tokens = self.encode_images(pixel_values)
-            embeds = self.merge(input_ids, vision_tokens)
+            features, vision_tokens, sequences = self.encode_views(pixel_values, tiles, grids)
+            embeds = self.merge(input_ids, sequences)
         out = {"vision_features": features, "vision_tokens": vision_tokens}
         if targets is None:
             out["logits"] = self.decoder(embeds)
@@ -87,7 +143,8 @@ def build_model(model_config, registry):
     proj = model_config.projector
     projector = registry.build("projector", proj.name, where="model.projector",
                                in_dim=encoder.out_dim, out_dim=decoder.n_embd, **proj.args)
-    model = VisionLanguageModel(encoder, projector, decoder, tokenizer.image_id)
+    tiling = tiling_rules.Tiling.for_encoder(encoder, model_config.crops)
+    model = VisionLanguageModel(encoder, projector, decoder, tokenizer.image_id, tiling)
     extras = getattr(encoder, "pretrained_extras", None)  # e.g. DeepSeek-OCR's projector and layout tokens
     if extras:
         _load_extras(model, extras)

@@ -7,7 +7,8 @@
 file or a stage folder (its latest). Prints ``path<TAB>text`` per image, newlines and tabs
 in the text written as ``\\n`` and ``\\t``; with ``--out`` writes JSONL ``{"id": path,
 "text": ...}`` instead, exactly what ``python -m core.metrics --pred`` reads. The prompt is
-the one the checkpoint was trained with unless ``--prompt``. Bad input (missing or
+the one the checkpoint was trained with unless ``--prompt``; so are its crops (``model.crops``:
+images are then batched by crop grid, and printed in the order given). Bad input (missing or
 unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2.
 """
 import argparse
@@ -19,11 +20,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from core import checkpoint, data
+from core import checkpoint
 from core.errors import ConfigError
-from core.generate import generate
+from core.generate import generate, grid_batches, image_grid, image_prompt_ids, view_batch
 from core.model import build_model
-from core.recipe import model_config_from_meta
+from core.recipe import COMPONENTS, model_config_from_meta
 from core.registry import load_plugins
 
 
@@ -43,7 +44,8 @@ def load_checkpoint(path):
     if not meta:
         raise ConfigError(f"{path}: no meta_XXXXXX.json beside it; cannot rebuild the model")
     parts = meta.get("model")
-    if not isinstance(parts, dict) or not all(isinstance(v, dict) and "name" in v for v in parts.values()):
+    if not isinstance(parts, dict) or not all(isinstance(parts.get(k), dict) and "name" in parts[k]
+                                              for k in COMPONENTS):
         raise ConfigError(f"{path}: its meta json has no model config (an older checkpoint?); cannot rebuild the model")
     _, registry = load_plugins(meta.get("plugins") or [])
     config = model_config_from_meta(parts, path)
@@ -78,29 +80,41 @@ def tsv_line(path, text):
 
 
 def prepare(args):
-    """Check every image opens, rebuild the model -> (model, tokenizer, prompt_ids)."""
+    """Check every image opens, rebuild the model -> (model, tokenizer, prompt).
+
+    The model's crops (``model.crops``) come from the checkpoint's meta json like the rest of its config.
+    """
     for path in args.images:  # a missing or non-image file fails before the model is built
         open_image(path, load=False).close()
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
     prompt = args.prompt if args.prompt is not None else meta.get("prompt", "<image>\nFree OCR.")
-    prompt_ids, _ = data.encode_sample(tokenizer, "", prompt, model.num_image_tokens(), max_len=10 ** 9)
-    return model, tokenizer, prompt_ids
+    image_prompt_ids(model, tokenizer, prompt)  # a prompt without <image> fails here
+    return model, tokenizer, prompt
 
 
-def read_images(model, tokenizer, prompt_ids, args):
-    """Yield (path, text) for args.images in order, a batch at a time."""
+def read_images(model, tokenizer, prompt, args):
+    """Yield (path, text) for args.images in order; batches share a crop grid (one prompt length each)."""
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    starts = range(0, len(args.images), args.batch_size)
-    for i in tqdm(starts, desc="generating", unit="batch", file=sys.stderr, disable=len(starts) <= 1):
-        paths = args.images[i:i + args.batch_size]
-        pixels = torch.stack([data.preprocess(open_image(p), model.image_size) for p in paths])
+    grids = []
+    for path in args.images:  # the grid needs only the header
+        with open_image(path, load=False) as image:
+            grids.append(image_grid(model, image))
+    batches = grid_batches(grids, args.batch_size)
+    done, next_out = {}, 0
+    for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=len(batches) <= 1):
+        grid = grids[batch[0]]
+        pixels, tiles, batch_grids = view_batch(model, [open_image(args.images[i]) for i in batch], grid, "cpu")
         try:
-            rows = generate(model, tokenizer, pixels, prompt_ids, args.max_new_tokens, use_cache=not args.no_cache,
-                            temperature=args.temperature, top_k=args.top_k)
+            rows = generate(model, tokenizer, pixels, image_prompt_ids(model, tokenizer, prompt, grid),
+                            args.max_new_tokens, use_cache=not args.no_cache, temperature=args.temperature,
+                            top_k=args.top_k, tiles=tiles, grids=batch_grids)
         except ValueError as e:  # e.g. prompt + --max-new-tokens run past the decoder's positions
             raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: {e}") from e
-        yield from zip(paths, (tokenizer.decode(ids) for ids in rows))
+        done.update((i, tokenizer.decode(ids)) for i, ids in zip(batch, rows))
+        while next_out in done:  # in the order given, as soon as the images before are read
+            yield args.images[next_out], done.pop(next_out)
+            next_out += 1
 
 
 def parse_args(argv):
@@ -125,13 +139,13 @@ def main(argv=None):
     args = parse_args(argv)
     out = None
     try:
-        model, tokenizer, prompt_ids = prepare(args)
+        model, tokenizer, prompt = prepare(args)
         try:
             out = open(args.out, "w", encoding="utf-8") if args.out else None
         except OSError as e:
             raise ConfigError(f"--out {args.out!r}: {e}") from e
         n = 0
-        for n, (path, text) in enumerate(read_images(model, tokenizer, prompt_ids, args), 1):
+        for n, (path, text) in enumerate(read_images(model, tokenizer, prompt, args), 1):
             if out:
                 out.write(json.dumps({"id": path, "text": text}, ensure_ascii=False) + "\n")
             else:

@@ -44,11 +44,31 @@ class RunConfig:
 
 
 @attrs.define
+class Crops:
+    """DeepSeek-OCR's gundam crops (core/tiles.py, architecture.md §2.4): local tiles besides the global view.
+
+    Under ``model`` because they set how many vision tokens an image becomes, so a checkpoint's
+    meta json carries them to ``python -m core.generate``.
+    """
+    tile_size: int = 640
+    min_tiles: int = 2  # DSO's min_num
+    max_tiles: int = 9  # DSO's max_num in HF infer; vLLM's MAX_CROPS is 6
+
+    def __attrs_post_init__(self):
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size must be at least 1, not {self.tile_size}")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(f"need 1 <= min_tiles <= max_tiles, not min_tiles {self.min_tiles}, "
+                             f"max_tiles {self.max_tiles}")
+
+
+@attrs.define
 class ModelConfig:
     encoder: Component
     projector: Component
     decoder: Component
     tokenizer: Component
+    crops: typing.Optional[Crops] = None  # off: the global view alone
 
 
 @attrs.define
@@ -174,9 +194,12 @@ def load_recipe(path, overrides=()):
     return recipe
 
 
+COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
+
+
 def model_config_from_meta(model_meta, source):
     """The ``model`` section saved in a checkpoint's meta json (attrs.asdict form) -> ModelConfig."""
-    raw = {k: {"name": v["name"], **v.get("args", {})} for k, v in model_meta.items()}
+    raw = {k: {"name": v["name"], **v.get("args", {})} if k in COMPONENTS else v for k, v in model_meta.items()}
     return structure(ModelConfig, raw, "model", _Where(source, {}))
 
 

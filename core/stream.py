@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.data import (DEFAULT_MAX_IMAGE_PIXELS, ON_BAD_SAMPLE, ON_LONG_TARGET, REASONS, BadSample, _bad,
-                       _check_policy, _count, check_shards, collate, decode, encode_raw, merge_reports, open_image,
-                       preprocess, prompt_prefix, read_shard)
+                       _check_policy, _count, check_shards, collate, decode, encode_raw, image_ext, image_views,
+                       merge_reports, open_image, prompt_prefix, read_shard)
 from core.errors import ConfigError
 
 
@@ -63,9 +63,11 @@ class _Stream(IterableDataset):
 
     def __init__(self, paths, tokenizer, image_size, prefix, max_len, batch_size, seed, shuffle_buffer, resample,
                  epochs, on_bad_sample, on_long_target, max_image_pixels, rank, world_size, workers,
-                 num_image_tokens, text_only):
+                 num_image_tokens, text_only, prompt=None, tiling=None):
         self.paths, self.tokenizer, self.image_size, self.prefix = paths, tokenizer, image_size, prefix
         self.num_image_tokens, self.text_only = num_image_tokens, text_only
+        self.prompt, self.tiling = prompt, tiling  # crops: the prompt is rebuilt per grid (core/tiles.py)
+        self.prefixes = {None: (prefix, num_image_tokens)}
         self.max_len, self.batch_size, self.seed, self.shuffle_buffer = max_len, batch_size, seed, shuffle_buffer
         self.resample, self.epochs, self.on_bad_sample = resample, epochs, on_bad_sample
         self.on_long_target, self.max_image_pixels = on_long_target, max_image_pixels
@@ -100,25 +102,45 @@ class _Stream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def _with_grid(self, grid):
+        """(prefix, image token count) for an image with crop grid ``grid``; the count is the real one."""
+        if grid not in self.prefixes:
+            count = self.num_image_tokens + self.tiling.local_tokens(grid)
+            try:
+                prefix = prompt_prefix(self.tokenizer, self.prompt, count, self.max_len - 1)  # room for 1 answer token
+            except ConfigError:
+                prefix = None  # this grid never fits max_len: encode_raw skips its OCR samples (long_image)
+            self.prefixes[grid] = prefix, count
+        return self.prefixes[grid]
+
     def _prepare(self, raw, report):
         try:
-            inputs, targets, cut, text, ext = encode_raw(raw, self.tokenizer, self.prefix, self.num_image_tokens,
-                                                         self.max_len, text_only=self.text_only)
+            ext, views = image_ext(raw), None
+            if self.tiling is not None and ext is not None and not self.text_only:
+                views = self._views(open_image(raw[ext], self.max_image_pixels))  # the grid sets the token count
+            prefix, count = self._with_grid(views and views[2])
+            inputs, targets, cut, text, ext = encode_raw(raw, self.tokenizer, prefix, count, self.max_len,
+                                                         text_only=self.text_only)
             if cut and self.on_long_target == "skip":
                 raise BadSample("long_target", f"does not fit max_len {self.max_len}")
-            pixels = None
-            if ext is not None:
-                image = open_image(raw[ext], self.max_image_pixels)
-                try:
-                    pixels = preprocess(image, self.image_size)
-                except Exception as e:  # e.g. a malformed EXIF block
-                    raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+            if ext is not None and views is None:
+                views = self._views(open_image(raw[ext], self.max_image_pixels))
         except BadSample as bad:
             _bad(bad, raw, report, self.on_bad_sample)
             return None
         if cut:
             _count(report, "truncated_target", raw["__url__"])
-        return {"key": raw["__key__"], "text": text, "pixel_values": pixels, "input_ids": inputs, "targets": targets}
+        pixels, tiles, grid = views or (None, None, None)
+        sample = {"key": raw["__key__"], "text": text, "pixel_values": pixels, "input_ids": inputs, "targets": targets}
+        if self.tiling is not None:
+            sample.update(tiles=tiles, grid=grid)
+        return sample
+
+    def _views(self, image):
+        try:
+            return image_views(image, self.image_size, self.tiling)
+        except Exception as e:  # e.g. a malformed EXIF block
+            raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
 
     def _item(self, batch, worker, position, report, **flags):
         out = collate(batch, self.tokenizer.pad_id) if batch else {}
@@ -245,7 +267,9 @@ class Batches:
         digest = hashlib.sha1("\n".join(os.path.basename(p) for p in s.paths).encode()).hexdigest()[:12]
         return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size, "num_workers": self.num_workers,
                 "resample": s.resample, "batch_size": s.batch_size, "shuffle_buffer": s.shuffle_buffer,
-                "shards": len(s.paths), "shards_digest": digest}
+                "shards": len(s.paths), "shards_digest": digest,
+                # crops change what a sample becomes; None (off) also matches states saved before they existed
+                "crops": [s.tiling.tile_size, s.tiling.min_tiles, s.tiling.max_tiles] if s.tiling else None}
 
     def state_dict(self):
         """The position after the last batch handed out: a small JSON-able dict."""
@@ -278,9 +302,12 @@ class Batches:
 def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, max_len, batch_size, seed=0,
                   shuffle_buffer=1000, num_workers=0, *, resample=False, epochs=None, on_bad_sample="skip",
                   on_long_target="truncate", max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, rank=None, world_size=None,
-                  text_only=False):
+                  text_only=False, tiling=None):
     """Iterator of batches (see collate, Batches); endless unless ``epochs`` is given (then the last batch of
-    each worker may be short). Deterministic for a seed, rank, world size and worker count."""
+    each worker may be short). Deterministic for a seed, rank, world size and worker count.
+
+    ``tiling`` (core.tiles.Tiling, the model's ``tiling``): DSO's crops; ``num_image_tokens`` is then the
+    global view's count and each sample's prompt holds its own image's count (model.num_image_tokens(grid))."""
     prefix = prompt_prefix(tokenizer, prompt, num_image_tokens, max_len)  # fail here, not in a worker
     _check_policy("on_bad_sample", on_bad_sample, ON_BAD_SAMPLE)
     _check_policy("on_long_target", on_long_target, ON_LONG_TARGET)
@@ -289,5 +316,5 @@ def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, 
     rank, world_size = dist_rank_world(rank, world_size)
     stream = _Stream(check_shards(shard_paths), tokenizer, image_size, prefix, max_len, batch_size, seed,
                      shuffle_buffer, resample, epochs, on_bad_sample, on_long_target, max_image_pixels, rank,
-                     world_size, max(num_workers, 1), num_image_tokens, text_only)
+                     world_size, max(num_workers, 1), num_image_tokens, text_only, prompt, tiling)
     return Batches(stream, num_workers)

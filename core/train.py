@@ -145,7 +145,7 @@ def run_stage(ctx, index, stage, resume=None):
             num_image_tokens=model.num_image_tokens(), max_len=d.max_len, batch_size=batch_size, seed=seed,
             shuffle_buffer=d.shuffle_buffer, num_workers=d.num_workers, resample=d.resample,
             on_bad_sample=d.on_bad_sample, on_long_target=d.on_long_target, max_image_pixels=d.max_image_pixels,
-            text_only=text_only)
+            text_only=text_only, tiling=model.tiling)
     batches = open_stream(ctx.dataset, False, recipe.run.seed + index)
     text_batches = open_stream(ctx.text_dataset, True, recipe.run.seed + index + 7919) if stage.text_ratio else None
     text_steps, first_step = 0, 0
@@ -189,7 +189,8 @@ def run_stage(ctx, index, stage, resume=None):
                 last = micro == stage.grad_accum - 1
                 with (contextlib.nullcontext() if last or not distributed.active() else _no_sync(engine)), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.precision == "bf16"):
-                    out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"])
+                    out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"],
+                                 tiles=batch.get("tiles"), grids=batch.get("grids"))
                     terms = {"loss": out["loss"]}
                     for result in pm.hook.vlmkit_regulariser_loss(model=model, batch=batch, outputs=out):
                         terms.update(result)
