@@ -128,6 +128,14 @@ def test_recipe_keys_and_tile_fit(tmp_path, registry):
 
 # ---- token layout and counts
 
+def test_dry_run_prints_each_grids_count(capsys):
+    from core.run import main
+    assert main([DEFAULT_RECIPE, "--dry-run", "model.crops={tile_size: 16, max_tiles: 3}"]) == 0
+    out = capsys.readouterr().out
+    # 21 global + (2*across + 1) * (2*down): 1x2 -> 21 + 3*4, 2x1 -> 21 + 5*2, 3x1 -> 21 + 7*2, 1x3 -> 21 + 3*6
+    assert "vision tokens by grid (across x down): 1x2: 33, 2x1: 31, 3x1: 35, 1x3: 39" in out
+
+
 def test_token_count_is_the_processors_formula(registry):
     with torch.device("meta"):
         model, _ = build_model(ModelConfig(REAL.encoder, REAL.projector, TINY.decoder, REAL.tokenizer, Crops(640)),
