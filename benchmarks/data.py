@@ -26,9 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
 from core import data, stream  # noqa: E402
-from core.model import build_model  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
+from benchmarks.train_step import TrainStep  # noqa: E402
 from plugins.datasets.synthetic_ocr import SyntheticOCR  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
@@ -96,35 +96,9 @@ def pipeline_rate(paths, tokenizer, image_size, num_image_tokens, max_len, batch
 
 
 def train_rate(paths, steps):
-    """Samples/s of the default recipe's stage-1 training step (forward, cell_reading, backward, AdamW)."""
-    recipe = load_recipe(RECIPE)
-    registry = load_plugins(recipe.plugins)[1]
-    torch.manual_seed(0)
-    model, tokenizer = build_model(recipe.model, registry)
-    stage = recipe.stages[0]
-    regs = [registry.build("regulariser", c.name, context={"model": model, "tokenizer": tokenizer}, **c.args)
-            for c in stage.regularisers]
-    params = list(model.parameters()) + [p for r in regs for p in r.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas))
-    it = stream.train_batches(paths, tokenizer, model.image_size, recipe.data.prompt, model.num_image_tokens(),
-                            recipe.data.max_len, recipe.data.batch_size)
-    batch = next(it)
-    model.train()
-
-    def step():
-        out = model(batch["pixel_values"], batch["input_ids"], batch["targets"])
-        total = out["loss"] + sum(v for r in regs for v in r.vlmkit_regulariser_loss(model, batch, out).values())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-    for _ in range(3):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * recipe.data.batch_size / (time.perf_counter() - start), recipe.data.batch_size
+    """Samples/s of the default recipe's stage-1 training step (benchmarks/train_step.py), and its batch size."""
+    step = TrainStep(paths)
+    return step.batch_size / step.seconds(steps), step.batch_size
 
 
 def main(argv=None):

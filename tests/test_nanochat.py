@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from core.registry import Registry
 from plugins.decoders import nanochat
-from plugins.decoders.nanochat import GPT, KVCache, apply_rotary_emb
+from plugins.decoders.nanochat import GPT, KVCache, ReluSquared, apply_rotary_emb
 
 TINY = dict(vocab_size=50, sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
@@ -109,16 +109,28 @@ def test_loss_ignores_minus_one_and_softcap_bounds():
 
 def test_rotary_convention_by_hand():
     model = GPT(vocab_size=8, sequence_len=4, n_layer=1, n_head=1, n_kv_head=1, n_embd=4)
-    assert model.cos.dtype == torch.float32 and model.cos.shape == (1, 40, 1, 2)  # 10·sequence_len
+    # tables for x·cos + swap_halves(x)·sin: [cos, cos] and [sin, -sin] over the head dim
+    assert model.cos.dtype == torch.float32 and model.cos.shape == (1, 40, 1, 4)  # 10·sequence_len
     cos, sin = model.cos[:, 1:2], model.sin[:, 1:2]  # position 1
     theta = torch.tensor([1.0, 1.0 / 10000 ** (2 / 4)])  # inv_freq = base^(-2j/D)
-    torch.testing.assert_close(cos.flatten(), theta.cos())
-    torch.testing.assert_close(sin.flatten(), theta.sin())
+    c, s = theta.cos(), theta.sin()
+    torch.testing.assert_close(cos.flatten(), torch.cat([c, c]))
+    torch.testing.assert_close(sin.flatten(), torch.cat([s, -s]))
     x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
     x1, x2 = x[..., :2].flatten(), x[..., 2:].flatten()
-    c, s = theta.cos(), theta.sin()
     expected = torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c])  # rotation by -θ
-    torch.testing.assert_close(apply_rotary_emb(x, cos, sin).flatten(), expected)
+    assert torch.equal(apply_rotary_emb(x, cos, sin).flatten(), expected)  # bit for bit
+
+
+def test_relu_squared_gradient():
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    x.data[:4] = torch.tensor([0.0, -1.0, 1e-3, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
+    y = torch.randn(3, 5, requires_grad=True)
+    g = torch.randn(3, 5)
+    ours = torch.autograd.grad(ReluSquared.apply(y), y, g)[0]
+    plain = torch.autograd.grad(torch.relu(y).square(), y, g)[0]
+    assert torch.equal(ReluSquared.apply(y), torch.relu(y).square()) and torch.equal(ours, plain)
 
 
 @torch.no_grad()

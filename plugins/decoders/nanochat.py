@@ -43,23 +43,42 @@ def norm(x, eps=None):
 
 
 def apply_rotary_emb(x, cos, sin):
-    """x: (B,T,H,D); cos, sin: (1,T,1,D/2). Half-split convention, rotates by -θ (§1.4)."""
+    """x: (B,T,H,D); cos = [cos, cos], sin = [sin, -sin]: (1,T,1,D) from rotary_tables.
+
+    Half-split convention, rotates by -θ (§1.4): y1 = x1·cos + x2·sin, y2 = x2·cos - x1·sin. Written as
+    x·cos + swap_halves(x)·sin it is two multiplies instead of four, bit for bit the same numbers.
+    """
     d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = -x1 * sin + x2 * cos
-    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+    swapped = torch.cat([x[..., d:], x[..., :d]], dim=-1)
+    return (x * cos + swapped * sin).to(x.dtype)
 
 
 def rotary_tables(seq_len, head_dim, base, device=None):
-    """cos, sin of shape (1, seq_len, 1, head_dim/2) in fp32.
+    """cos and signed sin for apply_rotary_emb, (1, seq_len, 1, head_dim) in fp32.
 
     Native NC-OCT keeps them in bf16; fp32 makes this model the same function as the HF
     NanoChat port (architecture.md §6), at a small cost in speed.
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]
+
+
+class ReluSquared(torch.autograd.Function):
+    """relu(x)² (§1.4) with a two-op backward, 2·relu(x)·grad, that keeps only relu(x) for it
+    (autograd's pow + relu keeps both tensors and runs four ops)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad * 2 * r
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,12 +95,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos_sin, kv_cache=None):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q, self.eps), norm(k, self.eps)  # QK-norm comes after the rotary (§1.4)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        # one matmul for q, k and v, and the rotary and QK-norm run once over q and k together: fewer,
+        # larger ops (the state_dict keeps nanochat's three matrices)
+        weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        qkv = F.linear(x, weight).view(B, T, H + 2 * Hkv, D)
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        qk = norm(apply_rotary_emb(qk, *cos_sin), self.eps)  # QK-norm comes after the rotary (§1.4)
+        q, k = qk[:, :, :H], qk[:, :, H:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # now the whole prefix
@@ -104,7 +125,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # relu² (§1.4)
+        return self.c_proj(ReluSquared.apply(self.c_fc(x)))  # relu² (§1.4)
 
 
 class Block(nn.Module):
@@ -196,14 +217,24 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x, eps)
+        if targets is None:
+            return self.logits(x)
+        # the head and the loss only where there is a target (masked targets are -1, §1.4): an OCR sample's
+        # image and prompt positions never are, and at d20 the head is 65536 x 1280 per position
+        flat = targets.reshape(-1)
+        scored = flat != -1
+        loss = F.cross_entropy(self.logits(x.reshape(-1, C)[scored]), flat[scored], reduction=loss_reduction)
+        if loss_reduction == "none":  # per position, 0 where masked (as ignore_index gives)
+            return loss.new_zeros(flat.shape).masked_scatter(scored, loss)
+        return loss
+
+    def logits(self, x):
+        """Final hidden states -> float logits, softcapped (§1.4)."""
         logits = self.lm_head(x).float()
         if self.config.softcap:
             cap = self.config.softcap
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)  # masked targets are -1 (§1.4)
+        return logits
 
     def make_kv_cache(self, batch_size, seq_len):
         """An empty cache shaped for this model, as nanochat's Engine builds it (§1.8)."""

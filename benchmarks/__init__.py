@@ -1,0 +1,1 @@
+"""Speed measurements (python -m core.bench runs them all); never collected by pytest."""

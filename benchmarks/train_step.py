@@ -1,0 +1,150 @@
+"""The training step of a recipe's stage, timed and FLOP-counted, and the machine's matmul peak.
+
+    python -m benchmarks.train_step [RECIPE] [--stage N] [--steps N]
+
+The step is what core.train runs: forward, the stage's regularisers, backward, grad clipping,
+AdamW, on one ready batch from the recipe's data (so data loading is not in it; benchmarks/data.py
+measures that). FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls,
+convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
+FLOP/s is that count over the measured step time. The peak is the best of square fp32 matmuls
+(bf16 on a GPU) with the threads torch uses, the number an MFU ratio is taken against.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
+
+from core import stream  # noqa: E402
+from core.model import build_model  # noqa: E402
+from core.recipe import load_recipe  # noqa: E402
+from core.registry import load_plugins  # noqa: E402
+from core.train import apply_freeze, make_optimizer, parameter_groups, set_train_mode  # noqa: E402
+
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
+
+
+def matmul_peak(device="cpu", seconds=1.0, sizes=(1024, 2048, 4096)):
+    """(best FLOP/s, dtype name, size) of n x n matmuls; fp32 on the CPU, bf16 on a GPU."""
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    best = (0.0, None)
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            count += 1
+        _sync(device)
+        rate = 2 * n ** 3 * count / (time.perf_counter() - start)
+        best = max(best, (rate, n))
+    return best[0], str(dtype).removeprefix("torch."), best[1]
+
+
+def _sync(device):
+    if device != "cpu":
+        torch.cuda.synchronize()
+
+
+class TrainStep:
+    """One stage's training step on a fixed batch: ``run()`` does one; ``flops()`` counts one fwd + bwd."""
+
+    def __init__(self, shard_paths, recipe_path=RECIPE, stage_index=0, device="cpu"):
+        recipe = load_recipe(recipe_path)
+        pm, registry = load_plugins(recipe.plugins)
+        torch.manual_seed(0)
+        model, tokenizer = build_model(recipe.model, registry)
+        self.model = model.to(device)
+        stage, where = recipe.stages[stage_index], f"stages.{stage_index}"
+        # the trainer's own freeze, parameter groups and optimizer (core/train.py), so this is its step
+        multipliers = apply_freeze(registry, pm, model, stage, where)
+        self.regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
+                                               context={"model": model, "tokenizer": tokenizer})
+        extra = {f"regulariser.{i}": r.to(device) for i, r in enumerate(self.regularisers)
+                 if isinstance(r, torch.nn.Module)}
+        groups = parameter_groups(model, extra, multipliers, stage.lr,
+                                  muon_lr=stage.muon_lr if stage.optimizer == "muon" else None)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = make_optimizer(stage, groups)
+        self.batch_size = stage.batch_size or recipe.data.batch_size
+        batches = stream.train_batches(shard_paths, tokenizer, model.image_size, recipe.data.prompt,
+                                       model.num_image_tokens(), recipe.data.max_len, self.batch_size)
+        batch = next(batches)
+        batches.close()
+        self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.device, self.grad_clip = device, stage.grad_clip
+        self.bf16 = device != "cpu"  # GPU steps run under bf16 autocast, as recipes with run.precision: bf16
+        self.shape = dict(image_size=model.image_size, num_image_tokens=model.num_image_tokens(),
+                          max_len=recipe.data.max_len, prompt=recipe.data.prompt)
+        set_train_mode(self.model)
+
+    def forward_backward(self):
+        b = self.batch
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(b["pixel_values"], b["input_ids"], b["targets"])
+            total = out["loss"]
+            for r in self.regularisers:
+                total = total + sum((r.vlmkit_regulariser_loss(self.model, b, out) or {}).values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+
+    def run(self):
+        self.forward_backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+
+    def flops(self):
+        """FLOPs of one forward + backward, as torch's FLOP counter sees them."""
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.forward_backward()
+        return counter.get_total_flops()
+
+    def seconds(self, steps, warmup=3):
+        for _ in range(warmup):
+            self.run()
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.run()
+        _sync(self.device)
+        return (time.perf_counter() - start) / steps
+
+
+def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cpu"):
+    """{seconds, samples_per_s, flops, flops_per_s, batch_size, image_size, num_image_tokens, max_len, prompt}
+    of one step of the recipe's stage."""
+    step = TrainStep(shard_paths, recipe_path, stage_index, device)
+    flops = step.flops()
+    seconds = step.seconds(steps)
+    return dict(seconds=seconds, samples_per_s=step.batch_size / seconds, flops=flops, flops_per_s=flops / seconds,
+                batch_size=step.batch_size, **step.shape)
+
+
+def main(argv=None):
+    import tempfile
+
+    from benchmarks.data import synthetic_shards
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", nargs="?", default=RECIPE)
+    parser.add_argument("--stage", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    peak, dtype, n = matmul_peak()
+    with tempfile.TemporaryDirectory(prefix="vlmkit-bench-step-") as tmp:
+        result = measure(synthetic_shards(tmp, 256), args.steps, args.recipe, args.stage)
+    print(f"matmul peak ({dtype}, {n}x{n}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    print(f"train step: {result['seconds'] * 1000:.1f} ms, {result['samples_per_s']:.0f} samples/s, "
+          f"{result['flops'] / 1e9:.2f} GFLOP, {result['flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {result['flops_per_s'] / peak:.0%} of peak")
+
+
+if __name__ == "__main__":
+    main()

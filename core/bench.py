@@ -1,0 +1,153 @@
+"""How fast vlmkit is on this machine: one process, one run, one markdown report.
+
+    python -m core.bench [--quick] [--out FILE] [--device cpu|cuda] [--no-transformers]
+
+Rows, each measured here and now (the pieces live in benchmarks/, which can also run alone):
+1. the machine's matmul peak: fp32 on the CPU, bf16 on a GPU (benchmarks/train_step.py);
+2. the default recipe's stage-1 training step: ms, samples/s, FLOPs counted by torch, achieved
+   FLOP/s and its ratio to (1);
+3. vlmkit's SAM, CLIP and nanochat against transformers' SamVisionModel, CLIPVisionModel and
+   NanoChatForCausalLM with the same weights: forward + backward ms and the ratio, at the default
+   recipe's sizes and at the real widths (benchmarks/versus_transformers.py; needs ``transformers``);
+4. the data pipeline per worker (read, decode, preprocess, tokenize, collate) against what (2) consumes;
+5. generation with and without the KV cache (benchmarks/generation.py);
+6. NED pairs/s against bare rapidfuzz.
+A benchmark, never a test: nothing here asserts a speed. Takes about 3 minutes on 2 CPU cores.
+"""
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ beside core/
+
+from benchmarks import data as data_bench  # noqa: E402
+from benchmarks import generation as gen_bench  # noqa: E402
+from benchmarks import train_step  # noqa: E402
+
+
+def header(device):
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU core(s) ({cpu})"
+    return (f"vlmkit benchmark, {datetime.date.today()}: {where}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch thread(s), python {platform.python_version()}")
+
+
+def peak_section(device, quick):
+    peak, dtype, n = train_step.matmul_peak(device, seconds=0.5 if quick else 1.0)
+    return peak, [f"## 1. Matmul peak\n\n{peak / 1e9:,.1f} GFLOP/s ({dtype}, {n}x{n}, best of 1024/2048/4096)"]
+
+
+def step_section(shards, peak, device, quick):
+    r = train_step.measure(shards, steps=5 if quick else 20, device=device)
+    lines = ["## 2. Training step (recipes/two_stage.yaml, stage 1, one ready batch)", "",
+             "| batch | ms/step | samples/s | GFLOP/step (fwd+bwd) | achieved GFLOP/s | of peak |",
+             "|---:|---:|---:|---:|---:|---:|",
+             f"| {r['batch_size']} | {r['seconds'] * 1000:.1f} | {r['samples_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | "
+             f"{r['flops_per_s'] / 1e9:.1f} | **{r['flops_per_s'] / peak:.0%}** |"]
+    return r, lines
+
+
+def transformers_section(quick, log):
+    try:
+        from benchmarks import versus_transformers as vs
+    except ImportError as e:  # transformers is the refs extra
+        return [f"## 3. Against transformers\n\nskipped: {e} (pip install -e \".[refs]\")"]
+    lines = ["## 3. Against transformers (same weights, forward + backward)", ""]
+    for scale in ("default", "wide"):
+        sizes, rows = vs.compare(scale, repeats=2 if quick else 5, log=log)
+        lines += [vs.format_rows(scale, sizes, rows), ""]
+    lines.append("default: recipes/two_stage.yaml sizes, batch 32. wide: SAM ViT-B / CLIP-L / d20 widths, "
+                 "2 layers each, 256 px, 256 tokens, batch 4. max abs diff: forward outputs, ours vs theirs.")
+    return lines
+
+
+def data_section(shards, step, count):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what one DataLoader worker gets (core/stream.py)
+    try:
+        rate = data_bench.pipeline_rate(shards, load_tokenizer(), step["image_size"], step["num_image_tokens"],
+                                        step["max_len"], step["batch_size"], count)
+    finally:
+        torch.set_num_threads(threads)
+    return ["## 4. Data pipeline vs training", "",
+            "| synthetic 32 px, per worker (1 thread) | training step consumes | ratio |", "|---:|---:|---:|",
+            f"| {rate:,.0f} samples/s | {step['samples_per_s']:,.0f} samples/s | "
+            f"**{rate / step['samples_per_s']:.1f}x** |"]
+
+
+def load_tokenizer():
+    from core.registry import load_plugins
+    return load_plugins()[1].build("tokenizer", "bytes")
+
+
+def generation_section(quick):
+    model, tokenizer, prompt = gen_bench.default_model()
+    gen_bench.tokens_per_s(model, tokenizer, prompt, 8, 8, True)  # warm-up
+    lines = ["## 5. Generation (default model, random weights, batch 8)", "",
+             "| new tokens | KV cache tokens/s | no cache tokens/s | speed-up |", "|---:|---:|---:|---:|"]
+    for n in ((16, 64) if quick else (64, 256)):
+        cached = gen_bench.tokens_per_s(model, tokenizer, prompt, 8, n, True, repeats=2)
+        naive = gen_bench.tokens_per_s(model, tokenizer, prompt, 8, n, False, repeats=2)
+        lines.append(f"| {n} | {cached:,.0f} | {naive:,.0f} | {cached / naive:.1f}x |")
+    return lines
+
+
+def ned_section(quick):
+    from rapidfuzz.distance import Levenshtein
+
+    from core.textdist import ned
+    pairs = gen_bench.text_pairs(100 if quick else 1000)
+    ours = gen_bench.pairs_per_s(ned, pairs, repeats=3)
+    raw = gen_bench.pairs_per_s(Levenshtein.normalized_distance, pairs, repeats=3)
+    return ["## 6. NED (2,000-character pairs ~5% apart)", "",
+            "| core.textdist.ned | bare rapidfuzz | ratio |", "|---:|---:|---:|",
+            f"| {ours:,.0f} pairs/s | {raw:,.0f} pairs/s | {ours / raw:.2f} |"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps (about a minute)")
+    parser.add_argument("--out", help="also write the markdown report to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-transformers", action="store_true", help="skip row 3")
+    args = parser.parse_args(argv)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    report = [f"# {header(args.device)}", ""]
+    with tempfile.TemporaryDirectory(prefix="vlmkit-bench-") as tmp:
+        count = 256 if args.quick else 1024
+        shards = data_bench.synthetic_shards(tmp, count)
+        peak, lines = peak_section(args.device, args.quick)
+        report += lines + [""]
+        log("1/6 matmul peak done")
+        step, lines = step_section(shards, peak, args.device, args.quick)
+        report += lines + [""]
+        log("2/6 training step done")
+        if not args.no_transformers:
+            report += transformers_section(args.quick, log) + [""]
+        log("3/6 transformers comparison done")
+        report += data_section(shards, step, count - 64) + [""]
+        log("4/6 data pipeline done")
+    report += generation_section(args.quick) + [""]
+    log("5/6 generation done")
+    report += ned_section(args.quick) + [""]
+    report.append(f"Total {time.perf_counter() - started:.0f} s; command: python -m core.bench "
+                  + " ".join(argv if argv is not None else sys.argv[1:]))
+    text = "\n".join(report)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
