@@ -51,6 +51,19 @@ def average_gradients(params):
             p.grad.div_(world)
 
 
+def rank():
+    return dist.get_rank() if active() else 0
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (JSON-able values and CPU tensors); [obj] alone."""
+    if not active():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier():
     if active():
         dist.barrier()

@@ -5,16 +5,28 @@ streams' positions are saved with every checkpoint: tensors in
 ``train_XXXXXX.safetensors``, the rest as JSON under ``train_state`` in the
 meta json. No pickle. A resumed stage then takes the same batches, the same
 learning rates and the same updates as the run that was interrupted.
+
+Under torchrun the weights, optimizer and scheduler are the same on every rank
+(DDP averages the gradients), but each rank reads its own shards and draws its
+own random numbers, so the RNG states and stream positions of every rank are
+gathered to rank 0, which writes them (``ranks`` in the JSON, ``rng.torch.R``
+tensors), and each rank takes back its own. A checkpoint therefore resumes only
+with the world size that wrote it (``check_world_size``).
 """
 import random
 
 import torch
 
+from core import distributed
+from core.errors import ConfigError
+
 
 def capture(optimizer, scheduler, streams, step):
-    """-> (tensors, state) for the checkpoint; ``streams`` maps a name to a batch iterator."""
+    """-> (tensors, state) for the checkpoint; ``streams`` maps a name to a batch iterator.
+
+    Collective under torchrun: every rank must call it at the same step."""
     opt = optimizer.state_dict()
-    tensors, scalars = {"rng.torch": torch.get_rng_state()}, {}
+    tensors, scalars = {}, {}
     for index, values in opt["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):
@@ -22,14 +34,30 @@ def capture(optimizer, scheduler, streams, step):
             else:
                 scalars[f"{index}.{key}"] = value
     version, internal, gauss = random.getstate()
+    mine = {"python_random": [version, list(internal), gauss],
+            "streams": {name: s.state_dict() for name, s in streams.items() if s is not None}}
+    ranks = distributed.gather_objects((torch.get_rng_state(), mine))
+    for r, (rng, _) in enumerate(ranks):
+        tensors[f"rng.torch.{r}"] = rng
     state = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
-             "scheduler": scheduler.state_dict(), "python_random": [version, list(internal), gauss],
-             "streams": {name: s.state_dict() for name, s in streams.items() if s is not None}}
+             "scheduler": scheduler.state_dict(), "ranks": [rank_state for _, rank_state in ranks]}
     return tensors, state
 
 
+def saved_world_size(state):
+    """How many processes wrote ``state`` (a checkpoint from before per-rank states: 1)."""
+    return len(state["ranks"]) if "ranks" in state else 1
+
+
+def check_world_size(state, world_size, path):
+    saved = saved_world_size(state)
+    if saved != world_size:
+        raise ConfigError(f"run.resume: {path} was written by {saved} process(es) and this run has {world_size}; "
+                          f"resume with the same number (each rank continues its own data position and RNG)")
+
+
 def restore(optimizer, scheduler, streams, tensors, state):
-    """Put back what ``capture`` saved; returns the number of steps already done."""
+    """Put back what ``capture`` saved (this rank's RNG and data positions); returns the steps already done."""
     per_param = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -40,10 +68,15 @@ def restore(optimizer, scheduler, streams, tensors, state):
         per_param.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    version, internal, gauss = state["python_random"]
+    rank = distributed.rank()
+    if "ranks" in state:
+        mine, rng = state["ranks"][rank], tensors[f"rng.torch.{rank}"]
+    else:  # written before per-rank states: one process, its state at the top level
+        mine, rng = state, tensors["rng.torch"]
+    torch.set_rng_state(rng)
+    version, internal, gauss = mine["python_random"]
     random.setstate((version, tuple(internal), gauss))
     for name, stream in streams.items():
         if stream is not None:
-            stream.load_state_dict(state["streams"][name])
+            stream.load_state_dict(mine["streams"][name])
     return state["step"]

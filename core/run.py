@@ -12,6 +12,7 @@ import time
 import torch
 
 from core import checkpoint, distributed
+from core import resume as resume_state
 from core import registry as plugin_registry
 from core.errors import ConfigError
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
@@ -89,8 +90,6 @@ def run(recipe):
         dry_run(recipe, pm, registry)
         return None
     ctx = RunContext(recipe, pm, registry)
-    if ctx.world_size > 1 and recipe.run.resume == "auto":
-        raise ConfigError("run.resume: auto is for single-process runs for now (each rank's data position differs)")
     os.makedirs(ctx.run_dir, exist_ok=True)
     for logger in registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir}):
         pm.register(logger)
@@ -109,6 +108,8 @@ def run(recipe):
             continue
         if point is not None and point[2] is None:
             raise ConfigError(f"run.resume: {point[0]} has no training state (train_XXXXXX.safetensors) to resume from")
+        if point is not None:  # every rank reads the files: the run folder must be shared between nodes
+            resume_state.check_world_size(point[1]["train_state"], ctx.world_size, point[0])
         model, tokenizer, summary = run_stage(ctx, i, stage, resume=point)
         summaries.append(summary)
     ctx.say("\nstages:")

@@ -1,11 +1,17 @@
-"""torchrun with 2 gloo ranks trains the same weights as 1 process with the same global batch."""
+"""torchrun with 2 gloo ranks: the same weights as 1 process with the same global batch, and run.resume=auto."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from core import resume as resume_state
+from core.errors import ConfigError
 from tests.conftest import DEFAULT_RECIPE, ROOT
 
 # Every shard holds exactly one rank batch (2 samples) and every text has the same length, so one
@@ -36,3 +42,48 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         assert worst <= 1e-5, (stage, worst)
     first = load_file(str(tmp_path / "one" / "vis_tok" / "model_000006.safetensors"))
     assert first["decoder.lm_head.weight"].abs().max() > 0
+
+
+def _workers(pid):
+    """The processes torchrun started (its children; Linux /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_two_gloo_ranks_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    cache = f"data.dataset.cache_dir={tmp_path / 'cache'}"
+    steps = ["stages.0.steps=16", "stages.0.checkpoint_every=4", "stages.1.steps=3", "data.batch_size=2"]
+
+    def torchrun(run_dir, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "core.run",
+                DEFAULT_RECIPE, f"run.dir={run_dir}", cache, *COMMON, *steps, *extra]
+    straight = subprocess.run(torchrun(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "vis_tok" / "model_000004.safetensors").exists() or not (killed / "vis_tok" / "latest.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    for pid in _workers(proc.pid):  # both ranks die at once, as on a lost node; torchrun then exits
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    done = json.loads((killed / "vis_tok" / "latest.json").read_text())["step"]
+    assert done < 16 and not (killed / "vis_mid").exists(), f"killed too late (step {done}); nothing to resume"
+
+    meta = json.loads((killed / "vis_tok" / f"meta_{done:06d}.json").read_text())
+    with pytest.raises(ConfigError, match="written by 2 process"):  # 1 process cannot take 2 ranks' positions
+        resume_state.check_world_size(meta["train_state"], 1, "model.safetensors")
+
+    resumed = subprocess.run(torchrun(killed, "run.resume=auto"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"vis_tok: resumed at step {done}" in resumed.stdout, resumed.stdout[-2000:]
+    for stage, step in (("vis_tok", 16), ("vis_mid", 3)):
+        a = load_file(str(tmp_path / "straight" / stage / f"model_{step:06d}.safetensors"))
+        b = load_file(str(killed / stage / f"model_{step:06d}.safetensors"))
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]  # gloo's sums are deterministic: bit-identical
+        assert not different, (stage, done, different[:5])
