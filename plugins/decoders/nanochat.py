@@ -100,9 +100,9 @@ class CausalSelfAttention(nn.Module):
         # larger ops (the state_dict keeps nanochat's three matrices)
         weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
         qkv = F.linear(x, weight).view(B, T, H + 2 * Hkv, D)
-        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # split, not slices: its backward is one cat, not zeros + copies
         qk = norm(apply_rotary_emb(qk, *cos_sin), self.eps)  # QK-norm comes after the rotary (§1.4)
-        q, k = qk[:, :, :H], qk[:, :, H:]
+        q, k = qk.split([H, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # now the whole prefix
