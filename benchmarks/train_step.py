@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
 from core import stream  # noqa: E402
-from core.model import build_model  # noqa: E402
+from core.model import build_model, checkpoint_activations  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
 from core.train import apply_freeze, make_optimizer, parameter_groups, set_train_mode  # noqa: E402
@@ -55,8 +55,8 @@ def _sync(device):
 class TrainStep:
     """One stage's training step on a fixed batch: ``run()`` does one; ``flops()`` counts one fwd + bwd."""
 
-    def __init__(self, shard_paths, recipe_path=RECIPE, stage_index=0, device="cpu"):
-        recipe = load_recipe(recipe_path)
+    def __init__(self, shard_paths, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=()):
+        recipe = load_recipe(recipe_path, overrides)
         pm, registry = load_plugins(recipe.plugins)
         torch.manual_seed(0)
         model, tokenizer = build_model(recipe.model, registry)
@@ -72,6 +72,7 @@ class TrainStep:
                                   muon_lr=stage.muon_lr if stage.optimizer == "muon" else None)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(stage, groups)
+        checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
         self.batch_size = stage.batch_size or recipe.data.batch_size
         batches = stream.train_batches(shard_paths, tokenizer, model.image_size, recipe.data.prompt,
                                        model.num_image_tokens(), recipe.data.max_len, self.batch_size)
@@ -118,14 +119,17 @@ class TrainStep:
         return (time.perf_counter() - start) / steps
 
 
-def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cpu"):
-    """{seconds, samples_per_s, flops, flops_per_s, batch_size, image_size, num_image_tokens, max_len, prompt}
-    of one step of the recipe's stage."""
-    step = TrainStep(shard_paths, recipe_path, stage_index, device)
+def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=()):
+    """{seconds, samples_per_s, flops, flops_per_s, batch_size, peak_memory (GPU bytes, else None), tokens,
+    image_size, num_image_tokens, max_len, prompt} of one step of the recipe's stage."""
+    step = TrainStep(shard_paths, recipe_path, stage_index, device, overrides)
     flops = step.flops()
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
     seconds = step.seconds(steps)
+    memory = torch.cuda.max_memory_allocated() if device != "cpu" else None
     return dict(seconds=seconds, samples_per_s=step.batch_size / seconds, flops=flops, flops_per_s=flops / seconds,
-                batch_size=step.batch_size, **step.shape)
+                batch_size=step.batch_size, peak_memory=memory, tokens=step.batch["input_ids"].numel(), **step.shape)
 
 
 def main(argv=None):

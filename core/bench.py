@@ -1,11 +1,13 @@
 """How fast vlmkit is on this machine: one process, one run, one markdown report.
 
     python -m core.bench [--quick] [--out FILE] [--device cpu|cuda] [--no-transformers]
+                         [--recipe RECIPE --stage N] [key.path=value ...]
 
 Rows, each measured here and now (the pieces live in benchmarks/, which can also run alone):
 1. the machine's matmul peak: fp32 on the CPU, bf16 on a GPU (benchmarks/train_step.py);
-2. the default recipe's stage-1 training step: ms, samples/s, FLOPs counted by torch, achieved
-   FLOP/s and its ratio to (1);
+2. the default recipe's stage-1 training step (or ``--recipe``/``--stage`` with overrides, e.g. the
+   d20 recipe on a GPU): ms, samples/s, FLOPs counted by torch, achieved FLOP/s and its ratio to (1),
+   and on a GPU the peak memory;
 3. vlmkit's SAM, CLIP and nanochat against transformers' SamVisionModel, CLIPVisionModel and
    NanoChatForCausalLM with the same weights: forward + backward ms and the ratio, at the default
    recipe's sizes and at the real widths (benchmarks/versus_transformers.py; needs ``transformers``);
@@ -29,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import data as data_bench  # noqa: E402
 from benchmarks import generation as gen_bench  # noqa: E402
 from benchmarks import train_step  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
+from core.recipe import load_recipe  # noqa: E402
 
 
 def header(device):
@@ -43,13 +47,18 @@ def peak_section(device, quick):
     return peak, [f"## 1. Matmul peak\n\n{peak / 1e9:,.1f} GFLOP/s ({dtype}, {n}x{n}, best of 1024/2048/4096)"]
 
 
-def step_section(shards, peak, device, quick):
-    r = train_step.measure(shards, steps=5 if quick else 20, device=device)
-    lines = ["## 2. Training step (recipes/two_stage.yaml, stage 1, one ready batch)", "",
-             "| batch | ms/step | samples/s | GFLOP/step (fwd+bwd) | achieved GFLOP/s | of peak |",
-             "|---:|---:|---:|---:|---:|---:|",
-             f"| {r['batch_size']} | {r['seconds'] * 1000:.1f} | {r['samples_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | "
-             f"{r['flops_per_s'] / 1e9:.1f} | **{r['flops_per_s'] / peak:.0%}** |"]
+def step_section(shards, peak, args):
+    r = train_step.measure(shards, steps=5 if args.quick else 20, recipe_path=args.recipe, stage_index=args.stage,
+                           device=args.device, overrides=args.overrides)
+    memory = "" if r["peak_memory"] is None else f" {r['peak_memory'] / 2 ** 30:.1f} GiB |"
+    lines = [f"## 2. Training step ({os.path.relpath(args.recipe)}, stage {args.stage + 1}, one ready batch"
+             + (f"; {' '.join(args.overrides)}" if args.overrides else "") + ")", "",
+             "| batch x tokens | ms/step | samples/s | GFLOP/step (fwd+bwd) | achieved GFLOP/s | of peak |"
+             + (" peak memory |" if memory else ""),
+             "|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else ""),
+             f"| {r['batch_size']} x {r['tokens'] // r['batch_size']} | {r['seconds'] * 1000:.1f} | "
+             f"{r['samples_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | {r['flops_per_s'] / 1e9:.1f} | "
+             f"**{r['flops_per_s'] / peak:.0%}** |" + memory]
     return r, lines
 
 
@@ -116,7 +125,11 @@ def main(argv=None):
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-transformers", action="store_true", help="skip row 3")
-    args = parser.parse_args(argv)
+    parser.add_argument("--recipe", default=train_step.RECIPE, help="the recipe of row 2 (default: two_stage.yaml)")
+    parser.add_argument("--stage", type=int, default=0, help="its stage index for row 2 (default 0)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of that recipe")
+    args = parser.parse_intermixed_args(argv)
+    load_recipe(args.recipe, args.overrides)  # a bad recipe or override stops here, not after minutes
 
     def log(message):
         print(message, file=sys.stderr, flush=True)
@@ -129,7 +142,7 @@ def main(argv=None):
         peak, lines = peak_section(args.device, args.quick)
         report += lines + [""]
         log("1/6 matmul peak done")
-        step, lines = step_section(shards, peak, args.device, args.quick)
+        step, lines = step_section(shards, peak, args)
         report += lines + [""]
         log("2/6 training step done")
         if not args.no_transformers:
@@ -149,5 +162,13 @@ def main(argv=None):
             f.write(text + "\n")
 
 
+def cli(argv=None):
+    try:
+        main(argv)
+    except ConfigError as e:  # a bad --recipe / override: one line, exit 2, as core.run
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
