@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from core.monitor import collapse_scores
 from plugins.regularisers.cell_reading import CellReading
 from plugins.regularisers.contrastive import ContrastiveRegulariser
 from tests.test_model import registry, tiny  # noqa: F401  (fixture)
@@ -48,3 +49,65 @@ def test_cell_reading_targets_follow_the_cells(registry):  # noqa: F811
     targets = reg.targets(["ab cd"], "cpu")
     assert targets.shape == (1, 16)
     assert targets[0, :5].tolist() == tok.encode("ab cd") and (targets[0, 5:] == tok.vocab_size).all()
+
+
+def _pages(b, size=32, seed=0):
+    """White pages with a few dark 8 px cells each: like the synthetic text, nearly the same image to a fresh
+    encoder (pooled cosine ~0.9)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.ones(b, 3, size, size)
+    for i in range(b):
+        for cell in torch.randperm(16, generator=g)[:5].tolist():
+            r, c = divmod(cell, 4)
+            pixels[i, :, r * 8 + 2:r * 8 + 6, c * 8 + 2:c * 8 + 6] = torch.rand(3, 1, 1, generator=g) * 2 - 1
+    return pixels
+
+
+def test_pooled_mode_lowers_the_monitored_similarity(registry):  # noqa: F811
+    model, _ = tiny(registry)
+    reg = ContrastiveRegulariser(model, weight=1.0, temperature=0.5, mode="pooled", variance=1.0)
+    assert not list(reg.parameters())  # no heads: the loss sees the features the monitor scores
+    pixels = _pages(8)
+    before = collapse_scores(model, pixels)
+    assert set(before) == {"clip", "sam", "projector"} and min(before.values()) > 0.8
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: 2 threads on a busy 2-core machine make this loop ~10x slower
+    try:
+        for _ in range(15):
+            features, tokens = model.encode_images(pixels)
+            loss = reg.vlmkit_regulariser_loss(model, {}, {"vision_features": features, "vision_tokens": tokens})
+            optimizer.zero_grad()
+            loss["contrastive"].backward()
+            optimizer.step()
+            losses.append(loss["contrastive"].item())
+    finally:
+        torch.set_num_threads(threads)
+    after = collapse_scores(model, pixels)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(after[k] < 0.5 for k in after), (before, after)
+
+
+def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):  # noqa: F811
+    # Collapse at the tiny scale is a shared offset growing until it drowns the image (README, "Collapse"):
+    # the cosine InfoNCE's gradient shrinks as 1 / offset, the variance hinge's (absolute units) does not.
+    model, _ = tiny(registry)
+    g = torch.Generator().manual_seed(0)
+    offset = torch.randn(1, 1, 1, model.encoder.out_dim, generator=g)
+    spread = 0.5 * torch.randn(6, 4, 4, model.encoder.out_dim, generator=g)
+
+    def grad(variance, scale):
+        reg = ContrastiveRegulariser(model, weight=1.0, temperature=0.5, mode="pooled", variance=variance)
+        features = (scale * offset + spread).requires_grad_()
+        tokens = features.flatten(1, 2)[..., :32]
+        reg.vlmkit_regulariser_loss(model, {}, {"vision_features": features, "vision_tokens": tokens})[
+            "contrastive"].backward()
+        return features.grad.norm().item()
+    assert grad(0.0, 100.0) < 0.1 * grad(0.0, 1.0)
+    assert grad(1.0, 100.0) > 0.5 * grad(1.0, 1.0)
+
+
+def test_contrastive_mode_is_checked(registry):  # noqa: F811
+    model, _ = tiny(registry)
+    with pytest.raises(ValueError, match="mode must be one of heads, pooled"):
+        ContrastiveRegulariser(model, mode="raw")
