@@ -63,3 +63,47 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         values.pop("samples_per_s")  # a timing, the one thing allowed to differ
         return values
     assert aggregate(straight) == aggregate(killed)
+
+
+class _Stream:
+    """Stands in for core.stream.Batches: a JSON-able position."""
+
+    def __init__(self, position=0):
+        self.position = position
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def _training_state():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def test_capture_restore_rng_and_streams_and_an_older_single_process_layout():
+    from core import resume as resume_state
+    optimizer, scheduler = _training_state()
+    torch.manual_seed(5)
+    random.seed(5)
+    tensors, state = resume_state.capture(optimizer, scheduler, {"image": _Stream(7), "text": None}, step=3)
+    assert state["ranks"] == [{"python_random": state["ranks"][0]["python_random"], "streams": {"image": {"position": 7}}}]
+    assert set(tensors) >= {"rng.torch.0"} and resume_state.saved_world_size(state) == 1
+    expected = (torch.rand(4), random.random())
+    # a checkpoint written before per-rank states kept rank 0's at the top level
+    legacy_tensors = {("rng.torch" if k == "rng.torch.0" else k): v for k, v in tensors.items()}
+    legacy = {k: v for k, v in state.items() if k != "ranks"} | state["ranks"][0]
+    for t, s in ((tensors, state), (legacy_tensors, legacy)):
+        torch.manual_seed(0)
+        random.seed(0)
+        stream = _Stream()
+        assert resume_state.restore(*_training_state(), {"image": stream, "text": None}, t, s) == 3
+        assert stream.position == 7
+        got = (torch.rand(4), random.random())
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    assert resume_state.saved_world_size(legacy) == 1
