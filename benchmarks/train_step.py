@@ -4,7 +4,8 @@
 
 The step is what core.train runs: forward, the stage's regularisers, backward, grad clipping,
 AdamW, on one ready batch from the recipe's data (so data loading is not in it; benchmarks/data.py
-measures that). FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls,
+measures that), or with ``full_length`` on rows of exactly ``data.max_len`` tokens (random answer ids),
+the cost at a sequence length whatever the data's texts are. FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls,
 convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
 FLOP/s is that count over the measured step time. The peak is the best of square fp32 matmuls
 (bf16 on a GPU) with the threads torch uses, the number an MFU ratio is taken against.
@@ -19,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
-from core import stream  # noqa: E402
+from core import data, stream  # noqa: E402
 from core.model import build_model, checkpoint_activations  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
@@ -52,10 +53,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def full_length_tokens(tokenizer, prompt, num_image_tokens, max_len, batch_size, seed=0):
+    """{input_ids, targets} of ``batch_size`` rows of exactly ``max_len`` tokens: the prompt with its image
+    placeholders, then random answer ids below ``<|image|>`` (their values do not change the cost)."""
+    prefix = torch.tensor(data.prompt_prefix(tokenizer, prompt, num_image_tokens, max_len))
+    generator = torch.Generator().manual_seed(seed)
+    answer = torch.randint(0, tokenizer.image_id, (batch_size, max_len + 1 - len(prefix)), generator=generator)
+    rows = torch.cat([prefix.expand(batch_size, -1), answer], dim=1)
+    targets = rows[:, 1:].clone()
+    targets[:, :len(prefix) - 1] = -1  # as core.data: loss on the answer only
+    return {"input_ids": rows[:, :-1].contiguous(), "targets": targets}
+
+
 class TrainStep:
     """One stage's training step on a fixed batch: ``run()`` does one; ``flops()`` counts one fwd + bwd."""
 
-    def __init__(self, shard_paths, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=()):
+    def __init__(self, shard_paths, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=(), full_length=False):
         recipe = load_recipe(recipe_path, overrides)
         pm, registry = load_plugins(recipe.plugins)
         torch.manual_seed(0)
@@ -78,6 +91,9 @@ class TrainStep:
                                        model.num_image_tokens(), recipe.data.max_len, self.batch_size)
         batch = next(batches)
         batches.close()
+        if full_length:  # every row data.max_len long: the step's cost at a given sequence length
+            batch.update(full_length_tokens(tokenizer, recipe.data.prompt, model.num_image_tokens(),
+                                            recipe.data.max_len, self.batch_size))
         self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         self.device, self.grad_clip = device, stage.grad_clip
         self.bf16 = device != "cpu"  # GPU steps run under bf16 autocast, as recipes with run.precision: bf16
@@ -119,10 +135,10 @@ class TrainStep:
         return (time.perf_counter() - start) / steps
 
 
-def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=()):
+def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=(), full_length=False):
     """{seconds, samples_per_s, flops, flops_per_s, batch_size, peak_memory (GPU bytes, else None), tokens,
     image_size, num_image_tokens, max_len, prompt} of one step of the recipe's stage."""
-    step = TrainStep(shard_paths, recipe_path, stage_index, device, overrides)
+    step = TrainStep(shard_paths, recipe_path, stage_index, device, overrides, full_length)
     flops = step.flops()
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()

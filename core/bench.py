@@ -1,7 +1,7 @@
 """How fast vlmkit is on this machine: one process, one run, one markdown report.
 
     python -m core.bench [--quick] [--out FILE] [--device cpu|cuda] [--no-transformers]
-                         [--recipe RECIPE --stage N] [key.path=value ...]
+                         [--recipe RECIPE --stage N --full-length] [key.path=value ...]
 
 Rows, each measured here and now (the pieces live in benchmarks/, which can also run alone):
 1. the machine's matmul peak: fp32 on the CPU, bf16 on a GPU (benchmarks/train_step.py);
@@ -49,9 +49,10 @@ def peak_section(device, quick):
 
 def step_section(shards, peak, args):
     r = train_step.measure(shards, steps=5 if args.quick else 20, recipe_path=args.recipe, stage_index=args.stage,
-                           device=args.device, overrides=args.overrides)
+                           device=args.device, overrides=args.overrides, full_length=args.full_length)
     memory = "" if r["peak_memory"] is None else f" {r['peak_memory'] / 2 ** 30:.1f} GiB |"
-    lines = [f"## 2. Training step ({os.path.relpath(args.recipe)}, stage {args.stage + 1}, one ready batch"
+    batch = "every row data.max_len tokens" if args.full_length else "one ready batch"
+    lines = [f"## 2. Training step ({os.path.relpath(args.recipe)}, stage {args.stage + 1}, {batch}"
              + (f"; {' '.join(args.overrides)}" if args.overrides else "") + ")", "",
              "| batch x tokens | ms/step | samples/s | GFLOP/step (fwd+bwd) | achieved GFLOP/s | of peak |"
              + (" peak memory |" if memory else ""),
@@ -127,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--no-transformers", action="store_true", help="skip row 3")
     parser.add_argument("--recipe", default=train_step.RECIPE, help="the recipe of row 2 (default: two_stage.yaml)")
     parser.add_argument("--stage", type=int, default=0, help="its stage index for row 2 (default 0)")
+    parser.add_argument("--full-length", action="store_true",
+                        help="row 2 with every sequence data.max_len tokens long (random answer ids)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of that recipe")
     args = parser.parse_intermixed_args(argv)
     load_recipe(args.recipe, args.overrides)  # a bad recipe or override stops here, not after minutes
