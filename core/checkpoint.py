@@ -39,14 +39,17 @@ def _tensors(state_dict):
     return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 
 
-def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None, train_state=None):
+def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None, train_state=None,
+                    model_state=None):
     """Write the full model, the encoder alone and meta json, then the ``latest`` pointer; return the model path.
 
+    ``model_state``: the model's state dict when ``model.state_dict()`` would not give whole tensors
+    (FSDP's shards, gathered by core/fsdp.py).
     The pointer is written last, so a reader that follows it never finds a step whose
     files are incomplete; ``keep_last`` then deletes all but the newest N steps.
     """
     os.makedirs(stage_dir, exist_ok=True)
-    state = _tensors(model.state_dict())
+    state = _tensors(model.state_dict() if model_state is None else model_state)
     for prefix, module in (extra_modules or {}).items():  # e.g. a regulariser's head
         state.update({f"{prefix}.{k}": v for k, v in _tensors(module.state_dict()).items()})
     model_path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")

@@ -1,16 +1,20 @@
 """Several processes, one model: ``torchrun --nproc_per_node=N -m core.run RECIPE``.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; this module starts the process
-group (NCCL on GPUs, gloo on CPUs), wraps the model in DDP and averages the
+group (NCCL on GPUs, gloo on CPUs), wraps the model in DDP (or, with
+``run.parallel: fsdp``, core/fsdp.py shards it) and averages the
 gradients of trainable parts that live outside it (regulariser heads). Data
 are split by rank in core/stream.py; only rank 0 prints, logs, writes
 checkpoints and evaluates. Without WORLD_SIZE > 1 every function is a no-op.
 """
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from core import fsdp
 
 
 def setup(device):
@@ -38,6 +42,24 @@ def wrap(model, find_unused_parameters):
         return model
     ids = [model.image_newline.device.index] if model.image_newline.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+@contextlib.contextmanager
+def no_sync(engine):
+    """Skip the gradient reduction for a micro-batch that is not the last (grad_accum): DDP's no_sync
+    (through a torch.compile wrapper if there is one), or FSDP2's requires_gradient_sync off."""
+    module = getattr(engine, "_orig_mod", engine)
+    if not active():
+        yield
+    elif isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    else:
+        fsdp.set_gradient_sync(module, False)
+        try:
+            yield
+        finally:
+            fsdp.set_gradient_sync(module, True)
 
 
 def average_gradients(params):

@@ -35,12 +35,15 @@ class RunConfig:
     resume: str = "never"  # auto: continue an interrupted run in run.dir from its checkpoints (core/resume.py)
     precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (GPUs; works, slowly, on CPUs)
     compile: bool = False  # torch.compile the training forward (minutes of compiling; pays off on long GPU runs)
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 shards the model; core/fsdp.py)
 
     def __attrs_post_init__(self):
         if self.resume not in ("never", "auto"):
             raise ValueError(f"resume must be never or auto, not {self.resume!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, not {self.parallel!r}")
 
 
 @attrs.define
@@ -187,6 +190,10 @@ def load_recipe(path, overrides=()):
     for i, stage in enumerate(recipe.stages):
         if stage.text_ratio > 0 and recipe.data.text_dataset is None:
             raise where.error(f"stages.{i}.text_ratio", "text-only steps need data.text_dataset")
+        if stage.optimizer == "muon" and recipe.run.parallel == "fsdp":  # Muon orthogonalises whole matrices
+            raise where.error(f"stages.{i}.optimizer", "muon needs whole matrices; it does not work with run.parallel: fsdp")
+    if recipe.run.compile and recipe.run.parallel == "fsdp":
+        raise where.error("run.compile", "not supported with run.parallel: fsdp (untested together); use ddp")
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise where.error("stages", f"stage names must be unique (they name the stage folders): {names}")

@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from core import distributed
+from core import distributed, fsdp
 from core.errors import ConfigError
 
 
@@ -29,8 +29,8 @@ def capture(optimizer, scheduler, streams, step):
     tensors, scalars = {}, {}
     for index, values in opt["state"].items():
         for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value
+            if torch.is_tensor(value):  # FSDP's shards of the moments gathered whole: DDP's format
+                tensors[f"optimizer.{index}.{key}"] = fsdp.full(value)
             else:
                 scalars[f"{index}.{key}"] = value
     version, internal, gauss = random.getstate()
@@ -66,6 +66,8 @@ def restore(optimizer, scheduler, streams, tensors, state):
     for key, value in state["optimizer_scalars"].items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    per_param = {i: {k: fsdp.like(v, params[i]) for k, v in values.items()} for i, values in per_param.items()}
     optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     rank = distributed.rank()

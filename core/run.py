@@ -94,7 +94,8 @@ def run(recipe):
     for logger in registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir}):
         pm.register(logger)
     if ctx.world_size > 1:
-        ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})")
+        ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})"
+                + (", model sharded (FSDP2)" if recipe.run.parallel == "fsdp" else ""))
     ctx.say(f"run folder {ctx.run_dir}; {ctx.threads.threads} CPU thread(s) "
             f"({'fixed' if recipe.run.threads else 'the idle cores, re-checked while training'}); device {ctx.device}")
     summaries, model = [], None

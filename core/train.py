@@ -14,7 +14,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, data, distributed, stream
+from core import checkpoint, data, distributed, fsdp, stream
 from core import resume as resume_state
 from core.errors import ConfigError
 from core.evaluate import decode_samples
@@ -81,10 +81,11 @@ def parameter_groups(model, extra_modules, multipliers, lr, muon_lr=None):
     for name, p in model.named_parameters():
         if p.requires_grad:
             kind = "muon" if muon_lr is not None and name.startswith(MUON_MATRICES) and p.ndim == 2 else "adamw"
-            groups.setdefault((multipliers.get(name, 1.0), kind), []).append(p)
-    groups.setdefault((1.0, "adamw"), []).extend(p for m in extra_modules.values() for p in m.parameters())
+            # FSDP's DTensors apart from plain tensors: one fused AdamW kernel cannot take both
+            groups.setdefault((multipliers.get(name, 1.0), kind, fsdp.is_sharded(p)), []).append(p)
+    groups.setdefault((1.0, "adamw", False), []).extend(p for m in extra_modules.values() for p in m.parameters())
     return [{"params": params, "lr": (muon_lr if kind == "muon" else lr) * factor, "lr_multiplier": factor,
-             "kind": kind} for (factor, kind), params in sorted(groups.items()) if params]
+             "kind": kind} for (factor, kind, _), params in sorted(groups.items()) if params]
 
 
 def make_optimizer(stage, groups):
@@ -124,6 +125,14 @@ def run_stage(ctx, index, stage, resume=None):
                      if isinstance(r, torch.nn.Module)}
     for module in extra_modules.values():
         module.to(device)
+    if resume is not None:  # the weights before sharding: FSDP then cuts what was loaded
+        checkpoint.load_parts(model, resume[0], list(checkpoint.PARTS))
+        for prefix, module in extra_modules.items():
+            checkpoint.load_prefixed(module, resume[0], prefix)
+    checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
+    sharded = recipe.run.parallel == "fsdp" and distributed.active()
+    if sharded:  # after freezing and before the optimizer, which must hold the sharded parameters
+        fsdp.shard(model)
 
     table = parameter_table(model) + [(name, sum(p.numel() for p in m.parameters()), 0)
                                       for name, m in extra_modules.items()]
@@ -155,9 +164,6 @@ def run_stage(ctx, index, stage, resume=None):
     text_steps, first_step = 0, 0
     if resume is not None:
         path, meta, tensors = resume
-        checkpoint.load_parts(model, path, list(checkpoint.PARTS))
-        for prefix, module in extra_modules.items():
-            checkpoint.load_prefixed(module, path, prefix)
         first_step = resume_state.restore(optimizer, scheduler, {"image": batches, "text": text_batches},
                                           tensors, meta["train_state"])
         ctx.say(f"stage {stage.name}: resumed at step {first_step} from {path}")
@@ -175,11 +181,15 @@ def run_stage(ctx, index, stage, resume=None):
     last_good, losses, step = (resume[0] if resume else None), {}, first_step - 1
     progress = tqdm(range(first_step, stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True,
                     mininterval=1.0, initial=first_step, total=stage.steps, disable=not ctx.main)
-    checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
-    engine = distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
+    engine = model if sharded else distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
     if recipe.run.compile:
         engine = torch.compile(engine)
     streams = {"image": batches, "text": text_batches}
+
+    def view():
+        """The model with whole weights for monitor, probe and evaluation (under FSDP a gathered copy,
+        built on every rank: collective)."""
+        return fsdp.plain_copy(model, lambda: build_model(recipe.model, ctx.registry)[0].to(device)) if sharded else model
     try:
         for step in progress:
             ctx.threads.update()
@@ -191,7 +201,7 @@ def run_stage(ctx, index, stage, resume=None):
                 batch = _to(next(text_batches if text_step else batches), device)
                 text_steps += text_step
                 last = micro == stage.grad_accum - 1
-                with (contextlib.nullcontext() if last or not distributed.active() else _no_sync(engine)), \
+                with (contextlib.nullcontext() if last else distributed.no_sync(engine)), \
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.precision == "bf16"):
                     out = engine(batch["pixel_values"], batch["input_ids"], batch["targets"],
                                  tiles=batch.get("tiles"), grids=batch.get("grids"))
@@ -209,7 +219,7 @@ def run_stage(ctx, index, stage, resume=None):
             terms = sums
             distributed.average_gradients(p for m in extra_modules.values() for p in m.parameters())
             if stage.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip)
+                (fsdp.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_)(trainable, stage.grad_clip)
             optimizer.step()
             scheduler.step()
             losses = {k: v.item() for k, v in terms.items()}
@@ -220,16 +230,16 @@ def run_stage(ctx, index, stage, resume=None):
                 ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": stage.lr * lr_factor(stage, step),
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
-                last_good = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses,
+                last_good = _save(ctx, stage_dir, step + 1, model, sharded, extra_modules, stage, losses,
                                   resume_state.capture(optimizer, scheduler, streams, step + 1))
             if monitor_pixels is not None and (step == 0 or (step + 1) % stage.monitor_every == 0):
-                collapse = collapse_scores(model, monitor_pixels)
+                collapse = collapse_scores(view(), monitor_pixels)
                 set_train_mode(model)
                 ctx.log({"event": "collapse", "stage": stage.name, "step": step + 1, **collapse})
                 progress.write(f"{stage.name} step {step + 1}: collapse monitor (mean pairwise cosine) "
                                + ", ".join(f"{k} {v:.3f}" for k, v in collapse.items()))
             if probe and (step + 1) % stage.probe_every == 0:
-                result = _probe(ctx, model, tokenizer, probe, stage, step)
+                result = _probe(ctx, view(), tokenizer, probe, stage, step)
                 progress.write(f"{stage.name} step {step + 1}: held-out probe exact {result['exact']:.3f} "
                                f"NED {result['ned']:.3f} ({len(probe)} samples)")
                 if stage.stop_when_exact and result["exact"] == 1.0:
@@ -252,15 +262,10 @@ def run_stage(ctx, index, stage, resume=None):
                "samples_per_s": round((step + 1 - first_step) * batch_size * stage.grad_accum / max(seconds, 1e-9), 1),
                **({"text_steps": text_steps} if text_batches is not None else {}), **losses,
                **{f"collapse_{k}": round(v, 4) for k, v in collapse.items()}}
-    summary["checkpoint"] = _save(ctx, stage_dir, step + 1, model, extra_modules, stage, losses,
+    summary["checkpoint"] = _save(ctx, stage_dir, step + 1, model, sharded, extra_modules, stage, losses,
                                   resume_state.capture(optimizer, scheduler, streams, step + 1), summary=summary)
     ctx.log({"event": "stage_end", **summary})
-    return model, tokenizer, summary
-
-
-def _no_sync(engine):
-    """DDP's no_sync (skip the gradient all-reduce) through a torch.compile wrapper if there is one."""
-    return getattr(engine, "_orig_mod", engine).no_sync()
+    return view(), tokenizer, summary
 
 
 def _text_step(seed, stage_index, step, ratio):
@@ -281,11 +286,13 @@ def _probe(ctx, model, tokenizer, probe, stage, step):
     return result
 
 
-def _save(ctx, stage_dir, step, model, extra_modules, stage, losses, train_state, summary=None):
+def _save(ctx, stage_dir, step, model, sharded, extra_modules, stage, losses, train_state, summary=None):
     """A checkpoint with the training state; ``summary`` marks the stage complete (resume skips it).
 
-    Rank 0 writes it; every rank waits until it is there (the next stage may start from it)."""
+    Rank 0 writes it; every rank waits until it is there (the next stage may start from it).
+    Under FSDP every rank first helps gather the whole weights onto rank 0: the same file as DDP's."""
     path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")
+    state = fsdp.full_state(model, rank0_only=True) if sharded else None
     if not ctx.main:
         distributed.barrier()
         return path
@@ -294,7 +301,7 @@ def _save(ctx, stage_dir, step, model, extra_modules, stage, losses, train_state
             "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
             "plugins": ctx.recipe.plugins, **({"complete": True, "summary": summary} if summary else {})}
     path = checkpoint.save_checkpoint(stage_dir, step, model, meta, extra_modules, keep_last=stage.checkpoint_keep,
-                                      train_state=train_state)
+                                      train_state=train_state, model_state=state)
     ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
     distributed.barrier()
     return path

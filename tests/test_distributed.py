@@ -1,4 +1,4 @@
-"""torchrun with 2 gloo ranks: the same weights as 1 process with the same global batch, and run.resume=auto."""
+"""torchrun with 2 gloo ranks (DDP and FSDP2): the same weights as 1 process with the same global batch, and run.resume=auto."""
 import json
 import os
 import signal
@@ -23,13 +23,19 @@ COMMON = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", 
           "stages.0.probe_every=0", "stages.1.probe_every=0", "stages.0.monitor_every=0", "stages.1.monitor_every=0"]
 
 
-def test_two_gloo_ranks_match_one_process(tmp_path):
+def _one_process(tmp_path):
+    """(env, cache override) after 1 process with batch 4 trained in tmp_path/one: the reference."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
     cache = f"data.dataset.cache_dir={tmp_path / 'cache'}"
     single = subprocess.run([sys.executable, "-m", "core.run", DEFAULT_RECIPE, f"run.dir={tmp_path / 'one'}", cache,
                              "data.batch_size=4", *COMMON], env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
+    return env, cache
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    env, cache = _one_process(tmp_path)
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                             "-m", "core.run", DEFAULT_RECIPE, f"run.dir={tmp_path / 'two'}", cache,
                             "data.batch_size=2", *COMMON], env=env, capture_output=True, text=True, timeout=600)
@@ -87,3 +93,53 @@ def test_two_gloo_ranks_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys()
         different = [k for k in a if not torch.equal(a[k], b[k])]  # gloo's sums are deterministic: bit-identical
         assert not different, (stage, done, different[:5])
+
+
+def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path):
+    """run.parallel=fsdp: FSDP2 shards, the same weights as 1 process, DDP's checkpoint files, and resume."""
+    env, cache = _one_process(tmp_path)
+
+    def fsdp(run_dir, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", cache, "data.batch_size=2",
+                               "run.parallel=fsdp", "stages.0.checkpoint_every=3", *COMMON, *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+    ranks = fsdp(tmp_path / "two")
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert "distributed: 2 processes (gloo), model sharded (FSDP2)" in ranks.stdout
+    for stage, step in (("vis_tok", 6), ("vis_mid", 3)):
+        for kind in ("model", "encoder"):  # rank 0 wrote whole tensors under DDP's names
+            one = load_file(str(tmp_path / "one" / stage / f"{kind}_{step:06d}.safetensors"))
+            two = load_file(str(tmp_path / "two" / stage / f"{kind}_{step:06d}.safetensors"))
+            assert one.keys() == two.keys() and all(one[k].shape == two[k].shape for k in one)
+            worst = max((one[k] - two[k]).abs().max().item() for k in one)
+            assert worst <= 1e-5, (stage, kind, worst)
+
+    # Cut the run back to its step-3 checkpoint, as a kill after it would leave it, and resume under FSDP:
+    # the sharded optimizer moments go back from the whole tensors in train_000003.safetensors.
+    cut = tmp_path / "cut"
+    (cut / "vis_tok").mkdir(parents=True)
+    for kind in ("model", "encoder", "train"):
+        name = f"{kind}_000003.safetensors"
+        (cut / "vis_tok" / name).write_bytes((tmp_path / "two" / "vis_tok" / name).read_bytes())
+    (cut / "vis_tok" / "meta_000003.json").write_text((tmp_path / "two" / "vis_tok" / "meta_000003.json").read_text())
+    (cut / "vis_tok" / "latest.json").write_text(json.dumps({"step": 3, "model": "model_000003.safetensors"}))
+    resumed = fsdp(cut, "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "vis_tok: resumed at step 3" in resumed.stdout, resumed.stdout[-2000:]
+    for stage, step in (("vis_tok", 6), ("vis_mid", 3)):
+        a = load_file(str(tmp_path / "two" / stage / f"model_{step:06d}.safetensors"))
+        b = load_file(str(cut / stage / f"model_{step:06d}.safetensors"))
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst <= 1e-6, (stage, worst)
+
+
+def test_fsdp_refuses_muon_and_compile():
+    from core.recipe import load_recipe
+    with pytest.raises(ConfigError, match=r"two_stage.yaml.*stages.1.optimizer: muon needs whole matrices"):
+        load_recipe(DEFAULT_RECIPE, ["run.parallel=fsdp", "stages.1.optimizer=muon"])
+    with pytest.raises(ConfigError, match=r"run.compile: not supported with run.parallel: fsdp"):
+        load_recipe(DEFAULT_RECIPE, ["run.parallel=fsdp", "run.compile=true"])
+    with pytest.raises(ConfigError, match=r"two_stage.yaml:\d+: run: parallel must be ddp or fsdp"):
+        load_recipe(DEFAULT_RECIPE, ["run.parallel=zero"])
