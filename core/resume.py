@@ -21,8 +21,10 @@ from core import distributed, fsdp
 from core.errors import ConfigError
 
 
-def capture(optimizer, scheduler, streams, step):
+def capture(optimizer, scheduler, streams, step, sharded=False):
     """-> (tensors, state) for the checkpoint; ``streams`` maps a name to a batch iterator.
+
+    ``sharded``: the model ran under FSDP, whose optimizer groups differ from DDP's (core/fsdp.py).
 
     Collective under torchrun: every rank must call it at the same step."""
     opt = optimizer.state_dict()
@@ -40,7 +42,8 @@ def capture(optimizer, scheduler, streams, step):
     for r, (rng, _) in enumerate(ranks):
         tensors[f"rng.torch.{r}"] = rng
     state = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
-             "scheduler": scheduler.state_dict(), "ranks": [rank_state for _, rank_state in ranks]}
+             "scheduler": scheduler.state_dict(), "ranks": [rank_state for _, rank_state in ranks],
+             "sharded": sharded}
     return tensors, state
 
 
@@ -49,11 +52,16 @@ def saved_world_size(state):
     return len(state["ranks"]) if "ranks" in state else 1
 
 
-def check_world_size(state, world_size, path):
+def check_world_size(state, world_size, path, sharded=False):
+    """A checkpoint resumes only as it was written: the same number of processes, sharded or not."""
     saved = saved_world_size(state)
     if saved != world_size:
         raise ConfigError(f"run.resume: {path} was written by {saved} process(es) and this run has {world_size}; "
                           f"resume with the same number (each rank continues its own data position and RNG)")
+    if state.get("sharded", False) != sharded:  # the optimizer's parameter groups differ between the two
+        label = {True: "sharded (run.parallel=fsdp under torchrun)", False: "unsharded (ddp, or one process)"}
+        raise ConfigError(f"run.parallel: {path} was written {label[state.get('sharded', False)]} and this run is "
+                          f"{label[sharded]}; resume it the way it was written")
 
 
 def restore(optimizer, scheduler, streams, tensors, state):

@@ -110,7 +110,8 @@ def run(recipe):
         if point is not None and point[2] is None:
             raise ConfigError(f"run.resume: {point[0]} has no training state (train_XXXXXX.safetensors) to resume from")
         if point is not None:  # every rank reads the files: the run folder must be shared between nodes
-            resume_state.check_world_size(point[1]["train_state"], ctx.world_size, point[0])
+            resume_state.check_world_size(point[1]["train_state"], ctx.world_size, point[0],
+                                          sharded=recipe.run.parallel == "fsdp" and ctx.world_size > 1)
         model, tokenizer, summary = run_stage(ctx, i, stage, resume=point)
         summaries.append(summary)
     ctx.say("\nstages:")

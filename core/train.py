@@ -231,7 +231,7 @@ def run_stage(ctx, index, stage, resume=None):
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
                 last_good = _save(ctx, stage_dir, step + 1, model, sharded, extra_modules, stage, losses,
-                                  resume_state.capture(optimizer, scheduler, streams, step + 1))
+                                  resume_state.capture(optimizer, scheduler, streams, step + 1, sharded))
             if monitor_pixels is not None and (step == 0 or (step + 1) % stage.monitor_every == 0):
                 collapse = collapse_scores(view(), monitor_pixels)
                 set_train_mode(model)
@@ -263,7 +263,7 @@ def run_stage(ctx, index, stage, resume=None):
                **({"text_steps": text_steps} if text_batches is not None else {}), **losses,
                **{f"collapse_{k}": round(v, 4) for k, v in collapse.items()}}
     summary["checkpoint"] = _save(ctx, stage_dir, step + 1, model, sharded, extra_modules, stage, losses,
-                                  resume_state.capture(optimizer, scheduler, streams, step + 1), summary=summary)
+                                  resume_state.capture(optimizer, scheduler, streams, step + 1, sharded), summary=summary)
     ctx.log({"event": "stage_end", **summary})
     return view(), tokenizer, summary
 

@@ -107,3 +107,18 @@ def test_capture_restore_rng_and_streams_and_an_older_single_process_layout():
         got = (torch.rand(4), random.random())
         assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
     assert resume_state.saved_world_size(legacy) == 1
+
+
+def test_a_checkpoint_resumes_only_with_its_world_size_and_sharding():
+    import pytest
+
+    from core import resume as resume_state
+    from core.errors import ConfigError
+    _, state = resume_state.capture(*_training_state(), {"image": _Stream(7), "text": None}, step=3, sharded=False)
+    resume_state.check_world_size(state, 1, "ckpt", sharded=False)  # as written: fine
+    legacy = {k: v for k, v in state.items() if k != "sharded"}  # written before run.parallel: unsharded
+    resume_state.check_world_size(legacy, 1, "ckpt", sharded=False)
+    for world_size, sharded, words in ((2, False, "1 process(es)"), (1, True, "unsharded (ddp")):
+        with pytest.raises(ConfigError) as e:
+            resume_state.check_world_size(state, world_size, "ckpt", sharded=sharded)
+        assert "\n" not in str(e.value) and "ckpt" in str(e.value) and words in str(e.value)
