@@ -28,11 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from core import data, stream  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
+from benchmarks import RECIPE  # noqa: E402
 from benchmarks.train_step import TrainStep  # noqa: E402
 from plugins.datasets.synthetic_ocr import SyntheticOCR  # noqa: E402
 
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
 BASE_TOKENS, SMALL_TOKENS = 273, 111  # DeepEncoder vision tokens at 1024 px (base) and 640 px (small)
+
+
+def bytes_tokenizer():
+    """The default recipe's tokenizer (``bytes``), as the pipeline measurements use it."""
+    return load_plugins()[1].build("tokenizer", "bytes")
 
 
 def synthetic_shards(folder, samples):
@@ -113,7 +118,7 @@ def main(argv=None):
     threads = torch.get_num_threads()
     folder = args.keep or tempfile.mkdtemp(prefix="vlmkit-bench-data-")
     os.makedirs(folder, exist_ok=True)
-    tokenizer = load_plugins()[1].build("tokenizer", "bytes")
+    tokenizer = bytes_tokenizer()
 
     start = time.perf_counter()
     small = synthetic_shards(os.path.join(folder, "synthetic"), synthetic)

@@ -20,14 +20,12 @@ from rapidfuzz.distance import Levenshtein
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
-from core.evaluate import prompt_ids  # noqa: E402
-from core.generate import generate  # noqa: E402
+from benchmarks import RECIPE  # noqa: E402
+from core.generate import generate, image_prompt_ids  # noqa: E402
 from core.model import build_model  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
 from core.textdist import ned  # noqa: E402
-
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
 
 
 class NeverStop:
@@ -46,7 +44,7 @@ def default_model():
     torch.manual_seed(0)
     model, tokenizer = build_model(recipe.model, load_plugins(recipe.plugins)[1])
     torch.nn.init.normal_(model.decoder.lm_head.weight, std=0.02)  # init leaves it zero: every logit equal
-    return model.eval(), tokenizer, prompt_ids(model, tokenizer, recipe.data.prompt)
+    return model.eval(), tokenizer, image_prompt_ids(model, tokenizer, recipe.data.prompt)
 
 
 def tokens_per_s(model, tokenizer, prompt, batch, new_tokens, use_cache, repeats=1):
@@ -62,17 +60,24 @@ def tokens_per_s(model, tokenizer, prompt, batch, new_tokens, use_cache, repeats
     return batch * new_tokens / seconds
 
 
+TABLE_HEAD = "| new tokens | KV cache tokens/s | no cache tokens/s | speed-up |\n|---:|---:|---:|---:|"
+
+
+def table_row(model, tokenizer, prompt, batch, new_tokens, repeats):
+    """One TABLE_HEAD row: tokens/s with and without the KV cache, and the ratio."""
+    cached = tokens_per_s(model, tokenizer, prompt, batch, new_tokens, True, repeats)
+    naive = tokens_per_s(model, tokenizer, prompt, batch, new_tokens, False, repeats)
+    return f"| {new_tokens} | {cached:,.0f} | {naive:,.0f} | {cached / naive:.1f}x |"
+
+
 def bench_generation(lengths, batch):
     model, tokenizer, prompt = default_model()
     tokens_per_s(model, tokenizer, prompt, batch, 8, True)  # warm-up
     print(f"generation, batch {batch}, prompt {len(prompt)} tokens ({model.num_image_tokens()} vision), "
           f"{torch.get_num_threads()} thread(s), best of 3 (of 1 above 256 tokens)\n")
-    print("| new tokens | KV cache tokens/s | no cache tokens/s | speed-up |\n|---:|---:|---:|---:|")
+    print(TABLE_HEAD)
     for n in lengths:
-        repeats = 3 if n <= 256 else 1
-        cached = tokens_per_s(model, tokenizer, prompt, batch, n, True, repeats)
-        naive = tokens_per_s(model, tokenizer, prompt, batch, n, False, repeats)
-        print(f"| {n} | {cached:,.0f} | {naive:,.0f} | {cached / naive:.1f}x |", flush=True)
+        print(table_row(model, tokenizer, prompt, batch, n, 3 if n <= 256 else 1), flush=True)
 
 
 def text_pairs(n, length=2000, edit_rate=0.05, seed=0):

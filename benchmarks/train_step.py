@@ -20,14 +20,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
+from benchmarks import RECIPE  # noqa: E402
 from core import data, stream  # noqa: E402
 from core.model import build_model, checkpoint_activations  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
 from core.train import apply_freeze, make_optimizer, parameter_groups, set_train_mode  # noqa: E402
-
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
-
 
 def matmul_peak(device="cpu", seconds=1.0, sizes=(1024, 2048, 4096)):
     """(best FLOP/s, dtype name, size) of n x n matmuls; fp32 on the CPU, bf16 on a GPU."""

@@ -25,11 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
+from benchmarks import RECIPE  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
-
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
-
 
 def scale_sizes(scale):
     """{sam, clip, decoder, image_size, batch, seq}: vlmkit argument names, from the recipe or the wide set."""

@@ -81,8 +81,8 @@ def data_section(shards, step, count):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one DataLoader worker gets (core/stream.py)
     try:
-        rate = data_bench.pipeline_rate(shards, load_tokenizer(), step["image_size"], step["num_image_tokens"],
-                                        step["max_len"], step["batch_size"], count)
+        rate = data_bench.pipeline_rate(shards, data_bench.bytes_tokenizer(), step["image_size"],
+                                        step["num_image_tokens"], step["max_len"], step["batch_size"], count)
     finally:
         torch.set_num_threads(threads)
     return ["## 4. Data pipeline vs training", "",
@@ -91,21 +91,11 @@ def data_section(shards, step, count):
             f"**{rate / step['samples_per_s']:.1f}x** |"]
 
 
-def load_tokenizer():
-    from core.registry import load_plugins
-    return load_plugins()[1].build("tokenizer", "bytes")
-
-
 def generation_section(quick):
     model, tokenizer, prompt = gen_bench.default_model()
     gen_bench.tokens_per_s(model, tokenizer, prompt, 8, 8, True)  # warm-up
-    lines = ["## 5. Generation (default model, random weights, batch 8)", "",
-             "| new tokens | KV cache tokens/s | no cache tokens/s | speed-up |", "|---:|---:|---:|---:|"]
-    for n in ((16, 64) if quick else (64, 256)):
-        cached = gen_bench.tokens_per_s(model, tokenizer, prompt, 8, n, True, repeats=2)
-        naive = gen_bench.tokens_per_s(model, tokenizer, prompt, 8, n, False, repeats=2)
-        lines.append(f"| {n} | {cached:,.0f} | {naive:,.0f} | {cached / naive:.1f}x |")
-    return lines
+    return ["## 5. Generation (default model, random weights, batch 8)", "", *gen_bench.TABLE_HEAD.split("\n"),
+            *(gen_bench.table_row(model, tokenizer, prompt, 8, n, 2) for n in ((16, 64) if quick else (64, 256)))]
 
 
 def ned_section(quick):

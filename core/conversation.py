@@ -13,7 +13,7 @@ so the model learns when to stop; everything else has target -1.
 from core.errors import ConfigError
 
 IMAGE_MARKER = "<image>"
-IGNORE = -1
+IGNORE = -1  # target of positions that carry no loss (prompt, image, padding)
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 

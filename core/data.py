@@ -16,14 +16,12 @@ import zlib
 import torch
 from PIL import Image, ImageOps
 
-from core.conversation import encode_conversation
+from core.conversation import IGNORE, IMAGE_MARKER, encode_conversation
 from core.errors import ConfigError
 from core.tiles import cut_tiles
 
-IMAGE_MARKER = "<image>"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 PAD_COLOR = (127, 127, 127)  # DeepSeek-OCR: tuple(int(0.5 * 255)) -> ~0 after normalisation
-IGNORE = -1  # target of positions that carry no loss (prompt, image, padding)
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (89,478,485)
 
 REASONS = {  # why a sample was not used (or, truncated_target, was used cut short)

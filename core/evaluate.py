@@ -9,11 +9,7 @@ import torch
 from core import data
 from core.generate import generate, grid_batches, image_grid, image_prompt_ids, view_batch
 from core.metrics import score_pairs
-
-
-def prompt_ids(model, tokenizer, prompt, grid=None):
-    """bos + prompt with the placeholders of an image with crop ``grid`` (None: the global view alone)."""
-    return image_prompt_ids(model, tokenizer, prompt, grid)
+from core.model import evaluating
 
 
 @torch.no_grad()
@@ -22,18 +18,16 @@ def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64,
 
     With crops, images are batched by crop grid (one prompt length per generate call).
     """
-    was_training = model.training
-    model.eval()
     grids = [image_grid(model, s["image"]) for s in samples]
     texts = [None] * len(samples)
-    for batch in grid_batches(grids, batch_size):
-        grid = grids[batch[0]]
-        pixels, tiles, batch_grids = view_batch(model, [samples[i]["image"] for i in batch], grid, device)
-        rows = generate(model, tokenizer, pixels, prompt_ids(model, tokenizer, prompt, grid), max_new_tokens,
-                        tiles=tiles, grids=batch_grids)
-        for i, ids in zip(batch, rows):
-            texts[i] = tokenizer.decode(ids)
-    model.train(was_training)
+    with evaluating(model):  # the probe calls this while training: frozen modules must stay in eval mode
+        for batch in grid_batches(grids, batch_size):
+            grid = grids[batch[0]]
+            pixels, tiles, batch_grids = view_batch(model, [samples[i]["image"] for i in batch], grid, device)
+            rows = generate(model, tokenizer, pixels, image_prompt_ids(model, tokenizer, prompt, grid),
+                            max_new_tokens, tiles=tiles, grids=batch_grids)
+            for i, ids in zip(batch, rows):
+                texts[i] = tokenizer.decode(ids)
     return texts
 
 

@@ -27,8 +27,7 @@ def _pick(logits, temperature, top_k, generator):
 
 def image_prompt_ids(model, tokenizer, prompt, grid=None):
     """bos + ``prompt`` with the placeholders of an image with crop grid ``grid`` (None: global view only)."""
-    ids, _ = data.encode_sample(tokenizer, "", prompt, model.num_image_tokens(grid), max_len=10 ** 9)
-    return ids  # the inputs without the answer
+    return data.prompt_prefix(tokenizer, prompt, model.num_image_tokens(grid), max_len=10 ** 9)
 
 
 def image_grid(model, image):
@@ -72,13 +71,12 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
     stop = torch.tensor([tokenizer.eos_id, tokenizer.bos_id], device=ids.device)
     cache = decoder.make_kv_cache(batch, embeds.shape[1] + max_new_tokens) if use_cache else None
     logits = decoder(embeds, kv_cache=cache)[:, -1]
-    out = torch.empty(batch, 0, dtype=torch.long, device=ids.device)
+    picked = []
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         logits[:, model.image_token_id] = float("-inf")
-        token = _pick(logits, temperature, top_k, generator)
-        token = torch.where(done, torch.full_like(token, tokenizer.eos_id), token)
-        out = torch.cat([out, token[:, None]], dim=1)
+        token = _pick(logits, temperature, top_k, generator).masked_fill(done, tokenizer.eos_id)
+        picked.append(token)
         done |= torch.isin(token, stop)
         if bool(done.all()):
             break
@@ -89,7 +87,7 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
             embeds = torch.cat([embeds, step], dim=1)
             logits = decoder(embeds)[:, -1]
     results = []
-    for row in out.tolist():
+    for row in torch.stack(picked, dim=1).tolist() if picked else [[]] * batch:
         cut = next((i for i, t in enumerate(row) if t in (tokenizer.eos_id, tokenizer.bos_id)), len(row))
         results.append(row[:cut])
     return results

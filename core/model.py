@@ -15,6 +15,8 @@ so each sample's sequence is merged into its own placeholders.
 Image embeddings are merged *before* the decoder's input RMSNorm (nanochat
 norms right after wte), so their scale is irrelevant (architecture.md §5).
 """
+import contextlib
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -126,6 +128,19 @@ class VisionLanguageModel(nn.Module):
         else:
             out["loss"] = self.decoder(embeds, targets=targets)
         return out
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode inside; afterwards every module's own mode back, so frozen parts stay in eval mode
+    (``model.train(was_training)`` would wake them)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def build_model(model_config, registry):

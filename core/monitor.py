@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core import data
+from core.model import evaluating
 
 
 def probe_images(samples, image_size, count=16, seed=0):
@@ -39,12 +40,10 @@ def mean_pairwise_cosine(pooled):
 @torch.no_grad()
 def collapse_scores(model, pixels):
     """{part: mean pairwise cosine similarity} for the encoder's named parts and the projector."""
-    was_training = model.training
-    model.eval()
-    features, tokens = model.encode_images(pixels)
+    with evaluating(model):
+        features, tokens = model.encode_images(pixels)
     pooled = features.flatten(1, 2).mean(dim=1)  # (N, C) over the h x w grid
     parts = getattr(model.encoder, "feature_parts", lambda: {"encoder": slice(None)})()
     scores = {name: mean_pairwise_cosine(pooled[:, cut]) for name, cut in parts.items()}
     scores["projector"] = mean_pairwise_cosine(tokens.mean(dim=1))
-    model.train(was_training)
     return scores

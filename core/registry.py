@@ -143,14 +143,13 @@ def load_plugins(extra_modules=(), entry_points=True):
 def _load_entry_points(pm):
     from importlib.metadata import entry_points
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep.dist, "name", "?")
         try:
             plugin = ep.load()
         except Exception as e:  # a broken third-party plugin must say who it is
-            dist = getattr(ep.dist, "name", "?")
             raise ConfigError(f"entry point {ep.name!r} of {dist} ({ep.value}) failed to load: {e}") from e
         if pm.is_registered(plugin):
             continue
-        dist = getattr(ep.dist, "name", "?")
         pm.register(plugin, name=f"entry point {ep.name} ({dist})")
 
 

@@ -58,9 +58,10 @@ def check_world_size(state, world_size, path, sharded=False):
     if saved != world_size:
         raise ConfigError(f"run.resume: {path} was written by {saved} process(es) and this run has {world_size}; "
                           f"resume with the same number (each rank continues its own data position and RNG)")
-    if state.get("sharded", False) != sharded:  # the optimizer's parameter groups differ between the two
+    written_sharded = state.get("sharded", False)
+    if written_sharded != sharded:  # the optimizer's parameter groups differ between the two
         label = {True: "sharded (run.parallel=fsdp under torchrun)", False: "unsharded (ddp, or one process)"}
-        raise ConfigError(f"run.parallel: {path} was written {label[state.get('sharded', False)]} and this run is "
+        raise ConfigError(f"run.parallel: {path} was written {label[written_sharded]} and this run is "
                           f"{label[sharded]}; resume it the way it was written")
 
 

@@ -200,6 +200,19 @@ def _alive(pid):
     return True
 
 
+def fresh_partial_dir(parent, stem):
+    """An empty private folder ``parent/{stem}.partial-PID``, after removing those of dead processes.
+
+    Written into and renamed (or emptied) when done, so readers never see half a result."""
+    for stale in Path(parent).glob(f"{stem}.partial-*"):
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier run
+    tmp = Path(parent) / f"{stem}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def _shard_pattern(folder, name, count):
     if count == 1:
         return os.path.join(folder, f"{name}-000000.tar")
@@ -230,12 +243,7 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
     out = os.path.abspath(os.path.expanduser(out))
     try:
         os.makedirs(out, exist_ok=True)
-        for stale in Path(out).glob(f".{name}.partial-*"):
-            if not _alive(stale.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier run
-        tmp = os.path.join(out, f".{name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.mkdir(tmp)
+        tmp = str(fresh_partial_dir(out, f".{name}"))
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from e
 

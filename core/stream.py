@@ -19,7 +19,7 @@ The training stream (``train_batches``):
   members without decoding them, and rotating the workers so the round-robin
   continues with the right one): the batches after a resume are exactly those
   of an uninterrupted run.
-* **Bad data** is skipped and counted by reason and shard (``REASONS``), or stops
+* **Bad data** is skipped and counted by reason and shard (``core.data.REASONS``), or stops
   the run with a ConfigError naming shard, key and reason (``on_bad_sample: error``).
 """
 import hashlib
@@ -30,9 +30,9 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from core.data import (DEFAULT_MAX_IMAGE_PIXELS, ON_BAD_SAMPLE, ON_LONG_TARGET, REASONS, BadSample, _bad,
-                       _check_policy, _count, check_shards, collate, decode, encode_raw, image_ext, image_views,
-                       merge_reports, open_image, prompt_prefix, read_shard)
+from core.data import (DEFAULT_MAX_IMAGE_PIXELS, ON_BAD_SAMPLE, ON_LONG_TARGET, BadSample, _bad, _check_policy,
+                       _count, check_shards, collate, encode_raw, image_ext, image_views, merge_reports, open_image,
+                       prompt_prefix, read_shard)
 from core.errors import ConfigError
 
 
@@ -64,7 +64,7 @@ class _Stream(IterableDataset):
     def __init__(self, paths, tokenizer, image_size, prefix, max_len, batch_size, seed, shuffle_buffer, resample,
                  epochs, on_bad_sample, on_long_target, max_image_pixels, rank, world_size, workers,
                  num_image_tokens, text_only, prompt=None, tiling=None):
-        self.paths, self.tokenizer, self.image_size, self.prefix = paths, tokenizer, image_size, prefix
+        self.paths, self.tokenizer, self.image_size = paths, tokenizer, image_size
         self.num_image_tokens, self.text_only = num_image_tokens, text_only
         self.prompt, self.tiling = prompt, tiling  # crops: the prompt is rebuilt per grid (core/tiles.py)
         self.prefixes = {None: (prefix, num_image_tokens)}
@@ -249,12 +249,11 @@ class Batches:
 
     def _unusable(self):
         paths = self._stream.paths
-        counts = {reason: sum(by.values()) for reason, by in self._report.items()}
         return ConfigError(f"data: no usable sample in {len(paths)} shard(s) starting {paths[0]!r} "
-                           f"(rank {self._stream.rank}; skipped so far: {counts})")
+                           f"(rank {self._stream.rank}; skipped so far: {self.stats})")
 
     def report(self):
-        """{reason: {shard: count}} of the samples behind the batches handed out (see REASONS)."""
+        """{reason: {shard: count}} of the samples behind the batches handed out (see core.data.REASONS)."""
         return {reason: dict(by) for reason, by in self._report.items()}
 
     @property

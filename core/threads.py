@@ -15,7 +15,8 @@ import torch
 def _machine_times():
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    return sum(fields), sum(fields) - fields[3] - fields[4]  # total, busy (all but idle + iowait)
+    total = sum(fields)
+    return total, total - fields[3] - fields[4]  # total, busy (all but idle + iowait)
 
 
 def _own_busy():

@@ -13,6 +13,8 @@ Grid choice and cutting follow DSO's ``dynamic_preprocess`` (architecture.md §2
 The token layout of the tiles is the model's (core/model.py); its count is ``local_tokens`` here,
 so the data side (placeholders in the prompt) and the model agree on one formula (§2.3).
 """
+import functools
+
 import attrs
 from PIL import Image
 
@@ -29,9 +31,15 @@ def candidate_grids(min_tiles, max_tiles):
     which one a tie meets first; tuples of small ints hash the same in every CPython process, so
     building the same set the same way gives DSO's order (a test pins it).
     """
+    return list(_candidate_grids(min_tiles, max_tiles))
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_grids(min_tiles, max_tiles):
+    """candidate_grids as a tuple, built once per setting: choose_grid runs for every sample."""
     grids = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                 if min_tiles <= i * j <= max_tiles)
-    return sorted(grids, key=lambda g: g[0] * g[1])
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
 
 
 def choose_grid(width, height, tile_size, min_tiles=2, max_tiles=9):
@@ -40,7 +48,7 @@ def choose_grid(width, height, tile_size, min_tiles=2, max_tiles=9):
         return None
     aspect, area = width / height, width * height
     best, best_diff = None, float("inf")
-    for grid in candidate_grids(min_tiles, max_tiles):
+    for grid in _candidate_grids(min_tiles, max_tiles):
         diff = abs(aspect - grid[0] / grid[1])
         if diff < best_diff:
             best, best_diff = grid, diff

@@ -125,6 +125,7 @@ def run_stage(ctx, index, stage, resume=None):
                      if isinstance(r, torch.nn.Module)}
     for module in extra_modules.values():
         module.to(device)
+    extra_params = [p for m in extra_modules.values() for p in m.parameters()]  # replicated even under FSDP
     if resume is not None:  # the weights before sharding: FSDP then cuts what was loaded
         checkpoint.load_parts(model, resume[0], list(checkpoint.PARTS))
         for prefix, module in extra_modules.items():
@@ -140,8 +141,7 @@ def run_stage(ctx, index, stage, resume=None):
     groups = parameter_groups(model, extra_modules, multipliers, stage.lr,
                               muon_lr=stage.muon_lr if stage.optimizer == "muon" else None)
     trainable = [p for g in groups for p in g["params"]]
-    expected = {id(p) for p in model.parameters() if p.requires_grad} | {
-        id(p) for m in extra_modules.values() for p in m.parameters()}
+    expected = {id(p) for p in model.parameters() if p.requires_grad} | {id(p) for p in extra_params}
     assert {id(p) for p in trainable} == expected and len(trainable) == len(expected), \
         "the optimizer must hold exactly the trainable parameters"
     if not trainable:
@@ -161,11 +161,11 @@ def run_stage(ctx, index, stage, resume=None):
             text_only=text_only, tiling=model.tiling)
     batches = open_stream(ctx.dataset, False, recipe.run.seed + index)
     text_batches = open_stream(ctx.text_dataset, True, recipe.run.seed + index + 7919) if stage.text_ratio else None
+    streams = {"image": batches, "text": text_batches}
     text_steps, first_step = 0, 0
     if resume is not None:
         path, meta, tensors = resume
-        first_step = resume_state.restore(optimizer, scheduler, {"image": batches, "text": text_batches},
-                                          tensors, meta["train_state"])
+        first_step = resume_state.restore(optimizer, scheduler, streams, tensors, meta["train_state"])
         ctx.say(f"stage {stage.name}: resumed at step {first_step} from {path}")
     probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
     monitor_pixels = probe_images(ctx.eval_samples, model.image_size).to(device) if stage.monitor_every else None
@@ -184,7 +184,7 @@ def run_stage(ctx, index, stage, resume=None):
     engine = model if sharded else distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
     if recipe.run.compile:
         engine = torch.compile(engine)
-    streams = {"image": batches, "text": text_batches}
+    clip_grad_norm_ = fsdp.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_
 
     def view():
         """The model with whole weights for monitor, probe and evaluation (under FSDP a gathered copy,
@@ -217,9 +217,9 @@ def run_stage(ctx, index, stage, resume=None):
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
             terms = sums
-            distributed.average_gradients(p for m in extra_modules.values() for p in m.parameters())
+            distributed.average_gradients(extra_params)
             if stage.grad_clip > 0:
-                (fsdp.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_)(trainable, stage.grad_clip)
+                clip_grad_norm_(trainable, stage.grad_clip)
             optimizer.step()
             scheduler.step()
             losses = {k: v.item() for k, v in terms.items()}
@@ -233,8 +233,7 @@ def run_stage(ctx, index, stage, resume=None):
                 last_good = _save(ctx, stage_dir, step + 1, model, sharded, extra_modules, stage, losses,
                                   resume_state.capture(optimizer, scheduler, streams, step + 1, sharded))
             if monitor_pixels is not None and (step == 0 or (step + 1) % stage.monitor_every == 0):
-                collapse = collapse_scores(view(), monitor_pixels)
-                set_train_mode(model)
+                collapse = collapse_scores(view(), monitor_pixels)  # leaves each module's mode as it was
                 ctx.log({"event": "collapse", "stage": stage.name, "step": step + 1, **collapse})
                 progress.write(f"{stage.name} step {step + 1}: collapse monitor (mean pairwise cosine) "
                                + ", ".join(f"{k} {v:.3f}" for k, v in collapse.items()))
@@ -278,7 +277,6 @@ def _probe(ctx, model, tokenizer, probe, stage, step):
     recipe = ctx.recipe
     preds = decode_samples(model, tokenizer, probe, recipe.data.prompt, ctx.device,
                            max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
-    set_train_mode(model)
     pairs = [(p.strip(), s["text"].strip()) for p, s in zip(preds, probe)]
     result = {"exact": sum(p == g for p, g in pairs) / len(pairs),
               "ned": sum(ned(p, g) or 0.0 for p, g in pairs) / len(pairs)}

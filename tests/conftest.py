@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
@@ -21,3 +22,15 @@ def run_cli(*args, env_extra=None, cwd=None, timeout=600):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def random_gpt(sizes, seed=0, **kw):
+    """A nanochat GPT of ``sizes`` (+ ``kw``) with every weight N(0, 0.3), in eval mode: the real init zeroes
+    lm_head, so every logit would tie."""
+    from plugins.decoders.nanochat import GPT
+    torch.manual_seed(seed)
+    model = GPT(**{**sizes, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()

@@ -7,8 +7,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from core import checkpoint, data
-from core.evaluate import prompt_ids
 from core.generate import generate
+from core.generate import image_prompt_ids as prompt_ids
 from core.model import build_model
 from core.ocr import main, tsv_line
 from core.registry import load_plugins

@@ -8,18 +8,13 @@ import torch.nn.functional as F
 from core.registry import Registry
 from plugins.decoders import nanochat
 from plugins.decoders.nanochat import GPT, KVCache, ReluSquared, apply_rotary_emb
+from tests.conftest import random_gpt
 
 TINY = dict(vocab_size=50, sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
 
 def tiny(seed=0, **kw):
-    """A tiny model with every weight random: the real init zeroes lm_head, so all logits tie."""
-    torch.manual_seed(seed)
-    model = GPT(**{**TINY, **kw})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    return random_gpt(TINY, seed, **kw)
 
 
 @torch.no_grad()

@@ -11,17 +11,13 @@ from core.registry import Registry
 from plugins.decoders import nanochat
 from plugins.decoders.nanochat import GPT
 from plugins.decoders.nanochat_pretrained import nanochat_decoder
+from tests import conftest
 
 TINY = dict(vocab_size=300, sequence_len=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
 
 def random_gpt(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = GPT(**{**TINY, **kw})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)  # the real init zeroes lm_head: every logit would tie
-    return model.eval()
+    return conftest.random_gpt(TINY, seed, **kw)
 
 
 def write_native(folder, model, step, compiled=True, **meta_overrides):

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from core import ConfigError, hookimpl
+from core.shards import fresh_partial_dir
 
 FORMAT_VERSION = 1  # bump when rendering or the shard format changes: it invalidates old caches
 SPLITS = ("train", "eval")
@@ -161,6 +162,10 @@ class SyntheticOCR:
         kept, lines = self.wrap(words)
         if len(kept) != len(words):
             raise ValueError(f"text does not fit a {self.image_size} px image: {text!r}")
+        return self._draw(lines)
+
+    def _draw(self, lines):
+        """Wrapped lines (from wrap) -> RGB image."""
         image = Image.new("L", (self.image_size, self.image_size), 255)
         for row, line in enumerate(lines):
             y = self.margin + row * self.line_height
@@ -170,13 +175,18 @@ class SyntheticOCR:
 
     def texts(self, split):
         """The split's target texts, in order (deterministic for the arguments)."""
+        return (text for text, _ in self._pages(split))
+
+    def _pages(self, split):
+        """(text, its wrapped lines) of the split, in order: the shards draw the lines without wrapping again."""
         if self.fixed_samples:
             split = "train"  # the overfit check evaluates on the very samples it trains on
         vocab = self.train_words if split == "train" else self.heldout_words
         rng = random.Random(f"synthetic_ocr:{self.seed}:{split}")
         for _ in range(self.samples[split]):
             picked = [rng.choice(vocab) for _ in range(rng.randint(*self.words))]
-            yield " ".join(self.wrap(picked)[0])
+            kept, lines = self.wrap(picked)
+            yield " ".join(kept), lines
 
     # ---- shards
 
@@ -197,22 +207,18 @@ class SyntheticOCR:
     def _write(self, split, final):
         # write into a private temp dir and rename it into place: readers never see half a split
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f"{split}.partial-*"):
-            if not _alive(stale.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier attempt
-        tmp = final.parent / f"{split}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = fresh_partial_dir(final.parent, split)
         n, per = self.samples[split], self.samples_per_shard
         writer, buf = None, io.BytesIO()
-        for i, text in enumerate(tqdm(self.texts(split), total=n, desc=f"synthetic_ocr {split}", unit="img")):
+        for i, (text, lines) in enumerate(tqdm(self._pages(split), total=n, desc=f"synthetic_ocr {split}",
+                                               unit="img")):
             if i % per == 0:
                 if writer:
                     writer.close()
                 writer = wds.TarWriter(str(tmp / f"{split}-{i // per:06d}.tar"), encoder=False, mtime=0)
             buf.seek(0)
             buf.truncate()
-            self.render(text).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is 1.5x faster
+            self._draw(lines).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is 1.5x faster
             writer.write({"__key__": f"{i:08d}", "png": buf.getvalue(), "txt": text.encode()})
         if writer:
             writer.close()
@@ -223,16 +229,6 @@ class SyntheticOCR:
             shutil.rmtree(tmp, ignore_errors=True)
             if not final.is_dir():
                 raise
-
-
-def _alive(pid):
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except (ValueError, OverflowError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    return True
 
 
 @hookimpl

@@ -26,7 +26,7 @@ import re
 import torch
 
 from core.errors import ConfigError
-from core.weights import load_state, read_state_dict, resolve_weights_path
+from core.weights import FOLDER_FILES as HF_WEIGHT_FILES, load_state, read_state_dict, resolve_weights_path
 from plugins.decoders.nanochat import GPT
 
 
@@ -38,7 +38,6 @@ class _Unset:
 UNSET = _Unset()
 SIZE_KEYS = ("sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd")  # + vocab_size: meta's six keys
 FORMATS = ("auto", "native", "hf")
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 NC_OCT_SETTINGS = dict(rotary_base=10000.0, norm_eps=None, softcap=15.0)  # native: not in the files (§1.4, §6)
 
 

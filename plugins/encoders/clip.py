@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from core import hookimpl
 from plugins.encoders import pretrained
+from plugins.encoders.sam import resize_pos_grid
 
 
 def quick_gelu(x):
@@ -41,9 +42,7 @@ class Embeddings(nn.Module):
         pos = self.position_embedding(self.position_ids)[0]
         cls_pos, grid_pos = pos[:1], pos[1:]
         if (h, w) != (self.grid, self.grid):
-            g = grid_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2).float()
-            g = F.interpolate(g, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-            grid_pos = g.to(pos.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)
+            grid_pos = resize_pos_grid(grid_pos.reshape(1, self.grid, self.grid, -1), h, w).reshape(h * w, -1)
         return torch.cat([cls_pos, grid_pos], dim=0)
 
     def forward(self, pixel_values, patch_embeds=None):

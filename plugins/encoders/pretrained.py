@@ -41,6 +41,11 @@ def _rename(key, rules):
     return key
 
 
+def _strip(sd, prefix):
+    """The keys under ``prefix``, without it; every other key dropped."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
 def _under(sd, prefixes):
     """The first prefix that some key starts with, or None."""
     for prefix in prefixes:
@@ -97,6 +102,7 @@ def sam_from_segment_anything(sd):
     return out
 
 
+_DSO_SAM_PREFIXES = ("model.sam_model.", "sam_model.")  # DeepSeek-OCR's SAM, ``model.`` stripped by vLLM
 _DS2_SAM_PREFIXES = ("model.vision_tower.sam_encoder.", "vision_tower.sam_encoder.", "sam_encoder.")
 
 
@@ -119,10 +125,8 @@ def sam_from_deepseek_ocr2(sd):
 
 def sam_from_deepseek_ocr(sd):
     """DeepSeek-OCR's checkpoint (``model.sam_model.*``, or ``sam_model.*`` as vLLM strips it): the SAM part."""
-    prefix = _under(sd, ("model.sam_model.", "sam_model."))
-    if prefix is None:
-        return dict(sd)
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    prefix = _under(sd, _DSO_SAM_PREFIXES)
+    return dict(sd) if prefix is None else _strip(sd, prefix)
 
 
 def _vlmkit_sub(sd, prefixes, marker):
@@ -131,7 +135,7 @@ def _vlmkit_sub(sd, prefixes, marker):
         return dict(sd)
     for prefix in prefixes:
         if prefix + marker in sd:
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            return _strip(sd, prefix)
     return dict(sd)
 
 
@@ -151,7 +155,7 @@ SAM_MAPPERS = {
 def detect_sam_format(sd):
     """The SAM layout a state dict is in, from its key names; None when none fits."""
     keys = list(sd)
-    if any(k.startswith(("model.sam_model.", "sam_model.")) for k in keys):
+    if any(k.startswith(_DSO_SAM_PREFIXES) for k in keys):
         return "deepseek_ocr"
     if any(k.startswith("image_encoder.") for k in keys):
         return "segment_anything"
@@ -170,11 +174,12 @@ _QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bi
 _HF_CLIP_DROP = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "post_layernorm.")
 
 
-def _fill_position_ids(out):
-    """DSO keeps ``position_ids`` as a persistent buffer; files that lack it get arange (architecture.md §3.2)."""
-    pos = out.get("embeddings.position_embedding.weight")
-    if pos is not None and "embeddings.position_ids" not in out:
-        out["embeddings.position_ids"] = torch.arange(pos.shape[0])[None]
+def _fill_position_ids(out, prefix=""):
+    """DSO keeps ``position_ids`` as a persistent buffer; files that lack it get arange (architecture.md §3.2).
+    ``prefix``: where the CLIP tower's keys sit (``clip.`` in a whole DeepEncoder)."""
+    pos = out.get(f"{prefix}embeddings.position_embedding.weight")
+    if pos is not None and f"{prefix}embeddings.position_ids" not in out:
+        out[f"{prefix}embeddings.position_ids"] = torch.arange(pos.shape[0])[None]
     return out
 
 
@@ -188,7 +193,7 @@ def clip_from_hf(sd):
     A layer with only some of q, k, v keeps those under their own names, so the loader reports them.
     """
     if any(k.startswith("vision_model.") for k in sd):
-        sd = {k[len("vision_model."):]: v for k, v in sd.items() if k.startswith("vision_model.")}
+        sd = _strip(sd, "vision_model.")
     out, parts = {}, {}
     for key, value in sd.items():
         if key.startswith(_HF_CLIP_DROP):
@@ -210,9 +215,7 @@ def clip_from_hf(sd):
 def clip_from_deepseek_ocr(sd):
     """DeepSeek-OCR's checkpoint (``model.vision_model.*`` or ``vision_model.*``): the CLIP part, DSO names."""
     prefix = _under(sd, ("model.vision_model.", "vision_model."))
-    if prefix is None:
-        return _fill_position_ids(dict(sd))
-    return _fill_position_ids({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    return _fill_position_ids(dict(sd) if prefix is None else _strip(sd, prefix))
 
 
 def clip_from_vlmkit(sd):
@@ -264,10 +267,7 @@ def deepencoder_from_deepseek_ocr(sd):
             extras["view_separator"] = value
         elif not rest.startswith(_DSO_LM):
             enc[key] = value
-    pos = enc.get("clip.embeddings.position_embedding.weight")
-    if pos is not None and "clip.embeddings.position_ids" not in enc:
-        enc["clip.embeddings.position_ids"] = torch.arange(pos.shape[0])[None]
-    return enc, extras
+    return _fill_position_ids(enc, "clip."), extras
 
 
 def _is_dso_lm_key(key):
@@ -328,7 +328,7 @@ def load_deepencoder(module, path, who="deepencoder"):
         print(f"{who}: built on the meta device, weights {path} not read")
         return empty_report(), {}
     sd = read_state_dict(path, keep=lambda k: not _is_dso_lm_key(k))
-    if not any(k.startswith(("model.sam_model.", "sam_model.")) for k in sd):
+    if not any(k.startswith(_DSO_SAM_PREFIXES) for k in sd):
         raise ConfigError(f"{path}: not a DeepSeek-OCR checkpoint: no model.sam_model.* keys "
                           f"(keys: {first_keys(sorted(sd))})")
     enc, extras = deepencoder_from_deepseek_ocr(sd)

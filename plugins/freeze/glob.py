@@ -38,14 +38,13 @@ class GlobFreeze:
             if not any(fnmatch(n, pattern) for n in names):
                 raise ConfigError(f"stage {stage.name}: freeze pattern {pattern!r} matches no parameter "
                                   f"(names look like {names[0]!r})")
+        multipliers = {}
         for name, p in model.named_parameters():
             if any(fnmatch(name, pat) for pat in self.frozen):
                 p.requires_grad_(False)
             if any(fnmatch(name, pat) for pat in self.trainable):
                 p.requires_grad_(True)
-        multipliers = {}
-        for name, p in model.named_parameters():
-            for pattern, factor in self.lr_multipliers.items():
+            for pattern, factor in self.lr_multipliers.items():  # this parameter's requires_grad is final here
                 if p.requires_grad and fnmatch(name, pattern):
                     multipliers[name] = multipliers.get(name, 1.0) * factor
         return multipliers
