@@ -1,4 +1,1 @@
-"""Speed measurements (python -m core.bench runs them all); never collected by pytest."""
-import os
-
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
+"""Speed measurements (``python -m benchmarks`` runs them all); never collected by pytest."""

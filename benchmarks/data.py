@@ -15,34 +15,20 @@ import io
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 
 import torch
-import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
-
-from core import data, stream  # noqa: E402
-from core.recipe import load_recipe  # noqa: E402
-from core.registry import load_plugins  # noqa: E402
-from benchmarks import RECIPE  # noqa: E402
-from benchmarks.train_step import TrainStep  # noqa: E402
-from plugins.datasets.synthetic_ocr import SyntheticOCR  # noqa: E402
+from benchmarks.common import bytes_tokenizer, synthetic_shards
+from benchmarks.train_step import TrainStep
+from core import data, stream
+from core.images import preprocess
+from core.shardreader import read_shard
+from core.shardwriter import ShardWriter
 
 BASE_TOKENS, SMALL_TOKENS = 273, 111  # DeepEncoder vision tokens at 1024 px (base) and 640 px (small)
-
-
-def bytes_tokenizer():
-    """The default recipe's tokenizer (``bytes``), as the pipeline measurements use it."""
-    return load_plugins()[1].build("tokenizer", "bytes")
-
-
-def synthetic_shards(folder, samples):
-    args = dict(load_recipe(RECIPE).data.dataset.args, train_samples=samples, samples_per_shard=max(samples // 4, 1))
-    return SyntheticOCR(cache_dir=folder, **args).shards("train")
 
 
 def page_shards(folder, pages, per_shard=100, seed=0):
@@ -50,13 +36,8 @@ def page_shards(folder, pages, per_shard=100, seed=0):
     rng = random.Random(seed)
     font = ImageFont.load_default(size=18)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(2000)]
-    paths, writer = [], None
+    writer = ShardWriter(folder, "pages", per_shard, max_size=None)
     for i in range(pages):
-        if i % per_shard == 0:
-            if writer:
-                writer.close()
-            paths.append(os.path.join(folder, f"pages-{i // per_shard:06d}.tar"))
-            writer = wds.TarWriter(paths[-1], encoder=False)
         image = Image.new("RGB", (1024, 1024), "white")
         draw, lines = ImageDraw.Draw(image), []
         for row in range(40):
@@ -67,19 +48,19 @@ def page_shards(folder, pages, per_shard=100, seed=0):
             lines.append(line)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        writer.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": "\n".join(lines).encode()})
+        writer.write(f"{i:06d}", [("png", buf.getvalue()), ("txt", "\n".join(lines).encode())])
     writer.close()
-    return paths
+    return writer.paths
 
 
 def stage_ms(paths, tokenizer, image_size, count):
     """Per-sample milliseconds of decode, preprocess and tokenize, each timed on its own."""
-    raws = [r for p in paths for r in data.read_shard(p)][:count]
+    raws = [r for p in paths for r in read_shard(p)][:count]
     t0 = time.perf_counter()
     decoded = [data.decode(r) for r in raws]
     t1 = time.perf_counter()
     for image, _ in decoded:
-        data.preprocess(image, image_size)
+        preprocess(image, image_size)
     t2 = time.perf_counter()
     for _, text in decoded:
         tokenizer.encode(text)
@@ -134,7 +115,7 @@ def main(argv=None):
           f"{time.perf_counter() - start:.1f} s", flush=True)
 
     train, batch = train_rate(small, steps)  # with the machine's threads, as the trainer runs
-    torch.set_num_threads(1)  # a DataLoader worker's setting (core.data._one_thread)
+    torch.set_num_threads(1)  # a DataLoader worker's setting (core.stream._one_thread)
     rows = []
     for name, paths, image_size, tokens, max_len, batch_size, count in (
             ("synthetic 32 px -> 32", small, 32, 21, 64, 32, synthetic),

@@ -9,23 +9,19 @@ included). NED: ``core.textdist.ned`` against the bare ``rapidfuzz`` call on 1,0
 2,000-character strings about 5% apart. Prints markdown tables.
 """
 import argparse
-import os
 import random
 import string
-import sys
 import time
 
 import torch
 from rapidfuzz.distance import Levenshtein
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
-
-from benchmarks import RECIPE  # noqa: E402
-from core.generate import generate, image_prompt_ids  # noqa: E402
-from core.model import build_model  # noqa: E402
-from core.recipe import load_recipe  # noqa: E402
-from core.registry import load_plugins  # noqa: E402
-from core.textdist import ned  # noqa: E402
+from benchmarks.common import RECIPE
+from core.generate import generate, image_prompt_ids
+from core.model import build_model
+from core.recipe import load_recipe
+from core.registry import load_plugins
+from core.textdist import ned
 
 
 class NeverStop:

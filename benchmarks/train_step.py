@@ -2,8 +2,8 @@
 
     python -m benchmarks.train_step [RECIPE] [--stage N] [--steps N]
 
-The step is what core.train runs: forward, the stage's regularisers, backward, grad clipping,
-AdamW, on one ready batch from the recipe's data (so data loading is not in it; benchmarks/data.py
+The step is what core.train runs (core.train.prepare_stage and train_step): forward, the stage's
+regularisers, backward, grad clipping, the optimizer, on one ready batch from the recipe's data (so data loading is not in it; benchmarks/data.py
 measures that), or with ``full_length`` on rows of exactly ``data.max_len`` tokens (random answer ids),
 the cost at a sequence length whatever the data's texts are. FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls,
 convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
@@ -11,21 +11,16 @@ FLOP/s is that count over the measured step time. The peak is the best of square
 (bf16 on a GPU) with the threads torch uses, the number an MFU ratio is taken against.
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
-
-from benchmarks import RECIPE  # noqa: E402
-from core import data, stream  # noqa: E402
-from core.model import build_model, checkpoint_activations  # noqa: E402
-from core.recipe import load_recipe  # noqa: E402
-from core.registry import load_plugins  # noqa: E402
-from core.train import apply_freeze, make_optimizer, parameter_groups, set_train_mode  # noqa: E402
+from benchmarks.common import RECIPE, synthetic_shards
+from core import data, stream
+from core.recipe import load_recipe
+from core.registry import load_plugins
+from core.train import loss_terms, prepare_stage, sample_encoding, train_step
 
 def matmul_peak(device="cpu", seconds=1.0, sizes=(1024, 2048, 4096)):
     """(best FLOP/s, dtype name, size) of n x n matmuls; fp32 on the CPU, bf16 on a GPU."""
@@ -64,62 +59,40 @@ def full_length_tokens(tokenizer, prompt, num_image_tokens, max_len, batch_size,
 
 
 class TrainStep:
-    """One stage's training step on a fixed batch: ``run()`` does one; ``flops()`` counts one fwd + bwd."""
+    """One stage's training step on a fixed batch: ``run()`` does one; ``flops()`` counts one fwd + bwd.
+
+    Built by core.train.prepare_stage and stepped by core.train.train_step, the trainer's own setup and
+    step (freeze, regularisers, activation checkpointing, parameter groups, optimizer, grad clipping)."""
 
     def __init__(self, shard_paths, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=(), full_length=False):
         recipe = load_recipe(recipe_path, overrides)
+        if device != "cpu":  # GPU steps run under bf16 autocast, as recipes with run.precision: bf16
+            recipe.run.precision = "bf16"
         pm, registry = load_plugins(recipe.plugins)
-        torch.manual_seed(0)
-        model, tokenizer = build_model(recipe.model, registry)
-        self.model = model.to(device)
-        stage, where = recipe.stages[stage_index], f"stages.{stage_index}"
-        # the trainer's own freeze, parameter groups and optimizer (core/train.py), so this is its step
-        multipliers = apply_freeze(registry, pm, model, stage, where)
-        self.regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
-                                               context={"model": model, "tokenizer": tokenizer})
-        extra = {f"regulariser.{i}": r.to(device) for i, r in enumerate(self.regularisers)
-                 if isinstance(r, torch.nn.Module)}
-        groups = parameter_groups(model, extra, multipliers, stage.lr,
-                                  muon_lr=stage.muon_lr if stage.optimizer == "muon" else None)
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = make_optimizer(stage, groups)
-        checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
+        self.prep = prepare_stage(recipe, registry, pm, stage_index, device, say=lambda text: None, init_from=False)
+        model, tokenizer, stage = self.prep.model, self.prep.tokenizer, self.prep.stage
         self.batch_size = stage.batch_size or recipe.data.batch_size
-        batches = stream.train_batches(shard_paths, tokenizer, model.image_size, recipe.data.prompt,
-                                       model.num_image_tokens(), recipe.data.max_len, self.batch_size)
+        encoding = sample_encoding(recipe.data, model, tokenizer)
+        batches = stream.open_batches(shard_paths, encoding, self.batch_size)
         batch = next(batches)
         batches.close()
         if full_length:  # every row data.max_len long: the step's cost at a given sequence length
             batch.update(full_length_tokens(tokenizer, recipe.data.prompt, model.num_image_tokens(),
                                             recipe.data.max_len, self.batch_size))
         self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        self.device, self.grad_clip = device, stage.grad_clip
-        self.bf16 = device != "cpu"  # GPU steps run under bf16 autocast, as recipes with run.precision: bf16
+        self.device = device
         self.shape = dict(image_size=model.image_size, num_image_tokens=model.num_image_tokens(),
                           max_len=recipe.data.max_len, prompt=recipe.data.prompt)
-        set_train_mode(self.model)
-
-    def forward_backward(self):
-        b = self.batch
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(b["pixel_values"], b["input_ids"], b["targets"])
-            total = out["loss"]
-            for r in self.regularisers:
-                total = total + sum((r.vlmkit_regulariser_loss(self.model, b, out) or {}).values())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
 
     def run(self):
-        self.forward_backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
+        train_step(self.prep, lambda micro: self.batch)
 
     def flops(self):
         """FLOPs of one forward + backward, as torch's FLOP counter sees them."""
         counter = FlopCounterMode(display=False)
         with counter:
-            self.forward_backward()
+            sum(loss_terms(self.prep, self.batch).values()).backward()
+        self.prep.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
     def seconds(self, steps, warmup=3):
@@ -132,6 +105,9 @@ class TrainStep:
         _sync(self.device)
         return (time.perf_counter() - start) / steps
 
+    def close(self):
+        self.prep.close()
+
 
 def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cpu", overrides=(), full_length=False):
     """{seconds, samples_per_s, flops, flops_per_s, batch_size, peak_memory (GPU bytes, else None), tokens,
@@ -141,6 +117,7 @@ def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cp
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     seconds = step.seconds(steps)
+    step.close()
     memory = torch.cuda.max_memory_allocated() if device != "cpu" else None
     return dict(seconds=seconds, samples_per_s=step.batch_size / seconds, flops=flops, flops_per_s=flops / seconds,
                 batch_size=step.batch_size, peak_memory=memory, tokens=step.batch["input_ids"].numel(), **step.shape)
@@ -149,7 +126,6 @@ def measure(shard_paths, steps=20, recipe_path=RECIPE, stage_index=0, device="cp
 def main(argv=None):
     import tempfile
 
-    from benchmarks.data import synthetic_shards
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", nargs="?", default=RECIPE)
     parser.add_argument("--stage", type=int, default=0)

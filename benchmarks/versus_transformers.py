@@ -17,17 +17,14 @@ import argparse
 import contextlib
 import io
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
-
-from benchmarks import RECIPE  # noqa: E402
-from core.recipe import load_recipe  # noqa: E402
-from core.registry import load_plugins  # noqa: E402
+from benchmarks.common import RECIPE
+from core.recipe import load_recipe
+from core.registry import load_plugins
 
 def scale_sizes(scale):
     """{sam, clip, decoder, image_size, batch, seq}: vlmkit argument names, from the recipe or the wide set."""
@@ -37,7 +34,7 @@ def scale_sizes(scale):
         return dict(sam=dict(enc["sam"]), clip=dict(enc["clip"]), image_size=enc["image_size"],
                     decoder={k: dec[k] for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len")},
                     vocab_size=260, batch=recipe.data.batch_size, seq=recipe.data.max_len)
-    # architecture.md §2.1 (SAM ViT-B: 768, 12 heads, window 14), §2.2 (CLIP-L: 1024, 16 heads, 4096),
+    # docs/architecture.md §2.1 (SAM ViT-B: 768, 12 heads, window 14), §2.2 (CLIP-L: 1024, 16 heads, 4096),
     # §1.3 (d20: 1280, 10 heads of 128, vocab 65536); 2 layers each to fit a CPU
     return dict(sam=dict(patch_size=16, dim=768, depth=2, heads=12, window_size=14, global_attn_indexes=[1],
                          out_chans=256, downsample_channels=[512, 1024], downsample_strides=[2, 2]),

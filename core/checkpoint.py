@@ -44,7 +44,7 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
     """Write the full model, the encoder alone and meta json, then the ``latest`` pointer; return the model path.
 
     ``model_state``: the model's state dict when ``model.state_dict()`` would not give whole tensors
-    (FSDP's shards, gathered by core/fsdp.py).
+    (FSDP's shards, gathered by core/distributed.py).
     The pointer is written last, so a reader that follows it never finds a step whose
     files are incomplete; ``keep_last`` then deletes all but the newest N steps.
     """

@@ -5,7 +5,7 @@ A conversation is a list of turns ``{"from": "human" | "gpt", "value": text}``
 too). Turns alternate, starting with the human. The first human turn may
 contain one ``<image>`` marker: it becomes the image's placeholder tokens.
 
-Rendering is DeepSeek-OCR's "plain" format (architecture.md §2.6): no role
+Rendering is DeepSeek-OCR's "plain" format (docs/architecture.md §2.6): no role
 tags; the sequence is ``bos``, then each human turn's text, then each answer's
 text followed by ``eos``. The loss is on the answers and their ``eos`` only,
 so the model learns when to stop; everything else has target -1.

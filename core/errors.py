@@ -1,5 +1,48 @@
-"""The one error type the command line turns into a single line and exit code 2."""
+"""The errors a command line turns into one line, and the helpers every command shares.
+
+Two kinds of failure, as pytest separates UsageError from INTERNALERROR:
+
+* ``ConfigError``: bad user input (recipe, override, plugin name, data path). The message is the
+  whole story: the command prints ``error: <message>`` and exits with code 2, no traceback.
+* ``PluginError``: a fault inside a plugin's own code (its constructor raised, its registration
+  hook failed). The command names the plugin, prints the traceback that the plugin's author
+  needs, and exits with code 3.
+"""
+import difflib
+import sys
+import traceback
 
 
 class ConfigError(Exception):
     """Bad user input (recipe, override, plugin name, data path): the message is the whole story."""
+
+
+class PluginError(Exception):
+    """A plugin's own code failed; ``__cause__`` holds the original exception and its traceback."""
+
+
+def closest(word, candidates):
+    """' (did you mean 'x'?)' for the nearest candidate, or '' when none is near."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def cli_main(main, argv=None, handled=()):
+    """Run a command's ``main(argv)`` and turn errors into exit codes: 0 (or main's own code) on success,
+    2 and one ``error:`` line for a ConfigError, 3 and the plugin's traceback for a PluginError.
+    ``handled``: (exception type, exit code) pairs of the command's own, printed as one line too."""
+    try:
+        code = main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PluginError as e:
+        cause = e.__cause__
+        if cause is not None:
+            traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except tuple(t for t, _ in handled) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return next(code for t, code in handled if isinstance(e, t))
+    return 0 if code is None else code

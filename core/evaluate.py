@@ -7,6 +7,7 @@ import time
 import torch
 
 from core import data
+from core.images import image_views
 from core.generate import generate, grid_batches, image_grid, image_prompt_ids, view_batch
 from core.metrics import score_pairs
 from core.model import evaluating
@@ -38,7 +39,7 @@ def sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size
     for i in range(0, len(samples), batch_size):
         prepared = []
         for s in samples[i:i + batch_size]:
-            pixels, tiles, grid = data.image_views(s["image"], model.image_size, model.tiling)
+            pixels, tiles, grid = image_views(s["image"], model.image_size, model.tiling)
             ids, tg = data.encode_sample(tokenizer, s["text"], prompt, model.num_image_tokens(grid), max_len)
             prepared.append({"pixel_values": pixels, "tiles": tiles, "grid": grid, "input_ids": ids, "targets": tg,
                              "text": s["text"], "key": s["key"]})
@@ -78,15 +79,39 @@ def format_summary(aggregate):
     return "\n".join(lines)
 
 
+NOT_METRICS = ("id", "page", "gt", "pred", "loss")
+
+
+def metric_columns(rows, limit=None):
+    """The per-sample numeric values the metrics produced, in first-seen order (at most ``limit``): which
+    columns the tables show. Values whose name ends in ``_num`` / ``_len`` are the parts of a ratio."""
+    names = []
+    for row in rows:
+        for key, value in row.items():
+            if key not in NOT_METRICS and key not in names and isinstance(value, float) \
+                    and not key.endswith(("_num", "_len")):
+                names.append(key)
+    return names if limit is None else names[:limit]
+
+
+def _exact(row):
+    return row["exact"] == 1.0 if row.get("exact") is not None else row["pred"].strip() == row["gt"].strip()
+
+
 def format_samples(rows, limit=8):
-    """Per-sample lines for the terminal: exact mark, id, loss, word overlap, NED, gt -> pred."""
+    """Per-sample lines for the terminal: exact mark, id, loss, the first metric values, gt -> pred."""
+    columns = metric_columns(rows, limit=3)
     lines = []
     for row in rows[:limit]:
-        mark = "ok " if row["pred"].strip() == row["gt"].strip() else "   "
-        overlap = f"  words {row['precision']:.2f}" if row.get("precision") is not None else ""
-        ned = f"  NED {row['ned']:.2f}" if row.get("ned") is not None else ""
-        lines.append(f"{mark}{row['id']:<10} loss {row['loss']:.3f}{overlap}{ned}  {row['gt']!r} -> {row['pred']!r}")
+        values = "".join(f"  {k} {row[k]:.2f}" for k in columns if row.get(k) is not None)
+        lines.append(f"{'ok ' if _exact(row) else '   '}{row['id']:<10} loss {row['loss']:.3f}{values}  "
+                     f"{_short(row['gt'])!r} -> {_short(row['pred'])!r}")
     return "\n".join(lines)
+
+
+def _short(text, limit=120):
+    """A page of text shortened for one terminal line: the full text is in eval_samples.jsonl."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def write_eval(run_dir, rows, aggregate, stages):
@@ -109,14 +134,16 @@ def _cell(value, digits=None):
 
 
 def format_markdown(rows, aggregate):
-    """eval.md: the aggregate table, then one table row per sample."""
+    """eval.md: the aggregate table, then one table row per sample with each metric's value."""
+    columns = metric_columns(rows)
     lines = [f"# Evaluation: {len(rows)} samples, greedy", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {key} | {_cell(value, 4)} |" for key, value in aggregate.items()]
-    lines += ["", "word overlap = Fox `precision` (share of the distinct ground-truth words in the output); "
-              "NED = edit distance / longer length.", "",
-              "| id | loss | word overlap | NED | exact | gt | pred |", "|---|---:|---:|---:|:---:|---|---|"]
+    lines += ["", "Per-sample values as each metric plugin defines them (the metric's own docs); exact = the "
+              "prediction equals the ground truth after stripping surrounding whitespace.", "",
+              "| id | loss | " + " | ".join(columns) + (" | " if columns else "") + "exact | gt | pred |",
+              "|---|---:|" + "---:|" * len(columns) + ":---:|---|---|"]
     for row in rows:
-        exact = row["pred"].strip() == row["gt"].strip() if row.get("exact") is None else row["exact"] == 1.0
-        lines.append(f"| {_cell(row['id'])} | {_cell(row['loss'], 3)} | {_cell(row.get('precision'), 2)} | "
-                     f"{_cell(row.get('ned'), 2)} | {'✓' if exact else '✗'} | {_cell(row['gt'])} | {_cell(row['pred'])} |")
+        values = "".join(f" {_cell(row.get(k), 2)} |" for k in columns)
+        lines.append(f"| {_cell(row['id'])} | {_cell(row['loss'], 3)} |{values} {'✓' if _exact(row) else '✗'} | "
+                     f"{_cell(row['gt'])} | {_cell(row['pred'])} |")
     return "\n".join(lines) + "\n"

@@ -1,20 +1,28 @@
-"""The plugin contract: every vlmkit hook, documented in this one file.
+"""The plugin contract's hooks: every vlmkit hook, documented in this one file.
 
-A plugin is a module (or any object) with functions decorated by ``@hookimpl``.
-There are two layers, as in pytest:
+A plugin is a module (or any object) with functions decorated by ``@hookimpl``. There are two
+layers, as in pytest:
 
-1. **Registration.** Every plugin implements ``vlmkit_register(registry)`` and
-   adds named component factories of the kinds in ``core.registry.KINDS``.
-   A recipe then builds components by name: ``{name: sam, dim: 768, ...}``
-   calls the registered factory with the remaining keys as keyword arguments.
+1. **Registration.** A plugin module implements ``vlmkit_register(registry)`` and adds named
+   component factories of the kinds in ``core.registry.KINDS``. A recipe then builds
+   components by name: ``{name: sam, dim: 768, ...}`` calls the registered factory with the
+   remaining keys as keyword arguments. What each kind's object must provide is declared in
+   ``core/contracts.py`` and checked when it is built.
 
-2. **Behaviour.** Components chosen by the recipe for freezing, regularising,
-   scoring and logging are objects that implement the behaviour hooks below.
-   The core registers the chosen objects with the plugin manager for as long
-   as they apply (a freeze policy or regulariser for its stage, metrics for an
-   evaluation, loggers for the run) and calls the hook; every registered
-   implementation answers, and the core combines the answers as each hook's
-   docstring says. Results of ``None`` are ignored, as pluggy does.
+2. **Behaviour.** The objects a recipe chooses for freezing, regularising, scoring and logging
+   implement the behaviour hooks below. The core attaches them to the plugin manager for as
+   long as they apply (a stage's freeze policies and regularisers, an evaluation's metrics, a
+   run's loggers: ``core.registry.attached``) and calls the hook; every attached implementation
+   answers, in the order the recipe lists them, and the core combines the answers as each
+   hook's docstring says. Answers of ``None`` are ignored, as pluggy does.
+
+Why pluggy for behaviour, not plain methods: one hook call combines several objects (a stage's
+regularisers, a run's loggers) and an installed plugin module can answer a hook everywhere (a
+logger for every run, say) without a recipe line; pluggy checks each implementation's argument
+names against the spec at registration. Every ``vlmkit_*`` name a plugin defines must be one of
+these hooks and be marked ``@hookimpl``; anything else is an error naming the plugin
+(``core.registry.check_hook_names`` and pluggy's ``check_pending``), so a misspelt hook fails
+instead of never being called.
 
 Core imports no concrete plugin: it discovers them (``core.registry``).
 """
@@ -54,7 +62,7 @@ def vlmkit_freeze(model, stage):
 def vlmkit_regulariser_loss(model, batch, outputs):
     """Return ``{name: scalar tensor}`` of extra losses for this training step, or None.
 
-    ``batch`` is the dict from ``core.data`` (pixel_values, input_ids, targets,
+    ``batch`` is the dict from ``core.data.collate`` (pixel_values, input_ids, targets,
     texts, keys, and with crops tiles and grids); ``outputs`` is
     ``VisionLanguageModel.forward``'s dict (``loss``, ``vision_features`` before
     the projector, ``vision_tokens`` after it, laid out with newlines and

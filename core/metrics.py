@@ -4,58 +4,111 @@
     python -m core.metrics fox --format fox --pred results_final.json
     python -m core.metrics omnidocbench --format omnidocbench --gt OmniDocBench.json --pred md_folder/
 
-``--format`` (``core.metric_inputs`` has the details): ``jsonl`` (default; one
-``{"id": ..., "text": ...}`` per line, a ground-truth line may add ``"page"``),
-``fox`` (Fox's result JSON, which holds both sides: no ``--gt``) or
-``omnidocbench`` (OmniDocBench.json + a folder of ``<image stem>.md`` or a
-JSONL file; one sample per page; ``--evaluator-quirks`` reproduces the
-evaluator's truncation-chain duplication). Ids (strings or integers) are
-matched by their string form. Every ground-truth id is scored: a missing
-prediction is scored as the empty string "" and reported on stderr;
-predictions whose id is not in the ground truth are reported and ignored. The
-aggregate is printed as one JSON object on the last line of stdout;
-``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and
-the values). Bad input prints one ``error: ...`` line to stderr and exits 2.
+``--format``: ``jsonl`` (default; vlmkit's own: ``--gt`` and ``--pred`` hold one ``{"id": ...,
+"text": ...}`` per line, a ground-truth line may add ``"page"`` (string or integer) to group
+samples for page averages), or any registered ``metric_input`` plugin (core/contracts.py
+``MetricInput``; built in: ``fox``, Fox's result JSON, and ``omnidocbench``, OmniDocBench.json +
+a folder of ``<image stem>.md``). ``--option KEY=VALUE`` passes an argument to that format's
+reader. Ids (strings or integers) are matched by their string form. Every ground-truth id is
+scored: a missing prediction is scored as the empty string "" and reported on stderr;
+predictions whose id is not in the ground truth are reported and ignored. The aggregate is
+printed as one JSON object on the last line of stdout; ``--per-sample`` writes one JSON row per
+sample (``id``, ``page`` if known, and the values). Bad input prints one ``error: ...`` line to
+stderr and exits 2.
 """
 import argparse
 import json
+import os
 import sys
 import warnings
 
-from core.errors import ConfigError
-from core.metric_inputs import FORMATS, load_pairs
-from core.registry import load_plugins, new_plugin_manager
+from core.errors import ConfigError, cli_main
+from core.jsonfiles import jsonl_records
+from core.recipe import parse_options, resolve_plugin_paths
+from core.registry import attached, call_in_order, load_plugins, new_plugin_manager
+from core.sources import sample_id
 
+NATIVE_FORMAT = "jsonl"
 PROGRESS_MIN = 1000  # show a progress bar above this many pairs
+SHOW_IDS = 5
 
+
+# ---- reading pairs
+
+def read_jsonl(path, allow_page=False):
+    """Return ``{str(id): (id, text, page)}`` in file order (page None unless ``allow_page`` and given)."""
+    out = {}
+    for n, item in jsonl_records(path):
+        where = f"{path}:{n}"
+        if "id" not in item or not isinstance(item.get("text"), str):
+            raise ConfigError(f'{where}: expected an object {{"id": ..., "text": "..."}}')
+        sid = item["id"]
+        sample_id(sid, where)
+        if str(sid) in out:
+            raise ConfigError(f"{where}: duplicate id {sid!r}")
+        page = item.get("page") if allow_page else None
+        if page is not None and (isinstance(page, bool) or not isinstance(page, (str, int))):
+            raise ConfigError(f"{where}: page must be a string or an integer, not {page!r}")
+        out[str(sid)] = (sid, item["text"], page)
+    return out
+
+
+def report(ids, message):
+    """One stderr line: how many ``ids`` and the first few."""
+    if ids:
+        shown = ", ".join(ids[:SHOW_IDS]) + (", ..." if len(ids) > SHOW_IDS else "")
+        print(f"warning: {len(ids)} {message}: {shown}", file=sys.stderr)
+
+
+def pair_up(gt, pred):
+    """``gt`` {key: (id, text, page)} and ``pred`` {key: (id, text, page)} -> [(id, pred, gt, page)] in gt
+    order; a missing prediction is "" and reported, a prediction without ground truth is reported and ignored."""
+    report([k for k in gt if k not in pred], 'ground-truth ids have no prediction (scored as empty string "")')
+    report([k for k in pred if k not in gt], "prediction ids are not in the ground truth (ignored)")
+    return [(sid, pred[key][1] if key in pred else "", text, page) for key, (sid, text, page) in gt.items()]
+
+
+def load_pairs(registry, fmt, pred_path, gt_path=None, options=None):
+    """The ``(id, pred, gt, page)`` pairs of ``fmt``'s files (page may be None)."""
+    if fmt == NATIVE_FORMAT:
+        if options:
+            raise ConfigError(f"--option: the {NATIVE_FORMAT} format takes no options")
+        if gt_path is None:
+            raise ConfigError(f"--gt is required with --format {fmt}")
+        return pair_up(read_jsonl(gt_path, allow_page=True), read_jsonl(pred_path))
+    reader = registry.build("metric_input", fmt, where="--format", **(options or {}))
+    if gt_path is None and reader.needs_gt:
+        raise ConfigError(f"--gt is required with --format {fmt}")
+    if gt_path is not None and not reader.needs_gt:
+        raise ConfigError(f"--gt is not used with --format {fmt}: its --pred file holds both sides")
+    return reader.read(pred_path, gt_path)
+
+
+# ---- scoring
 
 def score_pairs(metrics, pairs, progress=False):
     """Score ``pairs`` of ``(id, pred, gt)`` or ``(id, pred, gt, page)`` with metric objects.
 
-    Returns ``(rows, aggregate)``. Each row is ``{"id": id, **values}`` merged
-    over all metrics, with ``"page": page`` after the id when a pair has a page
-    that is not None (metrics that average per page read it, e.g.
-    ``omnidocbench``); the aggregate merges every metric's
-    ``vlmkit_metric_aggregate(rows)``. Two metrics that produce the same value
-    name (or ``id``/``page``) raise ConfigError.
+    Returns ``(rows, aggregate)``. Each row is ``{"id": id, **values}`` merged over all metrics,
+    with ``"page": page`` after the id when a pair has a page that is not None (metrics that
+    average per page read it, e.g. ``omnidocbench``); the aggregate merges every metric's
+    ``vlmkit_metric_aggregate(rows)``. Two metrics that produce the same value name (or
+    ``id``/``page``) raise ConfigError.
     """
-    pm = new_plugin_manager()
-    for metric in metrics:
-        pm.register(metric)
     if progress and len(pairs) > PROGRESS_MIN:
         from tqdm import tqdm
         pairs = tqdm(pairs, desc="scoring", unit="pair", file=sys.stderr)
-    rows = []
-    for sample_id, pred, gt, *page in pairs:
-        row = {"id": sample_id}
-        if page and page[0] is not None:
-            row["page"] = page[0]
-        for values in reversed(pm.hook.vlmkit_metric_score(pred=pred, gt=gt)):  # pluggy answers LIFO
-            _merge(row, values, "per-sample value")
-        rows.append(row)
-    aggregate = {}
-    for values in reversed(pm.hook.vlmkit_metric_aggregate(rows=rows)):
-        _merge(aggregate, values, "aggregate value")
+    rows, aggregate = [], {}
+    with attached(new_plugin_manager(), metrics, "metrics") as hook:
+        for sample_id_, pred, gt, *page in pairs:
+            row = {"id": sample_id_}
+            if page and page[0] is not None:
+                row["page"] = page[0]
+            for values in call_in_order(hook.vlmkit_metric_score, pred=pred, gt=gt):
+                _merge(row, values, "per-sample value")
+            rows.append(row)
+        for values in call_in_order(hook.vlmkit_metric_aggregate, rows=rows):
+            _merge(aggregate, values, "aggregate value")
     return rows, aggregate
 
 
@@ -66,33 +119,37 @@ def _merge(into, values, what):
         into[name] = value
 
 
-def main(argv=None):
+def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("metrics", nargs="+", metavar="NAME", help="registered metric names, e.g. fox ned exact")
     parser.add_argument("--pred", required=True, help="predictions file (or folder of .md for omnidocbench)")
     parser.add_argument("--gt", help="ground-truth file (not with --format fox)")
-    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="input format (default jsonl)")
-    parser.add_argument("--evaluator-quirks", action="store_true",
-                        help="omnidocbench: repeat a block shared by two truncation relations, as the evaluator does")
+    parser.add_argument("--format", default=NATIVE_FORMAT,
+                        help="input format: jsonl (default) or a registered metric_input (fox, omnidocbench, ...)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="an argument of the --format reader, e.g. evaluator_quirks=true (omnidocbench)")
     parser.add_argument("--per-sample", metavar="OUT", help="write per-sample rows (JSONL) here")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="load this plugin too (a module name or a .py file), as a recipe's plugins: do")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source frame
-    try:
-        _, registry = load_plugins()
-        metrics = [registry.build("metric", name) for name in args.metrics]
-        pairs = load_pairs(args.format, args.pred, args.gt, evaluator_quirks=args.evaluator_quirks)
-        rows, aggregate = score_pairs(metrics, pairs, progress=True)
-        if args.per_sample:
-            try:
-                with open(args.per_sample, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            except OSError as e:
-                raise ConfigError(f"cannot write {args.per_sample}: {e}") from e
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))
+    metrics = [registry.build("metric", name, where=f"metric {name!r}") for name in args.metrics]
+    pairs = load_pairs(registry, args.format, args.pred, args.gt, parse_options(args.option))
+    rows, aggregate = score_pairs(metrics, pairs, progress=True)
+    if args.per_sample:
+        try:
+            with open(args.per_sample, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        except OSError as e:
+            raise ConfigError(f"cannot write {args.per_sample}: {e}") from e
     print(json.dumps(aggregate, ensure_ascii=False))
     return 0
+
+
+def main(argv=None):
+    """The command line: ``command`` with errors as one line and an exit code."""
+    return cli_main(command, argv)
 
 
 if __name__ == "__main__":

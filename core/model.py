@@ -1,19 +1,19 @@
 """VisionLanguageModel: encoder -> projector -> vision token layout -> decoder.
 
-The layout is DeepSeek-OCR's (architecture.md §2.3). One global view: the
+The layout is DeepSeek-OCR's (docs/architecture.md §2.3). One global view: the
 projected h x w grid gets ``image_newline`` appended to every row and one
 ``view_separator`` at the end, h*(w+1)+1 embeddings that replace the same
 number of ``<|image|>`` placeholder tokens in the prompt. 1024 px, patch 16,
 downsample 4 gives 16*17+1 = 273; the tiny default obeys the same rule.
 
-With crops (``model.crops``, core/tiles.py) an image larger than a tile also has
+With crops (``model.crops``, core/images.py) an image larger than a tile also has
 across x down local tiles: their grids are joined into one (down*h2) x (across*w2)
 map, each row followed by the newline, and these local rows come FIRST, then the
 global rows and the separator (DSO's order; §2.3). The count differs per image,
 so each sample's sequence is merged into its own placeholders.
 
 Image embeddings are merged *before* the decoder's input RMSNorm (nanochat
-norms right after wte), so their scale is irrelevant (architecture.md §5).
+norms right after wte), so their scale is irrelevant (docs/architecture.md §5).
 """
 import contextlib
 
@@ -21,7 +21,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from core import tiles as tiling_rules
+from core.images import Tiling
+from core.distributed import print0
 from core.errors import ConfigError
 from core.weights import load_state
 
@@ -31,9 +32,9 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.image_token_id = image_token_id
-        self.tiling = tiling  # core.tiles.Tiling, or None: the global view alone
+        self.tiling = tiling  # core.images.Tiling, or None: the global view alone
         n_embd = decoder.n_embd
-        # architecture.md §2.3: randn * 1/sqrt(n_embed). DSO spells it "view_seperator"; loaders map the name.
+        # docs/architecture.md §2.3: randn * 1/sqrt(n_embed). DSO spells it "view_seperator"; loaders map the name.
         self.image_newline = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
         self.view_separator = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
 
@@ -158,7 +159,7 @@ def build_model(model_config, registry):
     proj = model_config.projector
     projector = registry.build("projector", proj.name, where="model.projector",
                                in_dim=encoder.out_dim, out_dim=decoder.n_embd, **proj.args)
-    tiling = tiling_rules.Tiling.for_encoder(encoder, model_config.crops)
+    tiling = Tiling.for_encoder(encoder, model_config.crops)
     model = VisionLanguageModel(encoder, projector, decoder, tokenizer.image_id, tiling)
     extras = getattr(encoder, "pretrained_extras", None)  # e.g. DeepSeek-OCR's projector and layout tokens
     if extras:
@@ -210,26 +211,4 @@ def _load_extras(model, extras):
         with torch.no_grad():
             for name, value in vectors.items():
                 getattr(model, name).copy_(value)
-    print(f"model: {', '.join(sorted(extras))} from the encoder's checkpoint")
-
-
-def parameter_table(model, component_depth=2):
-    """Rows (component, trainable, frozen) grouping parameters by the first name parts (encoder.sam, decoder, ...)."""
-    rows = {}
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        key = ".".join(parts[:component_depth]) if parts[0] == "encoder" and len(parts) > 2 else parts[0]
-        trainable, frozen = rows.get(key, (0, 0))
-        rows[key] = (trainable + p.numel(), frozen) if p.requires_grad else (trainable, frozen + p.numel())
-    return [(k, t, f) for k, (t, f) in rows.items()]
-
-
-def format_parameter_table(rows, title=""):
-    width = max([len("component")] + [len(r[0]) for r in rows])
-    lines = [title] if title else []
-    lines.append(f"{'component':<{width}}  {'trainable':>12}  {'frozen':>12}")
-    for name, t, f in rows:
-        lines.append(f"{name:<{width}}  {t:>12,}  {f:>12,}")
-    total_t, total_f = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    lines.append(f"{'total':<{width}}  {total_t:>12,}  {total_f:>12,}")
-    return "\n".join(lines)
+    print0(f"model: {', '.join(sorted(extras))} from the encoder's checkpoint")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core import data
+from core.images import preprocess
 from core.model import evaluating
 
 
@@ -26,7 +26,7 @@ def probe_images(samples, image_size, count=16, seed=0):
     noise = (torch.rand(image_size, image_size, 3, generator=generator) * 255).to(torch.uint8).numpy()
     images += [Image.fromarray(noise), Image.new("RGB", (image_size, image_size), "white"),
                Image.new("RGB", (image_size, image_size), "black")]
-    return torch.stack([data.preprocess(im, image_size) for im in images])
+    return torch.stack([preprocess(im, image_size) for im in images])
 
 
 def mean_pairwise_cosine(pooled):

@@ -1,6 +1,6 @@
 """nanochat's Muon for the decoder's matrices, AdamW for everything else, as one optimizer.
 
-Muon (architecture.md §1.7, NC-OCT): SGD momentum 0.95 with Nesterov, then the
+Muon (docs/architecture.md §1.7, NC-OCT): SGD momentum 0.95 with Nesterov, then the
 update is orthogonalised by 5 Newton-Schulz iterations (quintic coefficients
 3.4445, -4.7750, 2.0315, in bf16) and scaled by max(1, rows/cols)^0.5. It is
 for 2-D weight matrices inside the transformer blocks; embeddings, the head,
@@ -9,7 +9,7 @@ state_dict, one lr schedule (LambdaLR scales every group) and one resume path.
 """
 import torch
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # architecture.md §1.7
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # docs/architecture.md §1.7
 
 
 def orthogonalise(update, steps=5):
@@ -65,3 +65,14 @@ class MuonAdamW(torch.optim.Optimizer):
         denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+
+
+def muon_matrices(decoder):
+    """Names (relative to the decoder) of the matrices Muon takes: the decoder's own ``muon_matrices()``
+    (core/contracts.py ``Decoder``, optional), else every 2-D weight inside its ``nn.ModuleList`` blocks:
+    for nanochat the attention and MLP matrices, not the embedding or the head (docs/architecture.md §1.7)."""
+    if hasattr(decoder, "muon_matrices"):
+        return set(decoder.muon_matrices())
+    lists = [path for path, m in decoder.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    return {name for name, p in decoder.named_parameters()
+            if p.ndim == 2 and any(name.startswith(path + ".") for path in lists)}

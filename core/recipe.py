@@ -6,6 +6,7 @@ Every recipe key is declared here. A component is a mapping with a ``name``
 exists in the file, the YAML line: ``recipes/x.yaml:14: stages.0.lr: ...``.
 """
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -31,11 +32,10 @@ class RunConfig:
     device: str = "cpu"
     threads: typing.Optional[int] = None  # None: the idle cores, re-checked while training (core/threads.py)
     log_every: int = 20
-    dry_run: bool = False
     resume: str = "never"  # auto: continue an interrupted run in run.dir from its checkpoints (core/resume.py)
     precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (GPUs; works, slowly, on CPUs)
     compile: bool = False  # torch.compile the training forward (minutes of compiling; pays off on long GPU runs)
-    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 shards the model; core/fsdp.py)
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 shards the model; core/distributed.py)
 
     def __attrs_post_init__(self):
         if self.resume not in ("never", "auto"):
@@ -48,7 +48,7 @@ class RunConfig:
 
 @attrs.define
 class Crops:
-    """DeepSeek-OCR's gundam crops (core/tiles.py, architecture.md §2.4): local tiles besides the global view.
+    """DeepSeek-OCR's gundam crops (core/tiles.py, docs/architecture.md §2.4): local tiles besides the global view.
 
     Under ``model`` because they set how many vision tokens an image becomes, so a checkpoint's
     meta json carries them to ``python -m core.generate``.
@@ -115,7 +115,7 @@ class Stage:
     decay_every: typing.Optional[int] = None  # step schedule: multiply by decay_factor every N steps
     decay_factor: float = 0.1
     optimizer: str = "adamw"  # adamw | muon: nanochat's Muon for the decoder's block matrices, AdamW for the rest
-    muon_lr: float = 0.02  # architecture.md §1.7
+    muon_lr: float = 0.02  # docs/architecture.md §1.7
     grad_clip: float = 1.0
     grad_accum: int = 1  # batches per optimizer step (the effective batch is batch_size * grad_accum * ranks)
     activation_checkpointing: list[str] = attrs.field(factory=list)  # components whose blocks recompute in backward
@@ -197,8 +197,34 @@ def load_recipe(path, overrides=()):
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise where.error("stages", f"stage names must be unique (they name the stage folders): {names}")
+    recipe.plugins = resolve_plugin_paths(recipe.plugins, os.path.dirname(os.path.abspath(path)), where)
     recipe.source = path
     return recipe
+
+
+def resolve_plugin_paths(entries, base_dir, where=None):
+    """``plugins:`` entries with files made absolute: ``x.py`` (or ``dir/x.py``) relative to ``base_dir`` (the
+    recipe's folder), and a module name that is not importable but is a file beside it (``x`` -> ``x.py``).
+    Absolute paths go into checkpoints, so ``python -m core.generate`` finds the same plugin anywhere."""
+    out = []
+    for i, entry in enumerate(entries):
+        beside = os.path.join(base_dir, *entry.split(".")) + ".py"
+        if entry.endswith(".py"):
+            entry = os.path.normpath(os.path.join(base_dir, os.path.expanduser(entry)))
+            if not os.path.isfile(entry):
+                message = f"plugin file {entry} does not exist"
+                raise where.error(f"plugins.{i}", message) if where else ConfigError(f"--plugin: {message}")
+        elif os.path.isfile(beside) and not _importable(entry):
+            entry = beside
+        out.append(entry)
+    return out
+
+
+def _importable(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
@@ -241,6 +267,20 @@ def apply_override(raw, item):
         else:
             raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
     return raw
+
+
+def parse_options(items):
+    """``["key=value", ...]`` -> {key: YAML value}; a malformed item is a ConfigError naming it."""
+    options = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--option {item!r}: the value is not valid YAML ({e})") from e
+    return options
 
 
 class _Where:

@@ -1,26 +1,35 @@
 """Named components by kind, and plugin discovery.
 
 Plugins come from three places, loaded in this order:
-1. built-ins: every module under the ``plugins`` package (found by walking it,
-   not by name);
+1. built-ins: every module under the ``plugins`` package (found by walking it, not by name);
 2. installed distributions' entry points in the group ``vlmkit``;
-3. module paths listed under ``plugins:`` in a recipe.
-A later plugin may not reuse a (kind, name) pair that an earlier one added.
+3. the ``plugins:`` of a recipe: module names, or ``.py`` files (a relative path is taken from
+   the recipe's folder, core/recipe.py resolves it).
+A later plugin may not reuse a (kind, name) pair that an earlier one added; the error names both.
+
+Every ``vlmkit_*`` function or method of a plugin must be a known hook marked ``@hookimpl``: a
+misspelt or unmarked one is an error naming the plugin and the name (pytest's check_pending).
+A component is checked against its kind's contract (core/contracts.py) when it is built.
 """
-import difflib
+import contextlib
 import importlib
+import importlib.util
 import inspect
+import os
 import pkgutil
+import sys
 
 import pluggy
 
-from core import hookspecs
-from core.errors import ConfigError
+from core import contracts, hookspecs
+from core.errors import ConfigError, PluginError, closest
 
-KINDS = ("encoder", "projector", "decoder", "tokenizer", "dataset", "metric",
+KINDS = ("encoder", "projector", "decoder", "tokenizer", "dataset", "source", "metric", "metric_input",
          "regulariser", "freeze", "logger")
 ENTRY_POINT_GROUP = "vlmkit"
 BUILTIN_PACKAGE = "plugins"
+HOOK_PREFIX = hookspecs.PROJECT + "_"
+HOOKS = sorted(n for n in vars(hookspecs) if n.startswith(HOOK_PREFIX))
 
 
 class Registry:
@@ -33,7 +42,7 @@ class Registry:
 
     def add(self, kind, name, factory):
         if kind not in self._factories:
-            raise ConfigError(f"plugin {self.source}: unknown component kind {kind!r}{_closest(kind, KINDS)}; "
+            raise ConfigError(f"plugin {self.source}: unknown component kind {kind!r}{closest(kind, KINDS)}; "
                               f"kinds are {', '.join(KINDS)}")
         if name in self._factories[kind]:
             raise ConfigError(f"plugin {self.source}: {kind} {name!r} is already registered by "
@@ -44,50 +53,71 @@ class Registry:
     def names(self, kind):
         return sorted(self._factories[kind])
 
+    def source_of(self, kind, name):
+        return self._sources[kind].get(name, "<unknown>")
+
     def get(self, kind, name, where=None):
         if kind not in self._factories:
             raise ConfigError(f"unknown component kind {kind!r}")
         if name not in self._factories[kind]:
             known = ", ".join(self.names(kind)) or "none"
             at = f"{where}: " if where else ""
-            raise ConfigError(f"{at}unknown {kind} {name!r}{_closest(name, self.names(kind))}; known: {known}")
+            raise ConfigError(f"{at}unknown {kind} {name!r}{closest(name, self.names(kind))}; known: {known}")
         return self._factories[kind][name]
 
     def build(self, kind, name, where=None, context=None, **kwargs):
-        """Call the factory with kwargs; unknown or missing arguments name the recipe key.
+        """Call the factory with kwargs and check what it returns against the kind's contract.
 
-        ``context`` holds objects the core can offer (model, tokenizer, run_dir): each
-        is passed only to factories whose signature names it, never from the recipe.
+        ``context`` holds objects the core can offer (core.contracts.CONTEXT: model, tokenizer,
+        run_dir, ...): each is passed only to factories whose signature names it, never from the
+        recipe. Unknown or missing arguments, and a ConfigError the factory raises about its
+        arguments, name the recipe key; any other exception is a fault in the plugin's code and
+        becomes a PluginError naming the plugin, with the original traceback.
         """
         factory = self.get(kind, name, where)
         at = where or f"{kind} {name!r}"
+        kwargs = self._arguments(factory, kind, name, at, where, context, kwargs)
+        try:
+            component = factory(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{at}: {kind} {name!r}: {e}") from e
+        except Exception as e:  # the plugin's own bug: its author needs the traceback
+            raise PluginError(f"{at}: {kind} {name!r} from {self.source_of(kind, name)} failed while being built: "
+                              f"{type(e).__name__}: {e}") from e
+        missing = contracts.missing_members(kind, component)
+        if missing:
+            needs = (f"the {contracts.PROTOCOLS[kind].__name__} contract (core/contracts.py)"
+                     if kind in contracts.PROTOCOLS else "@hookimpl methods (core/hookspecs.py)")
+            raise ConfigError(f"{at}: {kind} {name!r} from {self.source_of(kind, name)} lacks "
+                              f"{', '.join(missing)}, required by {needs}")
+        return component
+
+    @staticmethod
+    def _arguments(factory, kind, name, at, where, context, kwargs):
         try:
             sig = inspect.signature(factory)
         except (TypeError, ValueError):
-            sig = None
-        if sig is not None:
-            params = sig.parameters
-            takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-            accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            for key in context or {}:
-                if key in kwargs:
-                    raise ConfigError(f"{where or kind}.{key}: is set by vlmkit, not by the recipe")
-                if key in params:
-                    kwargs[key] = context[key]
-            if not takes_any:
-                for key in kwargs:
-                    if key not in accepted:
-                        raise ConfigError(f"{at}.{key}: {kind} {name!r} takes no argument {key!r}"
-                                          f"{_closest(key, accepted)}; it takes: {', '.join(accepted)}")
-            missing = [n for n, p in params.items()
-                       if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                       and n not in kwargs]
-            if missing:
-                raise ConfigError(f"{at}: {kind} {name!r} needs {', '.join(missing)}")
-        try:
-            return factory(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{at}: {kind} {name!r}: {e}") from e
+            return kwargs
+        params = sig.parameters
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        kwargs = dict(kwargs)
+        for key in context or {}:
+            if key in kwargs:
+                raise ConfigError(f"{where or kind}.{key}: is set by vlmkit, not by the recipe")
+            if key in params:
+                kwargs[key] = context[key]
+        if not takes_any:
+            for key in kwargs:
+                if key not in accepted:
+                    raise ConfigError(f"{at}.{key}: {kind} {name!r} takes no argument {key!r}"
+                                      f"{closest(key, accepted)}; it takes: {', '.join(accepted)}")
+        missing = [n for n, p in params.items()
+                   if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   and n not in kwargs]
+        if missing:
+            raise ConfigError(f"{at}: {kind} {name!r} needs {', '.join(missing)}")
+        return kwargs
 
     def build_all(self, kind, components, where, context=None):
         """Build a recipe list of components (``.name`` + ``.args``); errors name ``where.INDEX``."""
@@ -99,17 +129,7 @@ class Registry:
         return [(kind, name, self._sources[kind][name]) for kind in KINDS for name in self.names(kind)]
 
 
-def _closest(word, candidates):
-    match = difflib.get_close_matches(str(word), list(candidates), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _builtin_modules():
-    package = importlib.import_module(BUILTIN_PACKAGE)
-    for info in pkgutil.walk_packages(package.__path__, prefix=BUILTIN_PACKAGE + "."):
-        if not info.ispkg:
-            yield info.name
-
+# ---- hooks: every vlmkit_* name must be a known, marked hook
 
 def new_plugin_manager():
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -117,45 +137,131 @@ def new_plugin_manager():
     return pm
 
 
-def load_plugins(extra_modules=(), entry_points=True):
-    """Discover plugins and return (plugin_manager, registry) with every component registered."""
-    pm = new_plugin_manager()
-    for modname in _builtin_modules():
-        pm.register(importlib.import_module(modname), name=modname)
-    if entry_points:
-        _load_entry_points(pm)
-    for i, modname in enumerate(extra_modules):
-        try:
-            module = importlib.import_module(modname)
-        except ImportError as e:
-            raise ConfigError(f"plugins.{i}: cannot import plugin module {modname!r}: {e}") from e
-        if pm.is_registered(module):
+def check_hook_names(plugin, label):
+    """A ConfigError naming ``label`` and the attribute when a ``vlmkit_*`` callable of ``plugin`` is not a
+    known hook (a misspelling would otherwise never be called) or is not marked ``@hookimpl``."""
+    for attr in dir(plugin):
+        if not attr.startswith(HOOK_PREFIX):
             continue
-        pm.register(module, name=modname)
-    registry = Registry()
-    for impl in reversed(pm.hook.vlmkit_register.get_hookimpls()):  # pluggy keeps them last-registered-first
-        registry.source = _describe_source(pm, impl.plugin_name)
-        impl.function(registry=registry)
-    registry.source = "<direct>"
-    return pm, registry
+        value = getattr(plugin, attr, None)
+        if not callable(value):
+            continue
+        if attr not in HOOKS:
+            raise ConfigError(f"plugin {label}: {attr} is not a vlmkit hook{closest(attr, HOOKS)}; "
+                              f"hooks are {', '.join(HOOKS)} (core/hookspecs.py)")
+        if getattr(value, hookspecs.PROJECT + "_impl", None) is None:
+            raise ConfigError(f"plugin {label}: {attr} is not marked @hookimpl (from core import hookimpl), "
+                              f"so vlmkit would never call it")
 
 
-def _load_entry_points(pm):
+def register(pm, plugin, label):
+    """Register ``plugin`` with the plugin manager after checking its hook names and arguments."""
+    check_hook_names(plugin, label)
+    try:
+        pm.register(plugin, name=label)
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:  # e.g. a hookimpl argument the hookspec does not have
+        with contextlib.suppress(ValueError):
+            pm.unregister(plugin)
+        raise ConfigError(f"plugin {label}: {' '.join(str(e).split())}") from e
+
+
+@contextlib.contextmanager
+def attached(pm, objects, where):
+    """The behaviour ``objects`` (a stage's freeze policies or regularisers, metrics, loggers) answer their
+    hooks inside the block; pluggy calls the last registered first, so callers reverse the answers."""
+    done = []
+    try:
+        for i, obj in enumerate(objects):
+            register(pm, obj, f"{where}.{i} ({type(obj).__name__})")
+            done.append(obj)
+        yield pm.hook
+    finally:
+        for obj in done:
+            pm.unregister(obj)
+
+
+def call_in_order(hook, **kwargs):
+    """A hook's answers in registration order (pluggy answers last-registered first), None answers dropped."""
+    return [a for a in reversed(hook(**kwargs)) if a is not None]
+
+
+# ---- discovery
+
+def _builtin_modules():
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    for info in pkgutil.walk_packages(package.__path__, prefix=BUILTIN_PACKAGE + "."):
+        if not info.ispkg:
+            yield f"built-in {info.name}", importlib.import_module(info.name)
+
+
+def _entry_point_plugins():
     from importlib.metadata import entry_points
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep.dist, "name", "?")
         try:
             plugin = ep.load()
         except Exception as e:  # a broken third-party plugin must say who it is
-            raise ConfigError(f"entry point {ep.name!r} of {dist} ({ep.value}) failed to load: {e}") from e
+            raise PluginError(f"entry point {ep.name!r} of {dist} ({ep.value}) failed to load: "
+                              f"{type(e).__name__}: {e}") from e
+        yield f"entry point {ep.name} ({dist})", plugin
+
+
+def import_plugin(entry, where):
+    """A recipe's ``plugins:`` entry -> its module: a ``.py`` file path, or an importable module name."""
+    if entry.endswith(".py"):
+        if not os.path.isfile(entry):
+            raise ConfigError(f"{where}: plugin file {entry!r} does not exist")
+        name = "vlmkit_recipe_plugin_" + os.path.splitext(os.path.basename(entry))[0]
+        if name in sys.modules and getattr(sys.modules[name], "__file__", None) == entry:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, entry)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # DataLoader workers and pickles find it by name
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise PluginError(f"{where}: plugin file {entry} failed to import: {type(e).__name__}: {e}") from e
+        return module
+    try:
+        return importlib.import_module(entry)
+    except ModuleNotFoundError as e:
+        if e.name and entry.startswith(e.name):
+            raise ConfigError(f"{where}: cannot import plugin module {entry!r} ({e}); name a .py file (a path "
+                              f"relative to the recipe), or install the module or put its folder on PYTHONPATH") from e
+        raise PluginError(f"{where}: plugin module {entry} failed to import: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise PluginError(f"{where}: plugin module {entry} failed to import: {type(e).__name__}: {e}") from e
+
+
+def load_plugins(extra_modules=(), entry_points=True):
+    """Discover plugins and return (plugin_manager, registry) with every component registered.
+
+    Registration runs in the load order above (not pluggy's call order), so a duplicate name is
+    blamed on the plugin that came second."""
+    pm = new_plugin_manager()
+    found = list(_builtin_modules())
+    if entry_points:
+        found += list(_entry_point_plugins())
+    found += [(f"recipe plugin {m}", import_plugin(m, f"plugins.{i}")) for i, m in enumerate(extra_modules)]
+    loaded = []
+    for label, plugin in found:
         if pm.is_registered(plugin):
+            continue  # the same module through two routes (an entry point to a built-in, say)
+        register(pm, plugin, label)
+        loaded.append((label, plugin))
+    registry = Registry()
+    for label, plugin in loaded:
+        hook = getattr(plugin, "vlmkit_register", None)
+        if hook is None:
             continue
-        pm.register(plugin, name=f"entry point {ep.name} ({dist})")
-
-
-def _describe_source(pm, plugin_name):
-    if plugin_name.startswith(BUILTIN_PACKAGE + "."):
-        return f"built-in {plugin_name}"
-    if plugin_name.startswith("entry point "):
-        return plugin_name
-    return f"recipe plugin {plugin_name}"
+        registry.source = label
+        try:
+            hook(registry=registry)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise PluginError(f"plugin {label}: vlmkit_register failed: {type(e).__name__}: {e}") from e
+    registry.source = "<direct>"
+    return pm, registry

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from core.errors import cli_main
+
 PLOTS = {  # file -> (title, event, value keys or None for "every numeric key except these")
     "loss.png": ("training loss per stage", "train", None),
     "lr.png": ("learning rate", "train", ["lr"]),
@@ -19,6 +21,35 @@ PLOTS = {  # file -> (title, event, value keys or None for "every numeric key ex
     "probe.png": ("held-out probe: exact-match rate", "probe", ["exact"]),
 }
 NOT_PLOTTED = {"step", "time", "lr", "samples_per_s", "threads", "event", "stage"}
+
+
+def parameter_table(model, extra_modules=None):
+    """Rows (component, trainable, frozen): the model's top-level parts, the encoder split into the
+    sub-networks its ``feature_parts()`` names (the DeepEncoder: sam, clip), then ``extra_modules``
+    (e.g. a regulariser's head: trained with the model, saved with the stage)."""
+    parts = getattr(model.encoder, "feature_parts", lambda: {})()
+    children = {name for name, _ in model.encoder.named_children()}
+    split = [name for name in parts if name in children]
+    rows = {}
+    for name, p in model.named_parameters():
+        head, _, rest = name.partition(".")
+        sub = rest.partition(".")[0]
+        key = f"{head}.{sub}" if head == "encoder" and sub in split else head
+        trainable, frozen = rows.get(key, (0, 0))
+        rows[key] = (trainable + p.numel(), frozen) if p.requires_grad else (trainable, frozen + p.numel())
+    table = [(k, t, f) for k, (t, f) in rows.items()]
+    return table + [(name, sum(p.numel() for p in m.parameters()), 0) for name, m in (extra_modules or {}).items()]
+
+
+def format_parameter_table(rows, title=""):
+    width = max([len("component")] + [len(r[0]) for r in rows])
+    lines = [title] if title else []
+    lines.append(f"{'component':<{width}}  {'trainable':>12}  {'frozen':>12}")
+    for name, t, f in rows:
+        lines.append(f"{name:<{width}}  {t:>12,}  {f:>12,}")
+    total_t, total_f = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines.append(f"{'total':<{width}}  {total_t:>12,}  {total_f:>12,}")
+    return "\n".join(lines)
 
 
 def read_log(run_dir):
@@ -113,8 +144,19 @@ def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or not os.path.isfile(os.path.join(sys.argv[1], "log.jsonl")):
+def command(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "log.jsonl")):
         print("usage: python -m core.report RUN_DIR  (a run folder with log.jsonl)", file=sys.stderr)
-        sys.exit(2)
-    print(write_report(sys.argv[1]))
+        return 2
+    print(write_report(argv[0]))
+    return 0
+
+
+def main(argv=None):
+    """The command line: ``command`` with errors as one line and an exit code."""
+    return cli_main(command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

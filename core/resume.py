@@ -17,14 +17,14 @@ import random
 
 import torch
 
-from core import distributed, fsdp
+from core import distributed
 from core.errors import ConfigError
 
 
 def capture(optimizer, scheduler, streams, step, sharded=False):
     """-> (tensors, state) for the checkpoint; ``streams`` maps a name to a batch iterator.
 
-    ``sharded``: the model ran under FSDP, whose optimizer groups differ from DDP's (core/fsdp.py).
+    ``sharded``: the model ran under FSDP, whose optimizer groups differ from DDP's (core/distributed.py).
 
     Collective under torchrun: every rank must call it at the same step."""
     opt = optimizer.state_dict()
@@ -32,7 +32,7 @@ def capture(optimizer, scheduler, streams, step, sharded=False):
     for index, values in opt["state"].items():
         for key, value in values.items():
             if torch.is_tensor(value):  # FSDP's shards of the moments gathered whole: DDP's format
-                tensors[f"optimizer.{index}.{key}"] = fsdp.full(value)
+                tensors[f"optimizer.{index}.{key}"] = distributed.full(value)
             else:
                 scalars[f"{index}.{key}"] = value
     version, internal, gauss = random.getstate()
@@ -76,7 +76,7 @@ def restore(optimizer, scheduler, streams, tensors, state):
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
-    per_param = {i: {k: fsdp.like(v, params[i]) for k, v in values.items()} for i, values in per_param.items()}
+    per_param = {i: {k: distributed.like(v, params[i]) for k, v in values.items()} for i, values in per_param.items()}
     optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     rank = distributed.rank()

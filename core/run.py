@@ -14,11 +14,11 @@ import torch
 from core import checkpoint, distributed
 from core import resume as resume_state
 from core import registry as plugin_registry
-from core.errors import ConfigError
+from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
-from core.model import build_model, format_parameter_table, parameter_table
+from core.model import build_model
 from core.recipe import load_recipe
-from core.report import write_report
+from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
 from core.train import TrainingError, apply_freeze, run_stage
 
@@ -51,8 +51,7 @@ class RunContext:
         return self._eval_samples
 
     def say(self, text):
-        if self.main:
-            print(text, flush=True)
+        distributed.print0(text)
 
     def log(self, record):
         if self.main:
@@ -84,9 +83,9 @@ def dry_run(recipe, pm, registry):
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
 
 
-def run(recipe):
+def run(recipe, dry=False):
     pm, registry = plugin_registry.load_plugins(recipe.plugins)
-    if recipe.run.dry_run:
+    if dry:
         dry_run(recipe, pm, registry)
         return None
     ctx = RunContext(recipe, pm, registry)
@@ -136,36 +135,32 @@ def run(recipe):
     return result
 
 
-def main(argv=None):
+def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.run", description="Train and evaluate a vlmkit recipe.")
     parser.add_argument("recipe", nargs="?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
     parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
     parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --dry-run too
+    if args.list_plugins and not args.recipe:
+        list_plugins(plugin_registry.load_plugins()[1])
+        return 0
+    if not args.recipe:
+        parser.error("a recipe is required")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.list_plugins:
+        list_plugins(plugin_registry.load_plugins(recipe.plugins)[1])
+        return 0
     try:
-        if args.list_plugins and not args.recipe:
-            list_plugins(plugin_registry.load_plugins()[1])
-            return 0
-        if not args.recipe:
-            parser.error("a recipe is required")
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.list_plugins:
-            list_plugins(plugin_registry.load_plugins(recipe.plugins)[1])
-            return 0
-        if args.dry_run:
-            recipe.run.dry_run = True
-        try:
-            run(recipe)
-        finally:
-            distributed.shutdown()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        run(recipe, dry=args.dry_run)
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def main(argv=None):
+    """The command line: ``command`` with errors as one line and an exit code (a non-finite loss: 1)."""
+    return cli_main(command, argv, handled=[(TrainingError, 1)])
 
 
 if __name__ == "__main__":

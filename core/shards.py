@@ -1,7 +1,7 @@
 """Write your own data as WebDataset shards; ``python -m core.shards``.
 
     python -m core.shards FORMAT SOURCE --out DIR [--name train] [--max-count 10000] [--max-size 1GB]
-                          [--images-root DIR] [--limit N] [--evaluator-quirks]
+                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...]
 
 The last line printed is the shards' brace pattern, e.g. ``/data/out/train-{000000..000012}.tar``:
 what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``).
@@ -20,7 +20,7 @@ Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
 * Keys are unique; ``.``, ``/``, ``\\`` and whitespace in them become ``_`` (a WebDataset key ends at
   the first dot); a later sample whose key is taken is skipped as ``duplicate_key``.
 
-The formats and their accepted keys: core/shard_sources.py.
+FORMAT is a registered ``source`` plugin; the built-ins, with their accepted keys, are in plugins/sources/.
 
 Shards are ``{name}-000000.tar``, ``{name}-000001.tar``, ... each with at most ``--max-count``
 samples and ``--max-size`` bytes (a single sample larger than that gets a shard of its own).
@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import sys
-import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,13 +48,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.data import IMAGE_EXTS
-from core.errors import ConfigError
-from core.shard_sources import READERS, Skip, clean_key, count_items, parse_size
+from core.errors import ConfigError, cli_main
+from core.recipe import parse_options, resolve_plugin_paths
+from core.registry import load_plugins
+from core.shardwriter import ShardWriter, fresh_partial_dir
+from core.sources import Skip, clean_key, count_items
 
-FORMATS = ("folder", "jsonl", "olmocr", "llava", "fox", "omnidocbench")
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+         "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 PIL_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 SHOW_EXAMPLES = 3
-BLOCK = tarfile.BLOCKSIZE  # 512: headers and data are padded to blocks
 
 
 @dataclass
@@ -73,6 +75,19 @@ class Summary:
 
 
 # ---- one item -> tar members
+
+def parse_size(text):
+    """'1GB' -> 10**9; K/M/G/T are powers of 1000, KiB/MiB/GiB/TiB of 1024; a bare number is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and m.group(2).lower()
+    if not m or unit not in UNITS:
+        raise ConfigError(f"--max-size {text!r}: expected a size like 500MB, 1GB, 2GiB or a number of bytes")
+    size = int(float(m.group(1)) * UNITS[unit])
+    if size < 1:
+        raise ConfigError(f"--max-size {text!r} must be at least 1 byte")
+    return size
+
+
 
 def load_image(image):
     """path or bytes -> (ext, bytes), or a skip reason."""
@@ -144,75 +159,6 @@ def members(item):
     return out, None
 
 
-# ---- the tar writer
-
-class ShardWriter:
-    """Tars of at most max_count samples and max_size bytes (exact: headers, padding and the end blocks)."""
-
-    def __init__(self, folder, name, max_count, max_size):
-        self.folder, self.name, self.max_count, self.max_size = folder, name, max_count, max_size
-        self.tar, self.count, self.paths, self.oversize = None, 0, [], 0
-
-    def _info(self, name, size):
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
-        return info
-
-    @staticmethod
-    def _final_size(offset):
-        """File size once closed at this offset: two zero blocks, then padded to tarfile's 10240-byte records."""
-        return -(-(offset + 2 * BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-    def _member_bytes(self, name, size):
-        header = self._info(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        return len(header) + -(-size // BLOCK) * BLOCK
-
-    def write(self, key, parts):
-        size = sum(self._member_bytes(f"{key}.{ext}", len(data)) for ext, data in parts)
-        offset = self.tar.offset if self.tar else 0
-        if self.tar and (self.count >= self.max_count or self._final_size(offset + size) > self.max_size):
-            self.close()
-        if self.tar is None:
-            path = os.path.join(self.folder, f"{self.name}-{len(self.paths):06d}.tar")
-            self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8")
-            self.paths.append(path)
-            if self._final_size(size) > self.max_size:
-                self.oversize += 1
-        for ext, data in parts:
-            self.tar.addfile(self._info(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        self.count += 1
-
-    def close(self):
-        if self.tar:
-            self.tar.close()
-        self.tar, self.count = None, 0
-
-
-# ---- the whole run
-
-def _alive(pid):
-    try:
-        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-    except (ValueError, OverflowError, ProcessLookupError):
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    return True
-
-
-def fresh_partial_dir(parent, stem):
-    """An empty private folder ``parent/{stem}.partial-PID``, after removing those of dead processes.
-
-    Written into and renamed (or emptied) when done, so readers never see half a result."""
-    for stale in Path(parent).glob(f"{stem}.partial-*"):
-        if not _alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier run
-    tmp = Path(parent) / f"{stem}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
 def _shard_pattern(folder, name, count):
     if count == 1:
         return os.path.join(folder, f"{name}-000000.tar")
@@ -220,10 +166,11 @@ def _shard_pattern(folder, name, count):
 
 
 def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9, images_root=None,
-                 limit=None, evaluator_quirks=False, progress=True):
-    """Read SOURCE in format ``fmt`` and write shards into ``out``; returns a Summary (see the module doc)."""
-    if fmt not in READERS:
-        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+                 limit=None, options=None, progress=True, registry=None):
+    """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards into
+    ``out``; returns a Summary (see the module doc)."""
+    registry = registry or load_plugins()[1]
+    reader = registry.build("source", fmt, where="FORMAT", **(options or {}))
     if not name or re.search(r"[/\\{}*?\[\]]", name) or name.startswith("."):
         raise ConfigError(f"--name {name!r}: a plain file name prefix, without / \\ {{ }} * ? [ ]")
     if int(max_count) < 1:
@@ -233,12 +180,13 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
     max_size = parse_size(max_size) if isinstance(max_size, str) else int(max_size)
     if not os.path.exists(source):
         raise ConfigError(f"{source}: no such file or folder")
-    if fmt in ("jsonl", "llava", "fox", "omnidocbench") and not os.path.isfile(source):
+    if reader.needs == "file" and not os.path.isfile(source):
         raise ConfigError(f"{source}: the {fmt} format needs a file")
+    if reader.needs == "folder" and not os.path.isdir(source):
+        raise ConfigError(f"{source}: the {fmt} format needs a folder")
     if images_root is not None and not os.path.isdir(images_root):
         raise ConfigError(f"--images-root {images_root}: no such folder")
-    kwargs = {"evaluator_quirks": evaluator_quirks} if fmt == "omnidocbench" else {}
-    items = READERS[fmt](source, images_root, **kwargs)
+    items = reader.read(source, images_root)
 
     out = os.path.abspath(os.path.expanduser(out))
     try:
@@ -357,9 +305,10 @@ def format_summary(summary, name="train"):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.shards", description=__doc__.split("\n")[0])
-    parser.add_argument("format", choices=FORMATS, help="input format")
+    parser.add_argument("format", help="input format: a registered source (folder, jsonl, olmocr, llava, fox, "
+                                       "omnidocbench, ...; python -m core.run --list-plugins)")
     parser.add_argument("source", help="input file or folder")
     parser.add_argument("--out", required=True, help="folder for the shards")
     parser.add_argument("--name", default="train", help="shard name prefix (default train)")
@@ -368,20 +317,23 @@ def main(argv=None):
     parser.add_argument("--images-root", help="folder that relative image paths are under "
                                               "(default: the SOURCE file's folder)")
     parser.add_argument("--limit", type=int, help="stop after writing this many samples")
-    parser.add_argument("--evaluator-quirks", action="store_true",
-                        help="omnidocbench: repeat a block shared by two truncation relations, as the evaluator does")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="an argument of the FORMAT's reader, e.g. evaluator_quirks=true (omnidocbench)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="load this plugin too (a module name or a .py file), e.g. a source of your own")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        summary = write_shards(args.format, args.source, args.out, name=args.name, max_count=args.max_count,
-                               max_size=parse_size(args.max_size), images_root=args.images_root,
-                               limit=args.limit, evaluator_quirks=args.evaluator_quirks,
-                               progress=not args.quiet)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))[1]
+    summary = write_shards(args.format, args.source, args.out, name=args.name, max_count=args.max_count,
+                           max_size=parse_size(args.max_size), images_root=args.images_root, limit=args.limit,
+                           options=parse_options(args.option), progress=not args.quiet, registry=registry)
     print(format_summary(summary, args.name))
     return 0
+
+
+def main(argv=None):
+    """The command line: ``command`` with errors as one line and an exit code."""
+    return cli_main(command, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ The training stream (``train_batches``):
   members without decoding them, and rotating the workers so the round-robin
   continues with the right one): the batches after a resume are exactly those
   of an uninterrupted run.
-* **Bad data** is skipped and counted by reason and shard (``core.data.REASONS``), or stops
+* **Bad data** is skipped and counted by reason and shard (``core.badsamples.REASONS``), or stops
   the run with a ConfigError naming shard, key and reason (``on_bad_sample: error``).
 """
 import hashlib
@@ -30,10 +30,11 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from core.data import (DEFAULT_MAX_IMAGE_PIXELS, ON_BAD_SAMPLE, ON_LONG_TARGET, BadSample, _bad, _check_policy,
-                       _count, check_shards, collate, encode_raw, image_ext, image_views, merge_reports, open_image,
-                       prompt_prefix, read_shard)
+from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET, BadSample, check_policy, count, handle, merge_reports
+from core.data import SampleEncoding, collate
 from core.errors import ConfigError
+from core.images import DEFAULT_MAX_IMAGE_PIXELS
+from core.shardreader import check_shards, read_shard
 
 
 # ---- the training stream
@@ -61,16 +62,11 @@ def dist_rank_world(rank=None, world_size=None):
 class _Stream(IterableDataset):
     """The batches of one rank's slots (see the module docstring); an item per batch, tagged for Batches."""
 
-    def __init__(self, paths, tokenizer, image_size, prefix, max_len, batch_size, seed, shuffle_buffer, resample,
-                 epochs, on_bad_sample, on_long_target, max_image_pixels, rank, world_size, workers,
-                 num_image_tokens, text_only, prompt=None, tiling=None):
-        self.paths, self.tokenizer, self.image_size = paths, tokenizer, image_size
-        self.num_image_tokens, self.text_only = num_image_tokens, text_only
-        self.prompt, self.tiling = prompt, tiling  # crops: the prompt is rebuilt per grid (core/tiles.py)
-        self.prefixes = {None: (prefix, num_image_tokens)}
-        self.max_len, self.batch_size, self.seed, self.shuffle_buffer = max_len, batch_size, seed, shuffle_buffer
+    def __init__(self, paths, encoding, batch_size, seed, shuffle_buffer, resample, epochs, on_bad_sample,
+                 rank, world_size, workers):
+        self.paths, self.encoding = paths, encoding  # encoding: core.data.SampleEncoding
+        self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.resample, self.epochs, self.on_bad_sample = resample, epochs, on_bad_sample
-        self.on_long_target, self.max_image_pixels = on_long_target, max_image_pixels
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.slots = world_size * workers
         self.by_index = not resample and len(paths) < self.slots  # fewer shards than slots: split samples
@@ -102,48 +98,18 @@ class _Stream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def _with_grid(self, grid):
-        """(prefix, image token count) for an image with crop grid ``grid``; the count is the real one."""
-        if grid not in self.prefixes:
-            count = self.num_image_tokens + self.tiling.local_tokens(grid)
-            try:
-                prefix = prompt_prefix(self.tokenizer, self.prompt, count, self.max_len - 1)  # room for 1 answer token
-            except ConfigError:
-                prefix = None  # this grid never fits max_len: encode_raw skips its OCR samples (long_image)
-            self.prefixes[grid] = prefix, count
-        return self.prefixes[grid]
-
     def _prepare(self, raw, report):
         try:
-            ext, views = image_ext(raw), None
-            if self.tiling is not None and ext is not None and not self.text_only:
-                views = self._views(open_image(raw[ext], self.max_image_pixels))  # the grid sets the token count
-            prefix, count = self._with_grid(views and views[2])
-            inputs, targets, cut, text, ext = encode_raw(raw, self.tokenizer, prefix, count, self.max_len,
-                                                         text_only=self.text_only)
-            if cut and self.on_long_target == "skip":
-                raise BadSample("long_target", f"does not fit max_len {self.max_len}")
-            if ext is not None and views is None:
-                views = self._views(open_image(raw[ext], self.max_image_pixels))
+            sample, cut = self.encoding.prepare(raw)
         except BadSample as bad:
-            _bad(bad, raw, report, self.on_bad_sample)
+            handle(bad, raw, report, self.on_bad_sample)
             return None
         if cut:
-            _count(report, "truncated_target", raw["__url__"])
-        pixels, tiles, grid = views or (None, None, None)
-        sample = {"key": raw["__key__"], "text": text, "pixel_values": pixels, "input_ids": inputs, "targets": targets}
-        if self.tiling is not None:
-            sample.update(tiles=tiles, grid=grid)
+            count(report, "truncated_target", raw["__url__"])
         return sample
 
-    def _views(self, image):
-        try:
-            return image_views(image, self.image_size, self.tiling)
-        except Exception as e:  # e.g. a malformed EXIF block
-            raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
-
     def _item(self, batch, worker, position, report, **flags):
-        out = collate(batch, self.tokenizer.pad_id) if batch else {}
+        out = collate(batch, self.encoding.tokenizer.pad_id) if batch else {}
         out.update(_worker=worker, _pos=list(position), _report=report, **flags)
         return out
 
@@ -253,7 +219,7 @@ class Batches:
                            f"(rank {self._stream.rank}; skipped so far: {self.stats})")
 
     def report(self):
-        """{reason: {shard: count}} of the samples behind the batches handed out (see core.data.REASONS)."""
+        """{reason: {shard: count}} of the samples behind the batches handed out (see core.badsamples.REASONS)."""
         return {reason: dict(by) for reason, by in self._report.items()}
 
     @property
@@ -267,8 +233,8 @@ class Batches:
         return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size, "num_workers": self.num_workers,
                 "resample": s.resample, "batch_size": s.batch_size, "shuffle_buffer": s.shuffle_buffer,
                 "shards": len(s.paths), "shards_digest": digest,
-                # crops change what a sample becomes; None (off) also matches states saved before they existed
-                "crops": [s.tiling.tile_size, s.tiling.min_tiles, s.tiling.max_tiles] if s.tiling else None}
+                # crops change what a sample becomes
+                "crops": [t.tile_size, t.min_tiles, t.max_tiles] if (t := s.encoding.tiling) else None}
 
     def state_dict(self):
         """The position after the last batch handed out: a small JSON-able dict."""
@@ -278,7 +244,7 @@ class Batches:
     def load_state_dict(self, state):
         """Continue from ``state`` (from state_dict of an iterator with the same data settings)."""
         if not isinstance(state, dict) or state.get("version") != 1:
-            raise ConfigError("data state: not a state_dict of core.data.Batches (version 1)")
+            raise ConfigError("data state: not a state_dict of core.stream.Batches (version 1)")
         for key, value in self._identity().items():
             if state.get(key) != value:
                 raise ConfigError(f"data state: {key} is {state.get(key)!r} in the saved state but {value!r} here")
@@ -305,15 +271,23 @@ def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, 
     """Iterator of batches (see collate, Batches); endless unless ``epochs`` is given (then the last batch of
     each worker may be short). Deterministic for a seed, rank, world size and worker count.
 
-    ``tiling`` (core.tiles.Tiling, the model's ``tiling``): DSO's crops; ``num_image_tokens`` is then the
-    global view's count and each sample's prompt holds its own image's count (model.num_image_tokens(grid))."""
-    prefix = prompt_prefix(tokenizer, prompt, num_image_tokens, max_len)  # fail here, not in a worker
-    _check_policy("on_bad_sample", on_bad_sample, ON_BAD_SAMPLE)
-    _check_policy("on_long_target", on_long_target, ON_LONG_TARGET)
+    ``tiling`` (core.images.Tiling, the model's ``tiling``): DeepSeek-OCR's crops; ``num_image_tokens`` is then
+    the global view's count and each sample's prompt holds its own image's count (model.num_image_tokens(grid))."""
+    encoding = SampleEncoding(tokenizer, prompt, image_size, num_image_tokens, max_len, tiling, text_only,
+                              on_long_target, max_image_pixels)
+    return open_batches(shard_paths, encoding, batch_size, seed, shuffle_buffer, num_workers, resample=resample,
+                        epochs=epochs, on_bad_sample=on_bad_sample, rank=rank, world_size=world_size)
+
+
+def open_batches(shard_paths, encoding, batch_size, seed=0, shuffle_buffer=1000, num_workers=0, *, resample=False,
+                 epochs=None, on_bad_sample="skip", rank=None, world_size=None):
+    """train_batches with the per-sample context as one core.data.SampleEncoding."""
+    encoding.check()  # fail here, not in a worker
+    check_policy("on_bad_sample", on_bad_sample, ON_BAD_SAMPLE)
+    check_policy("on_long_target", encoding.on_long_target, ON_LONG_TARGET)
     if batch_size < 1:
         raise ConfigError(f"data.batch_size: must be at least 1, not {batch_size}")
     rank, world_size = dist_rank_world(rank, world_size)
-    stream = _Stream(check_shards(shard_paths), tokenizer, image_size, prefix, max_len, batch_size, seed,
-                     shuffle_buffer, resample, epochs, on_bad_sample, on_long_target, max_image_pixels, rank,
-                     world_size, max(num_workers, 1), num_image_tokens, text_only, prompt, tiling)
+    stream = _Stream(check_shards(shard_paths), encoding, batch_size, seed, shuffle_buffer, resample, epochs,
+                     on_bad_sample, rank, world_size, max(num_workers, 1))
     return Batches(stream, num_workers)

@@ -1,36 +1,16 @@
-import os
-import subprocess
-import sys
-
+"""Fixtures shared by the test modules (plain helpers are in tests/helpers.py)."""
 import pytest
-import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
+from core.registry import load_plugins
+from tests.helpers import run_cli
 
 
-def run_cli(*args, env_extra=None, cwd=None, timeout=600):
-    """Run ``python -m <args>`` from the repo root; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, (env_extra or {}).pop("PYTHONPATH", None),
-                                                   env.get("PYTHONPATH")] if p)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or ROOT, timeout=timeout)
+@pytest.fixture(scope="session")
+def registry():
+    """Every built-in component, loaded once."""
+    return load_plugins()[1]
 
 
 @pytest.fixture
 def cli():
     return run_cli
-
-
-def random_gpt(sizes, seed=0, **kw):
-    """A nanochat GPT of ``sizes`` (+ ``kw``) with every weight N(0, 0.3), in eval mode: the real init zeroes
-    lm_head, so every logit would tie."""
-    from plugins.decoders.nanochat import GPT
-    torch.manual_seed(seed)
-    model = GPT(**{**sizes, **kw})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()

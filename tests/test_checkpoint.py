@@ -6,15 +6,15 @@ import sys
 import textwrap
 
 from core import checkpoint
-from tests.conftest import ROOT
-from tests.test_model import registry, tiny  # noqa: F401  (fixture)
+from tests.helpers import ROOT
+from tests.helpers import tiny
 
 WRITER = textwrap.dedent("""
     import os, sys, time
     import safetensors.torch
     from core import checkpoint
     from core.registry import load_plugins
-    from tests.test_model import tiny
+    from tests.helpers import tiny
     model, _ = tiny(load_plugins()[1])
     checkpoint.save_checkpoint(sys.argv[1], 1, model, {})
     real = safetensors.torch.save_file

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.conftest import DEFAULT_RECIPE
+from tests.helpers import DEFAULT_RECIPE
 
 SMALL_DATA = ["data.dataset.train_samples=512", "data.dataset.samples_per_shard=256",
               "data.dataset.eval_samples=16", "eval.samples=16", "eval.probe_samples=8"]

@@ -10,7 +10,7 @@ import sys
 
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COLLAPSE = os.path.join(ROOT, "recipes", "collapse.yaml")
 # exits 3 if Dynamo captured no graph, so a compile that silently fell back to eager fails the test

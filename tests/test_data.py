@@ -9,7 +9,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from core.data import IGNORE, collate, encode_sample, eval_samples, preprocess
+from core.data import IGNORE, collate, encode_sample, eval_samples
+from core.images import preprocess
 from core.errors import ConfigError
 from core.registry import Registry
 from core.stream import train_batches

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from core import resume as resume_state
 from core.errors import ConfigError
-from tests.conftest import DEFAULT_RECIPE, ROOT
+from tests.helpers import DEFAULT_RECIPE, ROOT
 
 # Every shard holds exactly one rank batch (2 samples) and every text has the same length, so one
 # process with batch 4 sees, step by step, the union of the two ranks' batches of 2, and the mean

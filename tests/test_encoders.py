@@ -4,14 +4,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from core.errors import ConfigError
 from core.registry import Registry
-from plugins.encoders import clip as clip_mod, deepencoder as deep_mod, sam as sam_mod
+from plugins.encoders import clip as clip_mod
+from plugins.encoders import deepencoder as deep_mod
+from plugins.encoders import sam as sam_mod
 from plugins.encoders.clip import CLIPEncoder, CLIPVisionTower
 from plugins.encoders.deepencoder import DeepEncoder
 from plugins.encoders.sam import SAMEncoder, get_rel_pos, resize_pos_grid
-from plugins.projectors import linear as linear_mod, mlp as mlp_mod
+from plugins.projectors import linear as linear_mod
+from plugins.projectors import mlp as mlp_mod
 from plugins.projectors.linear import LinearProjector
 from plugins.projectors.mlp import MLPProjector
 
@@ -74,7 +77,7 @@ def test_sam_pos_embed_and_rel_pos_interpolation():
 
 
 def naive_block(block, x, ws):
-    """Reference for one SAM block, written with loops straight from architecture.md §2.1:
+    """Reference for one SAM block, written with loops straight from docs/architecture.md §2.1:
     zero-pad to a multiple of ws, attend inside each window with
     score = q.k / sqrt(hd) + q.Rh[qi - ki + ws - 1] + q.Rw[qj - kj + ws - 1] (unscaled q), crop."""
     attn = block.attn
@@ -153,7 +156,7 @@ def test_deepencoder_forward_backward_and_order():
     pix = torch.randn(2, 3, 32, 32)
     out = enc(pix)
     assert out.shape == (2, 2, 2, 64)
-    # CLIP first, then SAM, row-major (architecture.md §2.3); no_grad may pick another SDPA kernel: atol
+    # CLIP first, then SAM, row-major (docs/architecture.md §2.3); no_grad may pick another SDPA kernel: atol
     with torch.no_grad():
         sam_map = enc.sam.forward_features(pix)
         clip_out = enc.clip(pix, patch_embeds=sam_map)
@@ -172,7 +175,7 @@ def test_deepencoder_forward_backward_and_order():
 
 
 def test_deepencoder_rejects_mismatched_dims():
-    with pytest.raises(ValueError, match="downsample_channels"):
+    with pytest.raises(ConfigError, match="downsample_channels"):
         DeepEncoder(image_size=32, sam=TINY_SAM, clip=dict(TINY_CLIP, dim=48, heads=2))
 
 
@@ -209,16 +212,16 @@ def real():
 
 def test_real_parameter_counts(real):
     enc, proj = real
-    assert abs(n_params(enc.sam) - 95.57e6) < 0.1e6                             # architecture.md §2.1
+    assert abs(n_params(enc.sam) - 95.57e6) < 0.1e6                             # docs/architecture.md §2.1
     assert abs(n_params(enc.sam.net_2) + n_params(enc.sam.net_3) - 5.90e6) < 0.005e6
-    assert abs(n_params(enc.clip) - 303.2e6) < 0.2e6                            # architecture.md §2.2
-    assert n_params(proj) == 2048 * 1280 + 1280 == 2_622_720                    # architecture.md §2.3
+    assert abs(n_params(enc.clip) - 303.2e6) < 0.2e6                            # docs/architecture.md §2.2
+    assert n_params(proj) == 2048 * 1280 + 1280 == 2_622_720                    # docs/architecture.md §2.3
     assert enc.out_dim == 2048 and enc.clip.embeddings.grid == 16
 
 
 def test_real_grid_sizes_and_meta_forward(real):
     enc, _ = real
-    for size, g in [(1024, 16), (640, 10), (512, 8), (1280, 20)]:             # architecture.md §2.1
+    for size, g in [(1024, 16), (640, 10), (512, 8), (1280, 20)]:             # docs/architecture.md §2.1
         assert enc.grid_size(size, size) == (g, g)
     for size in (1024, 640):  # shapes through the real-size graph, interpolation included
         assert enc(torch.empty(1, 3, size, size, device="meta")).shape == (1, size // 64, size // 64, 2048)
@@ -227,7 +230,7 @@ def test_real_grid_sizes_and_meta_forward(real):
 def test_real_state_dict_keys(real):
     enc, _ = real
     sd = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
-    expect = {  # DSO names and shapes (architecture.md §2.7, §3)
+    expect = {  # DSO names and shapes (docs/architecture.md §2.7, §3)
         "sam.patch_embed.proj.weight": (768, 3, 16, 16), "sam.patch_embed.proj.bias": (768,),
         "sam.pos_embed": (1, 64, 64, 768),
         "sam.blocks.0.norm1.weight": (768,), "sam.blocks.0.attn.qkv.weight": (2304, 768),

@@ -5,7 +5,7 @@ from core.errors import ConfigError
 from core.recipe import Component, Stage
 from core.registry import load_plugins
 from core.train import apply_freeze, parameter_groups, set_train_mode
-from tests.test_model import tiny
+from tests.helpers import tiny
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from core import checkpoint, data
+from core import checkpoint
+from core.images import preprocess
 from core.generate import generate
 from core.generate import image_prompt_ids as prompt_ids
 from core.model import build_model
-from core.ocr import main, tsv_line
+from core.generate import main, tsv_line
 from core.registry import load_plugins
-from tests.test_model import TINY
+from tests.helpers import TINY
 
 PROMPT = "<image>\nFree OCR."
 NEW_TOKENS = "12"
@@ -37,7 +38,7 @@ def saved(tmp_path_factory):
         ImageDraw.Draw(image).rectangle([2, 2, 2 + 6 * i, 12], fill="red")
         images.append(str(root / f"page{i}.png"))
         image.save(images[-1])
-    pixels = torch.stack([data.preprocess(Image.open(p), model.image_size) for p in images])
+    pixels = torch.stack([preprocess(Image.open(p), model.image_size) for p in images])
     rows = generate(model, tok, pixels, prompt_ids(model, tok, PROMPT), int(NEW_TOKENS))
     texts = [tok.decode(ids) for ids in rows]
     assert len(set(texts)) > 1  # the images reach the text

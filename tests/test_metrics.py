@@ -1,4 +1,4 @@
-"""Metric plugins and ``python -m core.metrics``; expected values derived by hand from metrics.md."""
+"""Metric plugins and ``python -m core.metrics``; expected values derived by hand from docs/metrics.md."""
 import json
 import subprocess
 import sys
@@ -92,12 +92,12 @@ def test_fox_jieba_variant():
 
 
 def test_fox_tokenizer_option_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         FoxMetric(zh_tokenizer="spaces")
     try:
         import jieba  # noqa: F401
     except ImportError:
-        with pytest.raises(ValueError, match="jieba"):
+        with pytest.raises(ConfigError, match="jieba"):
             FoxMetric(zh_tokenizer="jieba")
 
 

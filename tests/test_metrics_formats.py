@@ -1,6 +1,6 @@
 """The omnidocbench metric and the fox / omnidocbench / jsonl-with-page input formats of ``python -m core.metrics``.
 
-Expected values are worked out by hand from metrics.md (§1.1, §1.4, §2.1-§2.6).
+Expected values are worked out by hand from docs/metrics.md (§1.1, §1.4, §2.1-§2.6).
 """
 import json
 import re
@@ -8,12 +8,17 @@ import re
 import pytest
 
 from core.errors import ConfigError
-from core.metric_inputs import load_pairs, omnidocbench_page_text
-from core.metrics import main, score_pairs
+from core.metrics import load_pairs as _load_pairs, main, score_pairs
+from core.registry import load_plugins
 from plugins.metrics.fox import FoxMetric
 from plugins.metrics.omnidocbench import OmniDocBenchText, clean_string, textblock2unicode
+from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 
 approx = pytest.approx
+
+
+def load_pairs(fmt, pred, gt=None, **options):
+    return _load_pairs(load_plugins()[1], fmt, pred, gt, options)
 
 
 def odb(pred, gt):
@@ -157,10 +162,10 @@ def test_omnidocbench_format(tmp_path, capsys):
     assert "1 prediction ids are not in the ground truth" in err and "stray" in err
     rows = [json.loads(line) for line in rows_out.read_text(encoding="utf-8").splitlines()]
     assert [(r["id"], r["page"]) for r in rows] == [("doc_a", "doc_a"), ("doc_b", "doc_b")]
-    # --evaluator-quirks: GT "IntroFirstpartmiddlemiddleend" (29): 6 deletions -> 6/29;
+    # evaluator_quirks: GT "IntroFirstpartmiddlemiddleend" (29): 6 deletions -> 6/29;
     # ALL_page_avg = (6/29 + 1)/2 = 35/58; whole = (6 + 10)/(29 + 10) = 16/39
     rc, agg, _ = _run(capsys, "omnidocbench", "--format", "omnidocbench", "--gt", str(gt), "--pred", str(preds),
-                      "--evaluator-quirks")
+                      "--option", "evaluator_quirks=true")
     assert rc == 0 and (agg["odb_ALL_page_avg"], agg["odb_edit_whole"]) == approx((35 / 58, 16 / 39))
     # predictions as JSONL whose ids are the image stems
     jsonl = tmp_path / "preds.jsonl"

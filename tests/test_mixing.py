@@ -6,9 +6,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from core.data import BadSample, encode_raw, prompt_prefix
+from core.badsamples import BadSample
+from core.data import encode_raw, prompt_prefix
 from plugins.tokenizers.bytes import ByteTokenizer
-from tests.conftest import DEFAULT_RECIPE
+from tests.helpers import DEFAULT_RECIPE
 
 TOK = ByteTokenizer()
 

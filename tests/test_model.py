@@ -5,39 +5,10 @@ import torch
 from core import checkpoint
 from core.errors import ConfigError
 from core.generate import generate
-from core.model import build_model, parameter_table
+from core.model import build_model
+from core.report import parameter_table
 from core.recipe import Component, ModelConfig
-from core.registry import load_plugins
-
-TINY = ModelConfig(
-    encoder=Component("deepencoder", {"image_size": 32, "sam": dict(patch_size=8, dim=32, depth=2, heads=2,
-                                                                   window_size=2, global_attn_indexes=[1],
-                                                                   out_chans=32, downsample_channels=[32, 48],
-                                                                   downsample_strides=[1, 1]),
-                                      "clip": dict(dim=48, depth=1, heads=2, mlp_dim=96)}),
-    projector=Component("linear"),
-    decoder=Component("nanochat", {"n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "sequence_len": 128}),
-    tokenizer=Component("bytes"),
-)
-
-REAL = ModelConfig(  # recipes/deepseek_ocr_d20.yaml's sizes: DSO DeepEncoder + nanochat d20
-    encoder=Component("deepencoder", {"image_size": 1024}),
-    projector=Component("linear"),
-    decoder=Component("nanochat", {"n_layer": 20, "n_head": 10, "n_kv_head": 10, "n_embd": 1280,
-                                   "sequence_len": 2048}),
-    tokenizer=Component("bytes"),
-)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_plugins()[1]
-
-
-def tiny(registry, seed=0):
-    torch.manual_seed(seed)
-    return build_model(TINY, registry)
-
+from tests.helpers import REAL, TINY, tiny
 
 def prompt_ids(model, tok, text=""):
     return [tok.bos_id] + [tok.image_id] * model.num_image_tokens() + tok.encode("\nOCR:" + text)
@@ -48,7 +19,7 @@ def test_real_size_layout_and_counts_on_meta(registry):
         model, _ = build_model(REAL, registry)
     assert model.num_image_tokens() == 273  # (16 + 1) * 16 + 1, DESIGN.md
     counts = {name: t + f for name, t, f in parameter_table(model)}
-    assert counts["projector"] == 2_622_720  # architecture.md §2.3: Linear(2048 -> 1280) with bias
+    assert counts["projector"] == 2_622_720  # docs/architecture.md §2.3: Linear(2048 -> 1280) with bias
     assert abs(counts["encoder.sam"] - 95.57e6) < 0.1e6
     assert abs(counts["encoder.clip"] - 303.2e6) < 0.2e6
 
@@ -126,7 +97,7 @@ def test_mismatched_checkpoint_names_keys_and_loads_nothing(registry, tmp_path):
 
 @pytest.mark.parametrize("mode, tokens", [("tiny", 73), ("small", 111), ("base", 273), ("large", 421)])
 def test_resolution_modes_keep_pretrained_shapes(registry, mode, tokens):
-    """architecture.md §2.4: DSO's modes; position tables stay at 1024 px so one checkpoint fits all."""
+    """docs/architecture.md §2.4: DSO's modes; position tables stay at 1024 px so one checkpoint fits all."""
     config = ModelConfig(Component("deepencoder", {"mode": mode}), REAL.projector, REAL.decoder, REAL.tokenizer)
     with torch.device("meta"):
         model, _ = build_model(config, registry)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from core.monitor import collapse_scores, mean_pairwise_cosine, probe_images
-from tests.test_model import registry, tiny  # noqa: F401  (fixture)
+from tests.helpers import tiny
 
 
 def test_mean_pairwise_cosine_by_hand():

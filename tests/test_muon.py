@@ -3,7 +3,7 @@ import torch
 
 from core.muon import MuonAdamW, orthogonalise
 from core.train import parameter_groups
-from tests.test_model import registry, tiny  # noqa: F401  (fixture)
+from tests.helpers import tiny
 
 
 def test_newton_schulz_flattens_the_singular_values():

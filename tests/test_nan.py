@@ -2,8 +2,7 @@
 from core import checkpoint
 from core.model import build_model
 from core.recipe import load_recipe
-from tests.conftest import DEFAULT_RECIPE
-from tests.test_model import registry  # noqa: F401  (fixture)
+from tests.helpers import DEFAULT_RECIPE
 
 POISON = '''
 import torch

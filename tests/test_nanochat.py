@@ -5,10 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import ConfigError
 from core.registry import Registry
-from plugins.decoders import nanochat
+from plugins.decoders import nanochat_pretrained
 from plugins.decoders.nanochat import GPT, KVCache, ReluSquared, apply_rotary_emb
-from tests.conftest import random_gpt
+from tests.helpers import random_gpt
 
 TINY = dict(vocab_size=50, sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
@@ -166,7 +167,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 def test_d20_on_meta_device():
     with torch.device("meta"):
         model = GPT(vocab_size=65536, sequence_len=2048, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
-    assert sum(p.numel() for p in model.parameters()) == 560_988_160  # architecture.md §1.1, §1.6
+    assert sum(p.numel() for p in model.parameters()) == 560_988_160  # docs/architecture.md §1.1, §1.6
     sd = model.state_dict()
     expected = {"transformer.wte.weight": (65536, 1280), "lm_head.weight": (65536, 1280)}
     for i in range(20):
@@ -228,11 +229,11 @@ def test_grow_vocab_keeps_old_rows():
 
 def test_registers_decoder():
     registry = Registry()
-    nanochat.vlmkit_register(registry)
+    nanochat_pretrained.vlmkit_register(registry)
     model = registry.build("decoder", "nanochat", vocab_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16)
     assert isinstance(model, GPT) and model.n_embd == 16
 
 
 def test_bad_head_split_is_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="n_head"):
         GPT(vocab_size=8, n_embd=30, n_head=4)

@@ -1,11 +1,10 @@
 """Plugin discovery: built-ins, a real entry point of an installed distribution, a recipe module."""
-import textwrap
 
 import pytest
 
 from core.errors import ConfigError
 from core.registry import Registry, load_plugins
-from tests.conftest import DEFAULT_RECIPE
+from tests.helpers import DEFAULT_RECIPE
 
 ENCODER_PLUGIN = '''
 import torch

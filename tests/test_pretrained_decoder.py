@@ -8,16 +8,16 @@ import torch
 
 from core.errors import ConfigError
 from core.registry import Registry
-from plugins.decoders import nanochat
+from plugins.decoders import nanochat_pretrained
 from plugins.decoders.nanochat import GPT
 from plugins.decoders.nanochat_pretrained import nanochat_decoder
-from tests import conftest
+from tests import helpers
 
 TINY = dict(vocab_size=300, sequence_len=32, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
 
 
 def random_gpt(seed=0, **kw):
-    return conftest.random_gpt(TINY, seed, **kw)
+    return helpers.random_gpt(TINY, seed, **kw)
 
 
 def write_native(folder, model, step, compiled=True, **meta_overrides):
@@ -45,7 +45,7 @@ def native_dir(tmp_path):
 
 def build(**kw):
     registry = Registry()
-    nanochat.vlmkit_register(registry)
+    nanochat_pretrained.vlmkit_register(registry)
     return registry.build("decoder", "nanochat", where="model.decoder", **kw)
 
 
@@ -235,6 +235,7 @@ def test_tokenizer_safe_export_and_pickle(tiny_tokenizer_files):
 
 def test_tokenizer_without_tiktoken_says_pip_install(monkeypatch, tmp_path):
     import sys
+
     from plugins.tokenizers.nanochat_bpe import NanochatBPETokenizer
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     with pytest.raises(ConfigError, match="pip install tiktoken"):

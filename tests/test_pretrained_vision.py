@@ -329,7 +329,7 @@ def test_real_size_layouts_fit_on_meta(capsys):
     def shapes(sd):
         return {k: tuple(v.shape) for k, v in sd.items()}
     with torch.device("meta"):
-        hf_sam = SamVisionModel(SamVisionConfig())  # facebook/sam-vit-base's sizes (architecture.md §3.1)
+        hf_sam = SamVisionModel(SamVisionConfig())  # facebook/sam-vit-base's sizes (docs/architecture.md §3.1)
         hf_clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                    num_attention_heads=16, patch_size=14, image_size=224))
         enc = DeepEncoder(weights="/not/read/on/meta.safetensors")  # a dry run: the file is not touched

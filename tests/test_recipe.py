@@ -4,7 +4,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.recipe import apply_override, load_recipe
-from tests.conftest import DEFAULT_RECIPE
+from tests.helpers import DEFAULT_RECIPE
 
 
 def write(tmp_path, text):

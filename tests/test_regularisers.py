@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
+from core.errors import ConfigError
 from core.monitor import collapse_scores
 from plugins.regularisers.cell_reading import CellReading
 from plugins.regularisers.contrastive import ContrastiveRegulariser
-from tests.test_model import registry, tiny  # noqa: F401  (fixture)
+from tests.helpers import tiny
 
 
 def test_contrastive_rewards_distinct_images(registry):  # noqa: F811
@@ -109,5 +110,5 @@ def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):  # no
 
 def test_contrastive_mode_is_checked(registry):  # noqa: F811
     model, _ = tiny(registry)
-    with pytest.raises(ValueError, match="mode must be one of heads, pooled"):
+    with pytest.raises(ConfigError, match="mode must be one of heads, pooled"):
         ContrastiveRegulariser(model, mode="raw")

@@ -13,10 +13,11 @@ from PIL import Image
 
 from core.data import eval_samples
 from core.errors import ConfigError
-from core.metric_inputs import omnidocbench_page_text
-from core.shard_sources import clean_key, fox_prompt, parse_size
-from core.shards import format_summary, write_shards
-from tests.conftest import run_cli
+from core.shards import format_summary, parse_size, write_shards
+from core.sources import clean_key
+from plugins.metrics.omnidocbench_files import omnidocbench_page_text
+from plugins.sources.fox import fox_prompt
+from tests.helpers import run_cli
 
 
 def image(path, color=(200, 30, 30), size=(12, 8), fmt=None):

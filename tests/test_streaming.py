@@ -1,4 +1,4 @@
-"""core.data's training stream: rank/worker splitting, exact resume, bad data (tiny shards written here)."""
+"""core.stream's training stream: rank/worker splitting, exact resume, bad data (tiny shards written here)."""
 import collections
 import io
 import itertools
@@ -19,7 +19,7 @@ from core.stream import train_batches
 from core.errors import ConfigError
 from core.recipe import load_recipe
 from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
-from tests.conftest import DEFAULT_RECIPE
+from tests.helpers import DEFAULT_RECIPE
 
 PROMPT = "<image>\nFree OCR."
 PREFIX = 1 + 4 + len("\nFree OCR.")  # bos, 4 image tokens, the prompt's tail

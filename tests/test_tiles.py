@@ -9,18 +9,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from core import tiles
-from core.data import image_views
+from core import images as tiles
+from core.images import image_views
 from core.errors import ConfigError
 from core.evaluate import decode_samples, sample_losses
 from core.generate import grid_batches
 from core.model import build_model
-from core.ocr import load_checkpoint, main as ocr_main
+from core.generate import load_checkpoint, main as ocr_main
 from core.recipe import Crops, ModelConfig, load_recipe
 from core.registry import load_plugins
 from core.stream import train_batches
-from tests.conftest import DEFAULT_RECIPE
-from tests.test_model import REAL, TINY
+from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import REAL, TINY
 
 CROPS = Crops(tile_size=16, min_tiles=2, max_tiles=4)  # TINY: 32 px global (4x4 grid), 16 px tiles (2x2 each)
 PROMPT = "<image>\nFree OCR."

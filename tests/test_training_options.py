@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from core.errors import ConfigError
 from core.model import checkpoint_activations
-from tests.conftest import DEFAULT_RECIPE, ROOT
-from tests.test_model import registry, tiny  # noqa: F401  (fixture)
+from tests.helpers import DEFAULT_RECIPE, ROOT
+from tests.helpers import tiny
 
 # equal-length texts, so the mean of two batch means is the mean over both batches
 SAME_LENGTH = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", "data.dataset.word_length=[3,3]",

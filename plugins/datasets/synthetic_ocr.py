@@ -15,12 +15,12 @@ import shutil
 from pathlib import Path
 
 import PIL
-import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from core import ConfigError, hookimpl
-from core.shards import fresh_partial_dir
+from core.distributed import is_main
+from core.shardwriter import ShardWriter, fresh_partial_dir
 
 FORMAT_VERSION = 1  # bump when rendering or the shard format changes: it invalidates old caches
 SPLITS = ("train", "eval")
@@ -60,33 +60,33 @@ class SyntheticOCR:
     def _check(self, words, word_length, alphabet, vocabulary_size, heldout_fraction, ink_height):
         # ValueError: the registry turns it into a ConfigError naming the recipe key
         if self.layout not in ("grid", "flow"):
-            raise ValueError(f"layout must be 'grid' or 'flow', not {self.layout!r}")
+            raise ConfigError(f"layout must be 'grid' or 'flow', not {self.layout!r}")
         if self.wrap_mode not in ("words", "chars") or (self.wrap_mode == "chars" and self.layout != "grid"):
-            raise ValueError(f"wrap must be 'words', or 'chars' with the grid layout; not {self.wrap_mode!r}")
+            raise ConfigError(f"wrap must be 'words', or 'chars' with the grid layout; not {self.wrap_mode!r}")
         if not (1 <= words[0] <= words[1]) or not (1 <= word_length[0] <= word_length[1]):
-            raise ValueError(f"words {list(words)} and word_length {list(word_length)} must be [min, max] "
+            raise ConfigError(f"words {list(words)} and word_length {list(word_length)} must be [min, max] "
                              f"with 1 <= min <= max")
         if " " in alphabet or len(set(alphabet)) != len(alphabet) or not alphabet:
-            raise ValueError("alphabet must be distinct characters without a space")
+            raise ConfigError("alphabet must be distinct characters without a space")
         if self.max_lines < 1 or ink_height > self.line_height:
-            raise ValueError(f"font_size text ({ink_height} px tall) does not fit line_height {self.line_height} "
+            raise ConfigError(f"font_size text ({ink_height} px tall) does not fit line_height {self.line_height} "
                              f"within image_size {self.image_size} and margin {self.margin}")
         if self.layout == "grid":
             widest = max(self.font.getbbox(c)[2] - self.font.getbbox(c)[0] for c in alphabet)
             room = self.chars_per_line * (self.max_lines if self.wrap_mode == "chars" else 1)
             if widest > self.cell_width or word_length[1] > room:
-                raise ValueError(f"grid layout: cell_width {self.cell_width} gives {self.chars_per_line} chars per "
+                raise ConfigError(f"grid layout: cell_width {self.cell_width} gives {self.chars_per_line} chars per "
                                  f"line; word_length max {word_length[1]} and glyphs up to {widest} px must fit")
         elif word_length[1] * max(self.font.getlength(c) for c in alphabet) + 1 > self.max_width:
-            raise ValueError(f"flow layout: a word of {word_length[1]} letters may not fit in {self.max_width} px")
+            raise ConfigError(f"flow layout: a word of {word_length[1]} letters may not fit in {self.max_width} px")
         if min(self.samples["train"], self.samples["eval"], self.samples_per_shard) < 1:
-            raise ValueError("train_samples, eval_samples and samples_per_shard must be at least 1")
+            raise ConfigError("train_samples, eval_samples and samples_per_shard must be at least 1")
         possible = sum(len(alphabet) ** n for n in range(word_length[0], word_length[1] + 1))
         if vocabulary_size > possible:
-            raise ValueError(f"vocabulary_size {vocabulary_size} exceeds the {possible} possible words")
+            raise ConfigError(f"vocabulary_size {vocabulary_size} exceeds the {possible} possible words")
         held = round(vocabulary_size * heldout_fraction)
         if not 1 <= held < vocabulary_size:
-            raise ValueError(f"heldout_fraction {heldout_fraction} leaves no train or no held-out words")
+            raise ConfigError(f"heldout_fraction {heldout_fraction} leaves no train or no held-out words")
 
     def _vocabulary(self, word_length, alphabet, size, heldout_fraction):
         rng = random.Random(self.seed)
@@ -208,20 +208,15 @@ class SyntheticOCR:
         # write into a private temp dir and rename it into place: readers never see half a split
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = fresh_partial_dir(final.parent, split)
-        n, per = self.samples[split], self.samples_per_shard
-        writer, buf = None, io.BytesIO()
+        n = self.samples[split]
+        writer, buf = ShardWriter(tmp, split, self.samples_per_shard, max_size=None), io.BytesIO()
         for i, (text, lines) in enumerate(tqdm(self._pages(split), total=n, desc=f"synthetic_ocr {split}",
-                                               unit="img")):
-            if i % per == 0:
-                if writer:
-                    writer.close()
-                writer = wds.TarWriter(str(tmp / f"{split}-{i // per:06d}.tar"), encoder=False, mtime=0)
+                                               unit="img", disable=not is_main())):
             buf.seek(0)
             buf.truncate()
             self._draw(lines).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is 1.5x faster
-            writer.write({"__key__": f"{i:08d}", "png": buf.getvalue(), "txt": text.encode()})
-        if writer:
-            writer.close()
+            writer.write(f"{i:08d}", [("png", buf.getvalue()), ("txt", text.encode())])
+        writer.close()
         (tmp / "meta.json").write_text(json.dumps(dict(self.args, split=split, samples=n), indent=1))
         try:
             os.rename(tmp, final)

@@ -1,6 +1,6 @@
 """nanochat's GPT with the Oct-2025 semantics (NC-OCT, karpathy/nanochat@a088b7a).
 
-NC-OCT is what the public HF d20 checkpoints were trained with (architecture.md §1.1): wte, n_layer
+NC-OCT is what the public HF d20 checkpoints were trained with (docs/architecture.md §1.1): wte, n_layer
 blocks and an untied lm_head, nothing else (no value embeddings, no lambdas, no smear/backout).
 Module names match the native state_dict (§1.6) so those checkpoints load with strict=True.
 
@@ -11,8 +11,8 @@ Interface used by vlmkit (the vision-language model merges image embeddings betw
     cache  = gpt.make_kv_cache(batch_size, seq_len)
     gpt.grow_vocab(65537)                        # after pretrained weights load (adds <|image|>)
 
-The registered ``nanochat`` decoder is ``nanochat_pretrained.nanochat_decoder``: GPT's arguments plus
-``checkpoint`` / ``checkpoint_format`` to load native or HF nanochat weights.
+The ``nanochat`` decoder is registered by ``nanochat_pretrained.py`` (``nanochat_decoder``): GPT's arguments
+plus ``checkpoint`` / ``checkpoint_format`` to load native or HF nanochat weights.
 """
 import math
 from dataclasses import dataclass
@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core import hookimpl
+from core.errors import ConfigError
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int
-    sequence_len: int = 1024   # NC-OCT defaults, architecture.md §1.2; d20 uses 2048
+    sequence_len: int = 1024   # NC-OCT defaults, docs/architecture.md §1.2; d20 uses 2048
     n_layer: int = 12
     n_head: int = 6            # query heads
     n_kv_head: int = 6         # key/value heads (GQA when < n_head)
@@ -57,7 +57,7 @@ def rotary_tables(seq_len, head_dim, base, device=None):
     """cos and signed sin for apply_rotary_emb, (1, seq_len, 1, head_dim) in fp32.
 
     Native NC-OCT keeps them in bf16; fp32 makes this model the same function as the HF
-    NanoChat port (architecture.md §6), at a small cost in speed.
+    NanoChat port (docs/architecture.md §6), at a small cost in speed.
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
@@ -145,9 +145,9 @@ class GPT(nn.Module):
                  rotary_base=10000.0, norm_eps=None, softcap=15.0):
         super().__init__()
         if n_embd % n_head or (n_embd // n_head) % 2:
-            raise ValueError(f"n_embd {n_embd} must split into n_head {n_head} heads of even size")
+            raise ConfigError(f"n_embd {n_embd} must split into n_head {n_head} heads of even size")
         if n_head % n_kv_head:
-            raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
+            raise ConfigError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
         self.config = GPTConfig(vocab_size, sequence_len, n_layer, n_head, n_kv_head, n_embd,
                                 rotary_base, norm_eps, softcap)
         self.transformer = nn.ModuleDict(dict(
@@ -184,7 +184,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """NC-OCT init (architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the caller."""
+        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the caller."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -201,7 +201,7 @@ class GPT(nn.Module):
 
     def embed(self, idx):
         """Token ids (B,T) -> embeddings (B,T,n_embd). The norm is applied in forward, so image
-        embeddings merged in between are normalised the same way (architecture.md §5)."""
+        embeddings merged in between are normalised the same way (docs/architecture.md §5)."""
         return self.transformer.wte(idx)
 
     def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -266,7 +266,7 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """NC-OCT KV cache (architecture.md §1.8): one tensor (L, 2, B, H, T, D), allocated on the
+    """NC-OCT KV cache (docs/architecture.md §1.8): one tensor (L, 2, B, H, T, D), allocated on the
     first insert with that k's dtype and device. Batch, then heads, then positions: a swapped
     order once asked for 225 GB (DESIGN.md). H is the number of KV heads."""
 
@@ -310,10 +310,3 @@ class KVCache:
         if layer_idx == self.kv_cache.size(0) - 1:  # every layer has written this chunk
             self.pos = t1
         return self.kv_cache[layer_idx, 0, :, :, :t1], self.kv_cache[layer_idx, 1, :, :, :t1]
-
-
-@hookimpl
-def vlmkit_register(registry):
-    # The factory builds a GPT, fresh or from a checkpoint (recipe key ``checkpoint``).
-    from plugins.decoders.nanochat_pretrained import nanochat_decoder
-    registry.add("decoder", "nanochat", nanochat_decoder)

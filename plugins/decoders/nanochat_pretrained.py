@@ -4,7 +4,7 @@ The recipe names a checkpoint and the model config comes from the files, never g
 
     decoder: {name: nanochat, checkpoint: ~/.cache/nanochat/chatsft_checkpoints/d20}
 
-- native (architecture.md §1.9): ``model_XXXXXX.pt`` (a raw ``torch.save``d state_dict, maybe with
+- native (docs/architecture.md §1.9): ``model_XXXXXX.pt`` (a raw ``torch.save``d state_dict, maybe with
   ``_orig_mod.`` prefixes from torch.compile) and ``meta_XXXXXX.json`` beside it, whose ``model_config``
   holds the six sizes. A folder means its largest step. Read with ``torch.load(weights_only=True)``.
   NC-OCT norms use finfo eps (``norm_eps`` None), rotary base 10000 and softcap 15; these three are not
@@ -25,6 +25,8 @@ import re
 
 import torch
 
+from core import hookimpl
+from core.distributed import print0
 from core.errors import ConfigError
 from core.weights import FOLDER_FILES as HF_WEIGHT_FILES, load_state, read_state_dict, resolve_weights_path
 from plugins.decoders.nanochat import GPT
@@ -81,7 +83,7 @@ def load_pretrained(checkpoint, checkpoint_format="auto", vocab_size=None, given
     if torch.empty(0).device.type == "meta":  # dry run: the config from the files, no weights
         model = _gpt(target_vocab, kwargs, config_source)
         grown = f" -> {target_vocab} (grown for the tokenizer)" if target_vocab > ckpt_vocab else ""
-        print(f"decoder: meta device, weights not read from {weights_path} ({fmt}; {sizes}, "
+        print0(f"decoder: meta device, weights not read from {weights_path} ({fmt}; {sizes}, "
               f"vocab {ckpt_vocab}{grown})")
         return model
 
@@ -96,11 +98,11 @@ def load_pretrained(checkpoint, checkpoint_format="auto", vocab_size=None, given
     # strict and all-or-nothing: every key and shape is checked before a tensor is copied (bf16 -> fp32 cast)
     report = load_state(model, state, weights_path, strict=True, name=f"a nanochat GPT ({sizes})")
     del state
-    print(f"decoder: loaded {len(report['loaded'])} tensors from {weights_path} ({fmt}; {sizes}, vocab {ckpt_vocab}, "
+    print0(f"decoder: loaded {len(report['loaded'])} tensors from {weights_path} ({fmt}; {sizes}, vocab {ckpt_vocab}, "
           f"norm_eps {model.config.norm_eps}, rotary_base {model.config.rotary_base}, softcap {model.config.softcap})")
     if target_vocab > ckpt_vocab:
         model.grow_vocab(target_vocab)
-        print(f"decoder: vocab grown {ckpt_vocab} -> {target_vocab} for the tokenizer "
+        print0(f"decoder: vocab grown {ckpt_vocab} -> {target_vocab} for the tokenizer "
               f"(old rows untouched; new wte rows ~ N(0,1), new lm_head rows zero)")
     return model
 
@@ -114,7 +116,7 @@ def _same(a, b):
 def _gpt(vocab_size, kwargs, config_source):
     try:
         return GPT(vocab_size, **kwargs)
-    except ValueError as e:
+    except ConfigError as e:
         raise ConfigError(f"decoder nanochat: the checkpoint's config ({config_source}) is not a nanochat GPT: {e}")
 
 
@@ -252,3 +254,8 @@ def hf_to_native(state):
                 break
         out[key] = value
     return out
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("decoder", "nanochat", nanochat_decoder)

@@ -1,8 +1,8 @@
-"""CLIP ViT-L/14-style vision tower: the second half of the DeepEncoder (architecture.md §2.2).
+"""CLIP ViT-L/14-style vision tower: the second half of the DeepEncoder (docs/architecture.md §2.2).
 
 Pre-LN transformer, quick_gelu, fused qkv, no post layernorm. In the DeepEncoder
 the SAM output replaces the patch embeddings (`patch_embeds`). Module names
-match DSO's `clip_sdpa.py` (architecture.md §2.7); defaults are ViT-L/14 at 224.
+match DSO's `clip_sdpa.py` (docs/architecture.md §2.7); defaults are ViT-L/14 at 224.
 
 Two classes share one set of weights and names:
 - CLIPVisionTower: forward(pixels, patch_embeds=None) -> (B, 1 + h*w, dim) with CLS, as DSO;
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core import hookimpl
+from core import ConfigError, hookimpl
 from plugins.encoders import pretrained
 from plugins.encoders.sam import resize_pos_grid
 
@@ -34,11 +34,11 @@ class Embeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, bias=False)
         self.position_embedding = nn.Embedding(n_pos, dim)
         nn.init.normal_(self.position_embedding.weight, std=0.02)  # CLIP's small init, not N(0, 1)
-        # persistent in DSO, so checkpoints carry it (architecture.md §3.2)
+        # persistent in DSO, so checkpoints carry it (docs/architecture.md §3.2)
         self.register_buffer("position_ids", torch.arange(n_pos)[None], persistent=True)
 
     def positions(self, h, w):
-        """(1 + h*w, dim): CLS slot as is, the grid part resized bicubic+antialias in fp32 (architecture.md §2.2)."""
+        """(1 + h*w, dim): CLS slot as is, the grid part resized bicubic+antialias in fp32 (docs/architecture.md §2.2)."""
         pos = self.position_embedding(self.position_ids)[0]
         cls_pos, grid_pos = pos[:1], pos[1:]
         if (h, w) != (self.grid, self.grid):
@@ -58,7 +58,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv_proj = nn.Linear(dim, 3 * dim)  # fused, split order q, k, v (architecture.md §2.2)
+        self.qkv_proj = nn.Linear(dim, 3 * dim)  # fused, split order q, k, v (docs/architecture.md §2.2)
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -109,13 +109,13 @@ class CLIPVisionTower(nn.Module):
                  weights=None, weights_format="auto"):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"clip: dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"clip: dim {dim} is not divisible by heads {heads}")
         self.image_size, self.patch_size = image_size, patch_size
         self.out_dim = dim
         self.embeddings = Embeddings(image_size, patch_size, dim)
         self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)  # DSO's spelling
         self.transformer = Transformer(dim, depth, heads, mlp_dim, eps)
-        # no post_layernorm: DSO uses the last layer's output as it is (architecture.md §2.2)
+        # no post_layernorm: DSO uses the last layer's output as it is (docs/architecture.md §2.2)
         self.pretrained_report = None
         if weights is not None:
             self.load_pretrained(weights, weights_format)

@@ -1,9 +1,9 @@
-"""DeepSeek-OCR's DeepEncoder: SAM ViT-B -> compressor -> CLIP-L fed with SAM's map (architecture.md §2.3).
+"""DeepSeek-OCR's DeepEncoder: SAM ViT-B -> compressor -> CLIP-L fed with SAM's map (docs/architecture.md §2.3).
 
 The SAM output (B, C, h, w) replaces CLIP's patch embeddings; the features are
 CLIP's tokens (CLS dropped) and SAM's map concatenated per grid cell, CLIP FIRST.
 Submodules are `sam` and `clip` so DSO's `sam_model.*` / `vision_model.*` weights
-map on by renaming the prefix (architecture.md §2.7).
+map on by renaming the prefix (docs/architecture.md §2.7).
 
 `weights` names a DeepSeek-OCR checkpoint (file, index json or folder): its
 sam_model / vision_model tensors are loaded exactly or not at all, and the
@@ -21,7 +21,7 @@ from plugins.encoders.clip import CLIPVisionTower
 from plugins.encoders.sam import SAMEncoder
 
 
-# DeepSeek-OCR's single-view resolution modes (architecture.md §2.4): 73 / 111 / 273 / 421 vision tokens
+# DeepSeek-OCR's single-view resolution modes (docs/architecture.md §2.4): 73 / 111 / 273 / 421 vision tokens
 MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
 BASE_SIZE = 1024  # the resolution DSO's position tables are stored for, whatever the mode
 
@@ -39,9 +39,9 @@ class DeepEncoder(nn.Module):
         sam, clip = dict(sam or {}), dict(clip or {})
         if mode is not None:
             if mode not in MODES:
-                raise ValueError(f"deepencoder: mode must be one of {', '.join(MODES)}, not {mode!r}")
+                raise ConfigError(f"deepencoder: mode must be one of {', '.join(MODES)}, not {mode!r}")
             if image_size not in (None, MODES[mode]):
-                raise ValueError(f"deepencoder: mode {mode!r} is {MODES[mode]} px but image_size is {image_size}")
+                raise ConfigError(f"deepencoder: mode {mode!r} is {MODES[mode]} px but image_size is {image_size}")
             image_size, position_image_size = MODES[mode], position_image_size or BASE_SIZE
         image_size = image_size or BASE_SIZE
         position_image_size = position_image_size or image_size
@@ -52,10 +52,10 @@ class DeepEncoder(nn.Module):
         self.sam = SAMEncoder(image_size=image_size, position_image_size=position_image_size, **sam)
         clip_dim = clip.get("dim", 1024)
         if clip_dim != self.sam.out_dim:
-            raise ValueError(f"deepencoder: clip.dim ({clip_dim}) must equal sam's downsample_channels[-1] "
+            raise ConfigError(f"deepencoder: clip.dim ({clip_dim}) must equal sam's downsample_channels[-1] "
                              f"({self.sam.out_dim}): SAM's map is CLIP's patch embedding")
         # CLIP's position grid defaults to SAM's output grid at position_image_size (224/14 = 16 = 1024/64,
-        # architecture.md §2.2); other grids are resized at run time, as DSO does for 640 px
+        # docs/architecture.md §2.2); other grids are resized at run time, as DSO does for 640 px
         if "image_size" not in clip:
             grid = self.sam.grid_size(position_image_size, position_image_size)[0]
             clip["image_size"] = grid * clip.get("patch_size", 14)
@@ -85,7 +85,7 @@ class DeepEncoder(nn.Module):
         sam_map = self.sam.forward_features(pixel_values)  # (B, C, h, w)
         B, _, h, w = sam_map.shape
         clip_out = self.clip(pixel_values, patch_embeds=sam_map)  # (B, 1 + h*w, D)
-        # CLIP first, then SAM, both in row-major grid order (architecture.md §2.3)
+        # CLIP first, then SAM, both in row-major grid order (docs/architecture.md §2.3)
         feats = torch.cat([clip_out[:, 1:], sam_map.flatten(2).transpose(1, 2)], dim=-1)
         return feats.reshape(B, h, w, -1)
 

@@ -1,4 +1,4 @@
-"""Pretrained vision weights: other projects' key names -> vlmkit's (architecture.md §2.7, §3).
+"""Pretrained vision weights: other projects' key names -> vlmkit's (docs/architecture.md §2.7, §3).
 
 A helper module: it registers nothing. The mapping functions are pure (a state
 dict in, a vlmkit-named state dict out); reading files and the checked,
@@ -23,6 +23,7 @@ import re
 
 import torch
 
+from core.distributed import print0
 from core.errors import ConfigError
 from core.weights import empty_report, first_keys, load_state, on_meta, read_state_dict
 
@@ -31,7 +32,7 @@ CLIP_FORMATS = ("hf", "deepseek_ocr", "vlmkit")
 # checkpoints that carry no compressor: net_2 / net_3 start fresh when loading them
 SAM_FORMATS_WITHOUT_COMPRESSOR = ("hf", "segment_anything")
 
-# DeepSeek-OCR's language model: never the encoder's business (architecture.md §2.7)
+# DeepSeek-OCR's language model: never the encoder's business (docs/architecture.md §2.7)
 _DSO_LM = ("embed_tokens.", "layers.", "norm.", "lm_head.")
 
 
@@ -56,7 +57,7 @@ def _under(sd, prefixes):
 
 # ---- SAM ----------------------------------------------------------------------------------------
 
-# HF SAM vision names -> DSO / vlmkit names (architecture.md §3.1)
+# HF SAM vision names -> DSO / vlmkit names (docs/architecture.md §3.1)
 _HF_SAM_RULES = (
     (r"^patch_embed\.projection\.", "patch_embed.proj."),
     (r"^layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
@@ -175,7 +176,7 @@ _HF_CLIP_DROP = ("text_model.", "visual_projection.", "text_projection.", "logit
 
 
 def _fill_position_ids(out, prefix=""):
-    """DSO keeps ``position_ids`` as a persistent buffer; files that lack it get arange (architecture.md §3.2).
+    """DSO keeps ``position_ids`` as a persistent buffer; files that lack it get arange (docs/architecture.md §3.2).
     ``prefix``: where the CLIP tower's keys sit (``clip.`` in a whole DeepEncoder)."""
     pos = out.get(f"{prefix}embeddings.position_embedding.weight")
     if pos is not None and f"{prefix}embeddings.position_ids" not in out:
@@ -184,7 +185,7 @@ def _fill_position_ids(out, prefix=""):
 
 
 def clip_from_hf(sd):
-    """transformers CLIPModel / CLIPVisionModel -> CLIPVisionTower names (architecture.md §3.2).
+    """transformers CLIPModel / CLIPVisionModel -> CLIPVisionTower names (docs/architecture.md §3.2).
 
     Keys under ``vision_model.`` (CLIPModel, older CLIPVisionModel) or bare (CLIPVisionModel
     in transformers 5); q, k, v fused into ``qkv_proj`` (cat on dim 0, in that order);
@@ -240,7 +241,7 @@ def detect_clip_format(sd):
 # ---- the whole DeepEncoder from DeepSeek-OCR -------------------------------------------------------
 
 def deepencoder_from_deepseek_ocr(sd):
-    """DeepSeek-OCR's checkpoint -> (DeepEncoder state dict, extras for the whole model) (architecture.md §2.7).
+    """DeepSeek-OCR's checkpoint -> (DeepEncoder state dict, extras for the whole model) (docs/architecture.md §2.7).
 
     ``model.sam_model.*`` -> ``sam.*``, ``model.vision_model.*`` -> ``clip.*``; the
     language model is dropped. The extras belong to the VisionLanguageModel, not the
@@ -290,7 +291,7 @@ def _load_layout(module, path, fmt, who, kind, formats, detect, mappers, skip_fo
     """Read a weight file, pick its layout (given or detected), map the names and load all-or-nothing."""
     _check_format(who, fmt, formats)
     if on_meta(module):
-        print(f"{who}: built on the meta device, weights {path} not read")
+        print0(f"{who}: built on the meta device, weights {path} not read")
         return empty_report()
     sd = read_state_dict(path)
     if fmt == "auto":
@@ -300,7 +301,7 @@ def _load_layout(module, path, fmt, who, kind, formats, detect, mappers, skip_fo
                               f"set {who}.weights_format to one of {', '.join(formats)}")
     report = load_state(module, mappers[fmt](sd), f"{path} ({fmt} layout)", skip_prefixes=skip_for(fmt),
                         name=f"{who} ({type(module).__name__})")
-    print(f"{who}: loaded {len(report['loaded'])} tensors from {path} ({fmt} layout){_fresh_note(report)}")
+    print0(f"{who}: loaded {len(report['loaded'])} tensors from {path} ({fmt} layout){_fresh_note(report)}")
     return report
 
 
@@ -325,7 +326,7 @@ def load_deepencoder(module, path, who="deepencoder"):
     Only the vision tensors are read (a safetensors checkpoint's language model stays on disk).
     """
     if on_meta(module):
-        print(f"{who}: built on the meta device, weights {path} not read")
+        print0(f"{who}: built on the meta device, weights {path} not read")
         return empty_report(), {}
     sd = read_state_dict(path, keep=lambda k: not _is_dso_lm_key(k))
     if not any(k.startswith(_DSO_SAM_PREFIXES) for k in sd):
@@ -337,6 +338,6 @@ def load_deepencoder(module, path, who="deepencoder"):
     n_clip = sum(k.startswith("clip.") for k in report["loaded"])
     kept = (f"; kept for the model builder: {first_keys(sorted(extras), 8)}" if extras
             else "; the file has no projector, image_newline or view_seperator")
-    print(f"{who}: loaded {len(report['loaded'])} tensors from {path} (DeepSeek-OCR layout): "
+    print0(f"{who}: loaded {len(report['loaded'])} tensors from {path} (DeepSeek-OCR layout): "
           f"sam {n_sam}, clip {n_clip}{kept}")
     return report, extras

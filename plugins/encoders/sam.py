@@ -1,9 +1,9 @@
-"""SAM-style ViT: the first half of DeepSeek-OCR's DeepEncoder (architecture.md §2.1).
+"""SAM-style ViT: the first half of DeepSeek-OCR's DeepEncoder (docs/architecture.md §2.1).
 
 patch embed -> + abs pos -> blocks (windowed / global attention with decomposed
 relative positions) -> neck (1x1 conv, LN2d, 3x3 conv, LN2d) -> compressor
 (net_2, net_3: strided 3x3 convs). Module names match DSO's `sam_vary_sdpa.py`
-so its checkpoints load as they are (architecture.md §2.7). Every size is a
+so its checkpoints load as they are (docs/architecture.md §2.7). Every size is a
 constructor argument; the defaults are ViT-B as DeepSeek-OCR uses it.
 
 `weights` names a pretrained file (HF SAM, segment-anything, transformers'
@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core import hookimpl
+from core import ConfigError, hookimpl
 from plugins.encoders import pretrained
 
 
 def resize_pos_grid(pos, height, width):
-    """(1, G, G', C) -> (1, height, width, C); bicubic, antialias, fp32 (architecture.md §2.1)."""
+    """(1, G, G', C) -> (1, height, width, C); bicubic, antialias, fp32 (docs/architecture.md §2.1)."""
     if pos.shape[1] == height and pos.shape[2] == width:
         return pos
     grid = pos.permute(0, 3, 1, 2).float()
@@ -32,7 +32,7 @@ def get_rel_pos(q_size, k_size, rel_pos):
     """Relative-position embeddings for every (query, key) pair along one axis: (q_size, k_size, C).
 
     The table holds one row per offset; when the grid differs from the size it
-    was built for, it is resized linearly first, as SAM does (architecture.md §2.1).
+    was built for, it is resized linearly first, as SAM does (docs/architecture.md §2.1).
     """
     max_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_dist:
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
         head_dim = dim // heads
-        # zero init, one row per offset: 2 * size - 1 (architecture.md §2.1)
+        # zero init, one row per offset: 2 * size - 1 (docs/architecture.md §2.1)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
 
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H * W, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, HW, hd)
-        # bias[(qi,qj),(ki,kj)] = q . Rh[qi,ki] + q . Rw[qj,kj], with the UNSCALED q (architecture.md §2.1)
+        # bias[(qi,qj),(ki,kj)] = q . Rh[qi,ki] + q . Rw[qj,kj], with the UNSCALED q (docs/architecture.md §2.1)
         Rh = get_rel_pos(H, H, self.rel_pos_h)
         Rw = get_rel_pos(W, W, self.rel_pos_w)
         r_q = q.reshape(B, self.heads, H, W, -1)
@@ -121,7 +121,7 @@ class MLP(nn.Module):
         self.lin2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.lin2(F.gelu(self.lin1(x)))  # exact GELU (architecture.md §2.1)
+        return self.lin2(F.gelu(self.lin1(x)))  # exact GELU (docs/architecture.md §2.1)
 
 
 class Block(nn.Module):
@@ -156,15 +156,15 @@ class SAMEncoder(nn.Module):
                  weights=None, weights_format="auto"):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"sam: dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"sam: dim {dim} is not divisible by heads {heads}")
         if any(not 0 <= i < depth for i in global_attn_indexes):
-            raise ValueError(f"sam: global_attn_indexes {list(global_attn_indexes)} must lie in [0, depth={depth})")
+            raise ConfigError(f"sam: global_attn_indexes {list(global_attn_indexes)} must lie in [0, depth={depth})")
         if len(downsample_channels) != len(downsample_strides):
-            raise ValueError("sam: downsample_channels and downsample_strides must have the same length")
+            raise ConfigError("sam: downsample_channels and downsample_strides must have the same length")
         self.image_size, self.patch_size = image_size, patch_size
         self.strides = tuple(downsample_strides)
         # the position tables (pos_embed, global rel-pos) are stored for position_image_size and resized to
-        # the input's grid at run time: DSO keeps 64x64 (1024 px) for every mode (architecture.md §2.1, §2.4)
+        # the input's grid at run time: DSO keeps 64x64 (1024 px) for every mode (docs/architecture.md §2.1, §2.4)
         grid = (position_image_size or image_size) // patch_size
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))  # SAM inits it to zeros
@@ -177,7 +177,7 @@ class SAMEncoder(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out_chans),
         )
-        # the compressor: plain strided convs, no norm or activation between (architecture.md §2.1)
+        # the compressor: plain strided convs, no norm or activation between (docs/architecture.md §2.1)
         self.compressor = []
         chans = out_chans
         for i, (c, s) in enumerate(zip(downsample_channels, downsample_strides)):

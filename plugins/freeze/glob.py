@@ -53,7 +53,7 @@ class GlobFreeze:
 class PresetFreeze(GlobFreeze):
     def __init__(self, preset):
         if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
         super().__init__(**PRESETS[preset])
 
 

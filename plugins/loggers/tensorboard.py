@@ -7,7 +7,7 @@ package (``pip install -e ".[tensorboard]"``).
 """
 import os
 
-from core import hookimpl
+from core import ConfigError, hookimpl
 
 SKIP = {"step", "time"}
 
@@ -17,7 +17,7 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ValueError('needs the tensorboard package: pip install -e ".[tensorboard]"') from e
+            raise ConfigError('needs the tensorboard package: pip install -e ".[tensorboard]"') from e
         self.writer = SummaryWriter(os.path.join(run_dir, subdir))
 
     @hookimpl

@@ -1,6 +1,6 @@
 """Fox's OCR metrics (``ucaslcl/Fox`` ``eval_tools/eval_ocr_test.py``), per sample as the script reports them.
 
-* Normalisation: none (metrics.md §1.2): case, punctuation, markdown and Unicode
+* Normalisation: none (docs/metrics.md §1.2): case, punctuation, markdown and Unicode
   form all count.
 * Tokenisation (§1.2): if either string contains a character in
   ``[\\u4e00-\\u9fa5]``, both are segmented with ``jieba.lcut`` (jieba keeps each
@@ -30,7 +30,11 @@ import math
 import re
 import warnings
 
+from collections import Counter
+
+from core.errors import ConfigError
 from core.hookspecs import hookimpl
+from core.jsonfiles import read_json
 from core.textdist import ned
 
 KEYS = ("precision", "recall", "f1", "edit_dist", "word_precision", "word_recall")
@@ -59,10 +63,10 @@ class FoxMetric:
 
     def __init__(self, zh_tokenizer="auto"):
         if zh_tokenizer not in ("auto", "jieba", "chars"):
-            raise ValueError(f"zh_tokenizer must be 'auto', 'jieba' or 'chars', not {zh_tokenizer!r}")
+            raise ConfigError(f"zh_tokenizer must be 'auto', 'jieba' or 'chars', not {zh_tokenizer!r}")
         lcut = _jieba_tokens() if zh_tokenizer != "chars" else None
         if zh_tokenizer == "jieba" and lcut is None:
-            raise ValueError("zh_tokenizer='jieba' but jieba is not installed (pip install jieba)")
+            raise ConfigError("zh_tokenizer='jieba' but jieba is not installed (pip install jieba)")
         self.zh_tokenizer = "jieba" if lcut else "chars"
         self._zh_tokens = lcut or _char_tokens
         self._warn = zh_tokenizer == "auto" and lcut is None
@@ -99,6 +103,32 @@ class FoxMetric:
         return out
 
 
+def read_fox_results(path):
+    """Fox's result JSON (§1.1) -> ``[(id, answer, label, None)]``: ``answer`` is the model output.
+
+    The id is ``image``, or ``image#index`` (index in the list) for an image listed more than once."""
+    items = read_json(path)
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: expected a JSON list of Fox results")
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("image", "label", "answer"))):
+            raise ConfigError(f'{path}: item {i}: expected an object with strings "image", '
+                              '"label" (ground truth) and "answer" (model output)')
+    repeats = Counter(item["image"] for item in items)
+    return [(item["image"] if repeats[item["image"]] == 1 else f"{item['image']}#{i}",
+             item["answer"], item["label"], None) for i, item in enumerate(items)]
+
+
+class FoxResults:
+    """``--format fox``: ``--pred`` is Fox's result JSON, a list of ``{"image", "question", "label",
+    "answer"}`` where ``label`` is the ground truth and ``answer`` the model output (§1.1); no ``--gt``."""
+    needs_gt = False
+
+    def read(self, pred_path, gt_path=None):
+        return read_fox_results(pred_path)
+
+
 @hookimpl
 def vlmkit_register(registry):
     registry.add("metric", "fox", FoxMetric)
+    registry.add("metric_input", "fox", FoxResults)

@@ -1,9 +1,9 @@
 """Normalised edit distance per sample (OmniDocBench's per-sample formula).
 
 * Normalisation: none. The raw strings are compared; OmniDocBench's text
-  normalisation (metrics.md §2.2: whitespace/punctuation removal, LaTeX) is NOT
+  normalisation (docs/metrics.md §2.2: whitespace/punctuation removal, LaTeX) is NOT
   applied here.
-* Per sample (metrics.md §2.1): ``ned = Levenshtein(pred, gt) / max(len)`` over
+* Per sample (docs/metrics.md §2.1): ``ned = Levenshtein(pred, gt) / max(len)`` over
   code points, unit costs.
 * Empty input: both empty -> ``None``, excluded from the mean (as OmniDocBench,
   §2.1); one side empty -> 1.0.

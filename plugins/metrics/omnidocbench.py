@@ -1,6 +1,6 @@
 """OmniDocBench's text edit distance (``metrics/cal_metric.py`` ``Edit_dist``) with its three averages.
 
-* Normalisation (metrics.md §2.2), the same for prediction and ground truth:
+* Normalisation (docs/metrics.md §2.2), the same for prediction and ground truth:
   ``norm = clean_string(textblock2unicode(text))``.
   ``textblock2unicode``: every inline maths segment ``$...$`` or ``\\(...\\)``
   (non-greedy, within one line) whose content, after deleting the two-character

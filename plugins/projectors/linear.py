@@ -1,4 +1,4 @@
-"""Linear projector: DSO's MlpProjector with projector_type "linear" (architecture.md §2.3).
+"""Linear projector: DSO's MlpProjector with projector_type "linear" (docs/architecture.md §2.3).
 
 A single nn.Linear named `layers`, so the keys are `layers.weight` / `layers.bias`
 as in DSO's checkpoint. in_dim / out_dim are filled in by the model builder.

@@ -1,18 +1,18 @@
-"""MLP projector: Linear, then (GELU, Linear) x (depth - 1), as DSO's "mlp_gelu" type (architecture.md §2.3).
+"""MLP projector: Linear, then (GELU, Linear) x (depth - 1), as DSO's "mlp_gelu" type (docs/architecture.md §2.3).
 
 `layers` is an nn.Sequential, so keys are `layers.0.*`, `layers.2.*`, ... The
 hidden width defaults to out_dim, as in DSO. in_dim / out_dim come from the model builder.
 """
 import torch.nn as nn
 
-from core import hookimpl
+from core import ConfigError, hookimpl
 
 
 class MLPProjector(nn.Module):
     def __init__(self, in_dim, out_dim, depth=2, hidden_dim=None):
         super().__init__()
         if depth < 1:
-            raise ValueError(f"mlp projector: depth must be >= 1, got {depth}")
+            raise ConfigError(f"mlp projector: depth must be >= 1, got {depth}")
         hidden_dim = hidden_dim or out_dim
         dims = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
         mods = []

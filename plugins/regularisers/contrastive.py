@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import hookimpl
+from core import ConfigError, hookimpl
 
 MODES = ("heads", "pooled")
 
@@ -39,7 +39,7 @@ class ContrastiveRegulariser(nn.Module):
     def __init__(self, model, weight=0.1, temperature=0.1, dim=64, mode="heads", variance=0.0):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"contrastive: mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise ConfigError(f"contrastive: mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.weight, self.temperature, self.mode, self.variance = weight, temperature, mode, variance
         parts = getattr(model.encoder, "feature_parts", lambda: {})()
         if mode == "pooled":  # the monitor's points: every named part (or the whole output), then the projector

@@ -1,4 +1,4 @@
-"""nanochat's BPE tokenizer (RustBPE trained, tiktoken at inference; architecture.md §1.10) plus ``<|image|>``.
+"""nanochat's BPE tokenizer (RustBPE trained, tiktoken at inference; docs/architecture.md §1.10) plus ``<|image|>``.
 
 The same interface as ByteTokenizer: vocab_size, bos_id, eos_id, image_id, pad_id, special_id(name),
 encode(text), decode(ids).
@@ -24,7 +24,7 @@ import os
 import sys
 
 from core import hookimpl
-from core.errors import ConfigError
+from core.errors import ConfigError, cli_main
 
 FORMAT = "vlmkit-tiktoken-bpe"
 EXPORT_NAME = "tokenizer_bpe.json"
@@ -180,11 +180,13 @@ def vlmkit_register(registry):
     registry.add("tokenizer", "nanochat_bpe", NanochatBPETokenizer)
 
 
+def command(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise ConfigError("usage: python -m plugins.tokenizers.nanochat_bpe TOKENIZER.pkl OUT.json  "
+                          "(unpickles the file: run it only on a tokenizer you trust)")
+    print(f"wrote {export_tokenizer(argv[0], argv[1])}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m plugins.tokenizers.nanochat_bpe TOKENIZER.pkl OUT.json  "
-                 "(unpickles the file: run it only on a tokenizer you trust)")
-    try:
-        print(f"wrote {export_tokenizer(sys.argv[1], sys.argv[2])}")
-    except ConfigError as e:
-        sys.exit(str(e))
+    sys.exit(cli_main(command))

@@ -1,69 +1,22 @@
-"""Readers that turn other systems' files into ``(id, pred, gt, page)`` pairs for ``python -m core.metrics``.
+"""OmniDocBench's files: the ground-truth JSON, a folder of ``.md`` predictions, and the page text.
 
-Formats (``--format``):
-
-* ``jsonl``: ``--gt`` and ``--pred`` hold one ``{"id": ..., "text": ...}`` per
-  line; a ground-truth line may add ``"page"`` (string or integer) to group
-  samples for page averages (``omnidocbench``'s ``odb_ALL_page_avg``).
-* ``fox``: ``--pred`` is Fox's result JSON (metrics.md §1.1): a list of
-  ``{"image", "question", "label", "answer"}`` where ``label`` is the ground
-  truth and ``answer`` the model output; no ``--gt``. The id is ``image``, or
-  ``image#index`` (index in the list) for an image that occurs more than once.
-* ``omnidocbench``: ``--gt`` is OmniDocBench.json (§2.5), one sample per page,
-  id and page = the image stem of ``page_info.image_path``; the page text is
-  the evaluator's GT text (§2.6, see ``omnidocbench_page_text``). ``--pred`` is
-  a folder of ``<image stem>.md`` files or a JSONL file whose ids are stems.
-  This scores each page as one string; the benchmark's end-to-end protocol
-  instead matches GT blocks to prediction paragraphs (§2.4), so whole-page
-  numbers are comparable to each other, not to the leaderboard.
-
-Every ground-truth id is scored: a missing prediction is reported on stderr and
-scored as ""; predictions with an unknown id are reported and ignored. Bad
-input raises ConfigError with a one-line message naming the file (and the
-line or item).
+Registers the metric input ``omnidocbench`` (``python -m core.metrics ... --format omnidocbench``):
+``--gt`` is OmniDocBench.json (metrics.md §2.5), one sample per page, id and page = the image
+stem of ``page_info.image_path``; the page text is the evaluator's GT text (§2.6, see
+``omnidocbench_page_text``). ``--pred`` is a folder of ``<image stem>.md`` files or a JSONL file
+whose ids are stems. The ``omnidocbench`` shard source (plugins/sources/omnidocbench.py) writes
+the same page text as each page's ``txt``.
 """
 import os
-import sys
-from collections import Counter
 from pathlib import Path
 
+from core import hookimpl
 from core.errors import ConfigError
-from core.jsonfiles import jsonl_records, read_json
+from core.jsonfiles import read_json
+from core.metrics import pair_up, read_jsonl
 
-FORMATS = ("jsonl", "fox", "omnidocbench")
-SHOW_IDS = 5
 # §2.6: the categories whose text the evaluator scores, in the order it collects them.
 TEXT_CATEGORIES = ("text_block", "title", "code_txt", "code_txt_caption", "reference")
-
-
-def load_pairs(fmt, pred_path, gt_path=None, evaluator_quirks=False):
-    """Read the files of format ``fmt`` and return a list of ``(id, pred, gt, page)`` (page may be None)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if evaluator_quirks and fmt != "omnidocbench":
-        raise ConfigError("--evaluator-quirks only applies to --format omnidocbench")
-    if fmt == "fox":
-        if gt_path is not None:
-            raise ConfigError("--gt is not used with --format fox: the result file holds label (GT) and answer")
-        return read_fox_results(pred_path)
-    if gt_path is None:
-        raise ConfigError(f"--gt is required with --format {fmt}")
-    if fmt == "jsonl":
-        gt = read_jsonl(gt_path, allow_page=True)
-        pred = read_jsonl(pred_path)
-    else:
-        gt = read_omnidocbench_gt(gt_path, evaluator_quirks=evaluator_quirks)
-        pred = read_md_folder(pred_path) if os.path.isdir(pred_path) else read_jsonl(pred_path)
-    report([k for k in gt if k not in pred], 'ground-truth ids have no prediction (scored as empty string "")')
-    report([k for k in pred if k not in gt], "prediction ids are not in the ground truth (ignored)")
-    return [(sid, pred[key][1] if key in pred else "", text, page) for key, (sid, text, page) in gt.items()]
-
-
-def report(ids, message):
-    """One stderr line: how many ``ids`` and the first few."""
-    if ids:
-        shown = ", ".join(ids[:SHOW_IDS]) + (", ..." if len(ids) > SHOW_IDS else "")
-        print(f"warning: {len(ids)} {message}: {shown}", file=sys.stderr)
 
 
 def _read_text(path):
@@ -72,42 +25,6 @@ def _read_text(path):
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from e
-
-
-def _is_id(value):
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
-
-
-def read_jsonl(path, allow_page=False):
-    """Return ``{str(id): (id, text, page)}`` in file order (page None unless ``allow_page`` and given)."""
-    out = {}
-    for n, item in jsonl_records(path):
-        if "id" not in item or not isinstance(item.get("text"), str):
-            raise ConfigError(f'{path}:{n}: expected an object {{"id": ..., "text": "..."}}')
-        sid = item["id"]
-        if not _is_id(sid):
-            raise ConfigError(f"{path}:{n}: id must be a string or an integer, not {sid!r}")
-        if str(sid) in out:
-            raise ConfigError(f"{path}:{n}: duplicate id {sid!r}")
-        page = item.get("page") if allow_page else None
-        if page is not None and not _is_id(page):
-            raise ConfigError(f"{path}:{n}: page must be a string or an integer, not {page!r}")
-        out[str(sid)] = (sid, item["text"], page)
-    return out
-
-
-def read_fox_results(path):
-    """Fox's result JSON (§1.1) -> ``[(id, answer, label, None)]``: ``answer`` is the model output."""
-    items = read_json(path)
-    if not isinstance(items, list):
-        raise ConfigError(f"{path}: expected a JSON list of Fox results")
-    for i, item in enumerate(items):
-        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("image", "label", "answer"))):
-            raise ConfigError(f'{path}: item {i}: expected an object with strings "image", '
-                              '"label" (ground truth) and "answer" (model output)')
-    repeats = Counter(item["image"] for item in items)
-    return [(item["image"] if repeats[item["image"]] == 1 else f"{item['image']}#{i}",
-             item["answer"], item["label"], None) for i, item in enumerate(items)]
 
 
 def read_md_folder(path):
@@ -207,3 +124,22 @@ def _truncated_chains(page, by_id, evaluator_quirks):
             merged += [anno for anno in dict.fromkeys(pair) if anno not in merged]
             groups = [g for g in groups if not any(g is h for h in hits)] + [merged]
     return groups
+
+
+class OmniDocBenchInput:
+    """``--gt OmniDocBench.json --pred DIR|preds.jsonl``; ``evaluator_quirks`` repeats a block shared by two
+    truncation relations, as the evaluator does (see ``omnidocbench_page_text``)."""
+    needs_gt = True
+
+    def __init__(self, evaluator_quirks=False):
+        self.evaluator_quirks = evaluator_quirks
+
+    def read(self, pred_path, gt_path=None):
+        gt = read_omnidocbench_gt(gt_path, evaluator_quirks=self.evaluator_quirks)
+        pred = read_md_folder(pred_path) if os.path.isdir(pred_path) else read_jsonl(pred_path)
+        return pair_up(gt, pred)
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("metric_input", "omnidocbench", OmniDocBenchInput)

@@ -1,6 +1,6 @@
 """How fast vlmkit is on this machine: one process, one run, one markdown report.
 
-    python -m core.bench [--quick] [--out FILE] [--device cpu|cuda] [--no-transformers]
+    python -m benchmarks [--quick] [--out FILE] [--device cpu|cuda] [--no-transformers]
                          [--recipe RECIPE --stage N --full-length] [key.path=value ...]
 
 Rows, each measured here and now (the pieces live in benchmarks/, which can also run alone):
@@ -26,13 +26,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ beside core/
-
-from benchmarks import data as data_bench  # noqa: E402
-from benchmarks import generation as gen_bench  # noqa: E402
-from benchmarks import train_step  # noqa: E402
-from core.errors import ConfigError  # noqa: E402
-from core.recipe import load_recipe  # noqa: E402
+from benchmarks import common
+from benchmarks import data as data_bench
+from benchmarks import generation as gen_bench
+from benchmarks import train_step
+from core.errors import cli_main
+from core.recipe import load_recipe
 
 
 def header(device):
@@ -81,7 +80,7 @@ def data_section(shards, step, count):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one DataLoader worker gets (core/stream.py)
     try:
-        rate = data_bench.pipeline_rate(shards, data_bench.bytes_tokenizer(), step["image_size"],
+        rate = data_bench.pipeline_rate(shards, common.bytes_tokenizer(), step["image_size"],
                                         step["num_image_tokens"], step["max_len"], step["batch_size"], count)
     finally:
         torch.set_num_threads(threads)
@@ -110,13 +109,13 @@ def ned_section(quick):
             f"| {ours:,.0f} pairs/s | {raw:,.0f} pairs/s | {ours / raw:.2f} |"]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n")[0])
+def command(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps (about a minute)")
     parser.add_argument("--out", help="also write the markdown report to this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-transformers", action="store_true", help="skip row 3")
-    parser.add_argument("--recipe", default=train_step.RECIPE, help="the recipe of row 2 (default: two_stage.yaml)")
+    parser.add_argument("--recipe", default=common.RECIPE, help="the recipe of row 2 (default: two_stage.yaml)")
     parser.add_argument("--stage", type=int, default=0, help="its stage index for row 2 (default 0)")
     parser.add_argument("--full-length", action="store_true",
                         help="row 2 with every sequence data.max_len tokens long (random answer ids)")
@@ -131,7 +130,7 @@ def main(argv=None):
     report = [f"# {header(args.device)}", ""]
     with tempfile.TemporaryDirectory(prefix="vlmkit-bench-") as tmp:
         count = 256 if args.quick else 1024
-        shards = data_bench.synthetic_shards(tmp, count)
+        shards = common.synthetic_shards(tmp, count)
         peak, lines = peak_section(args.device, args.quick)
         report += lines + [""]
         log("1/6 matmul peak done")
@@ -146,7 +145,7 @@ def main(argv=None):
     report += generation_section(args.quick) + [""]
     log("5/6 generation done")
     report += ned_section(args.quick) + [""]
-    report.append(f"Total {time.perf_counter() - started:.0f} s; command: python -m core.bench "
+    report.append(f"Total {time.perf_counter() - started:.0f} s; command: python -m benchmarks "
                   + " ".join(argv if argv is not None else sys.argv[1:]))
     text = "\n".join(report)
     print(text)
@@ -155,13 +154,10 @@ def main(argv=None):
             f.write(text + "\n")
 
 
-def cli(argv=None):
-    try:
-        main(argv)
-    except ConfigError as e:  # a bad --recipe / override: one line, exit 2, as core.run
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv=None):
+    """The command line: ``command`` with errors as one line and an exit code."""
+    return cli_main(command, argv)
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""What a plugin must implement: one Protocol per component kind, checked when a component is built.
+
+A plugin registers factories (``core/hookspecs.py``, ``vlmkit_register``); the registry calls a
+factory with the recipe's keyword arguments plus the objects below that its signature names
+(``CONTEXT``), then checks the object it got against its kind's Protocol here: a missing
+required member is one error line naming the component and the plugin that registered it.
+Subclassing these Protocols is optional; having the members is not. Members marked optional
+in a Protocol's docstring are looked up with ``getattr`` and may be left out.
+
+Behaviour kinds (freeze, regulariser, metric, logger) are objects whose ``@hookimpl`` methods
+the core calls through pluggy (``core/hookspecs.py`` documents each hook); ``BEHAVIOUR_HOOKS``
+says which hooks each kind must implement.
+"""
+from typing import Iterable, Protocol
+
+import torch
+
+# Objects the core hands a factory, by parameter name, when its signature names them; never from
+# the recipe (a recipe key of the same name is an error).
+CONTEXT = {
+    "projector": ("in_dim", "out_dim"),  # the encoder's out_dim, the decoder's n_embd
+    "decoder": ("vocab_size",),  # the tokenizer's vocabulary, <|image|> included
+    "regulariser": ("model", "tokenizer"),  # the stage's freshly built VisionLanguageModel
+    "freeze": (),
+    "logger": ("run_dir",),  # the run folder (absolute)
+}
+
+
+class Encoder(Protocol):
+    """Images -> a grid of features. An ``nn.Module``.
+
+    ``forward(pixel_values)``: (B, 3, S, S) in [-1, 1] -> (B, h, w, out_dim), rows top to bottom.
+    ``grid_size(height, width)`` -> (h, w), the grid an image of that size gives.
+    Optional: ``feature_parts() -> {name: slice}`` (which output channels come from which
+    sub-network; the collapse monitor scores each, parameter tables list each);
+    ``pretrained_extras: dict`` (tensors of the whole model that came with the encoder's
+    checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder).
+    """
+    image_size: int
+    out_dim: int
+
+    def grid_size(self, height: int, width: int) -> tuple: ...
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+
+class Projector(Protocol):
+    """(B, h, w, in_dim) -> (B, h, w, out_dim). An ``nn.Module``; built with ``in_dim``, ``out_dim``."""
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+class Decoder(Protocol):
+    """A decoder-only language model taking embeddings. An ``nn.Module``; built with ``vocab_size``.
+
+    ``embed(ids)``: (B, T) -> (B, T, n_embd), before any norm (vision tokens replace rows of it).
+    ``forward(embeds, targets=None, kv_cache=None)``: logits (B, T, vocab) or, with ``targets``
+    (-1 = no loss), the mean cross-entropy. ``make_kv_cache(batch_size, seq_len)``: a cache
+    that ``forward`` fills and reads one chunk after another (generation).
+    Optional: ``muon_matrices() -> iterable of parameter names`` (relative to the decoder) that
+    ``optimizer: muon`` orthogonalises; without it every 2-D weight of the decoder's
+    ``nn.ModuleList`` blocks is taken.
+    """
+    n_embd: int
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def make_kv_cache(self, batch_size: int, seq_len: int) -> object: ...
+
+    def __call__(self, embeds: torch.Tensor, targets=None, kv_cache=None) -> torch.Tensor: ...
+
+
+class Tokenizer(Protocol):
+    """Text <-> ids, with the special tokens vlmkit's layout needs.
+
+    ``image_id`` is the ``<|image|>`` placeholder; ``eos_id`` ends an answer (generation stops
+    there); ``pad_id`` fills short rows (never a target). ``decode`` skips special ids.
+    """
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    image_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class Dataset(Protocol):
+    """Where the samples are: ``shards(split)`` -> the shard paths of ``"train"`` or ``"eval"``.
+
+    A shard is a WebDataset tar: per sample an image (png/jpg/jpeg/webp) and its text (txt), or a
+    LLaVA-style ``json`` conversation (README, "Your own data"). A dataset may write its shards
+    on first use (``synthetic_ocr`` renders and caches them).
+    """
+
+    def shards(self, split: str) -> list: ...
+
+
+class Source(Protocol):
+    """A format that ``python -m core.shards FORMAT SOURCE`` reads into shards.
+
+    ``read(source, images_root)`` yields ``core.sources.Item`` (one sample, files not read yet) or
+    ``core.sources.Skip`` (reason, where); malformed input raises ConfigError naming file, line
+    and key. ``needs``: "file", "folder" or "either", what SOURCE must be.
+    """
+    needs: str
+
+    def read(self, source: str, images_root=None) -> Iterable: ...
+
+
+class MetricInput(Protocol):
+    """A file format ``python -m core.metrics --format NAME`` scores: other systems' outputs.
+
+    ``read(pred_path, gt_path)`` -> a list of ``(id, pred, gt, page)`` (page None, or a page key
+    that page-averaging metrics group by). ``needs_gt``: whether ``--gt`` is required (False: the
+    file holds both sides, and ``--gt`` is refused).
+    """
+    needs_gt: bool
+
+    def read(self, pred_path: str, gt_path=None) -> list: ...
+
+
+PROTOCOLS = {"encoder": Encoder, "projector": Projector, "decoder": Decoder, "tokenizer": Tokenizer,
+             "dataset": Dataset, "source": Source, "metric_input": MetricInput}
+BEHAVIOUR_HOOKS = {
+    "freeze": ("vlmkit_freeze",),
+    "regulariser": ("vlmkit_regulariser_loss",),
+    "metric": ("vlmkit_metric_score", "vlmkit_metric_aggregate"),
+    "logger": ("vlmkit_log",),
+}
+
+
+def required_members(protocol):
+    """The member names a Protocol declares: annotated attributes and methods (``__call__`` included)."""
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items() if callable(v) and (not n.startswith("_") or n == "__call__")}
+    return sorted(names)
+
+
+def missing_members(kind, obj):
+    """The members ``obj`` lacks for its ``kind`` (Protocol members, or the behaviour hooks); [] if none."""
+    if kind in PROTOCOLS:
+        return [n for n in required_members(PROTOCOLS[kind]) if not hasattr(obj, n)]
+    marker = "vlmkit_impl"  # pluggy's HookimplMarker("vlmkit") marks functions with this attribute
+    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if getattr(getattr(obj, h, None), marker, None) is None]

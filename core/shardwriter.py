@@ -1,0 +1,82 @@
+"""Writing shards: WebDataset tars of bounded count and size, published only when complete.
+
+``ShardWriter`` writes ``{name}-000000.tar``, ``{name}-000001.tar``, ... of at most ``max_count``
+samples and ``max_size`` bytes, sizes computed exactly (headers, padding, end blocks). Members
+are read-only, owned by nobody, dated 0, so the same samples give the same bytes. Writers work
+in a private ``fresh_partial_dir`` and rename it (or its files) into place when done, so a
+reader never sees half a shard set. ``python -m core.shards`` and the synthetic dataset use it.
+"""
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+BLOCK = tarfile.BLOCKSIZE  # 512: headers and data are padded to blocks
+
+
+class ShardWriter:
+    """Tars of at most max_count samples and max_size bytes (exact: headers, padding and the end blocks);
+    ``max_size`` None: no size limit."""
+
+    def __init__(self, folder, name, max_count, max_size):
+        self.folder, self.name, self.max_count = folder, name, max_count
+        self.max_size = float("inf") if max_size is None else max_size
+        self.tar, self.count, self.paths, self.oversize = None, 0, [], 0
+
+    def _info(self, name, size):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "", ""
+        return info
+
+    @staticmethod
+    def _final_size(offset):
+        """File size once closed at this offset: two zero blocks, then padded to tarfile's 10240-byte records."""
+        return -(-(offset + 2 * BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+    def _member_bytes(self, name, size):
+        header = self._info(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        return len(header) + -(-size // BLOCK) * BLOCK
+
+    def write(self, key, parts):
+        size = sum(self._member_bytes(f"{key}.{ext}", len(data)) for ext, data in parts)
+        offset = self.tar.offset if self.tar else 0
+        if self.tar and (self.count >= self.max_count or self._final_size(offset + size) > self.max_size):
+            self.close()
+        if self.tar is None:
+            path = os.path.join(self.folder, f"{self.name}-{len(self.paths):06d}.tar")
+            self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8")
+            self.paths.append(path)
+            if self._final_size(size) > self.max_size:
+                self.oversize += 1
+        for ext, data in parts:
+            self.tar.addfile(self._info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self.count += 1
+
+    def close(self):
+        if self.tar:
+            self.tar.close()
+        self.tar, self.count = None, 0
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+    except (ValueError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass  # it exists, owned by another user
+    return True
+
+
+def fresh_partial_dir(parent, stem):
+    """An empty private folder ``parent/{stem}.partial-PID``, after removing those of dead processes.
+
+    Written into and renamed (or emptied) when done, so readers never see half a result."""
+    for stale in Path(parent).glob(f"{stem}.partial-*"):
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)  # an interrupted earlier run
+    tmp = Path(parent) / f"{stem}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp

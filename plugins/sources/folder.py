@@ -1,0 +1,55 @@
+"""The ``folder`` source of ``python -m core.shards``.
+
+``folder``: a folder of images (png, jpg, jpeg, webp), searched recursively (hidden files and
+folders skipped), each with a text file of the same stem: ``page1.png`` + ``page1.txt`` (or
+``page1.md``; ``.txt`` wins if both exist). Key = the relative path without extension.
+"""
+import os
+from pathlib import Path
+
+from core import hookimpl
+from core.data import IMAGE_EXTS
+from core.errors import ConfigError
+from core.sources import OTHER_IMAGE_EXTS, TEXT_EXTS, Item, Skip
+
+
+def read_folder(source, images_root=None):
+    if images_root is not None:
+        raise ConfigError("--images-root: not used with the folder format (images sit beside their texts)")
+    if not os.path.isdir(source):
+        raise ConfigError(f"{source}: the folder format needs a folder")
+    groups = {}  # relative path without extension -> {ext: path}
+    for folder, dirs, files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or "." not in name:
+                continue
+            stem, ext = name.rsplit(".", 1)
+            rel = os.path.relpath(os.path.join(folder, stem), source).replace(os.sep, "/")
+            groups.setdefault(rel, {})[ext.lower()] = os.path.join(folder, name)
+    items = []
+    for rel, files in groups.items():
+        images = [files[e] for e in IMAGE_EXTS if e in files]
+        text = next((files[e] for e in TEXT_EXTS if e in files), None)
+        if not images:
+            other = next((files[e] for e in OTHER_IMAGE_EXTS if e in files), None)
+            if other:
+                items.append(Skip("unsupported_image_type", other))
+            elif text:
+                items.append(Skip("missing_image", text))
+            continue
+        for image in images:  # page.png + page.jpg: the second is a duplicate_key
+            items.append(Item(rel, image, image=image, text=Path(text) if text else None))
+    return items
+
+
+class FolderSource:
+    needs = "folder"
+
+    def read(self, source, images_root=None):
+        return read_folder(source, images_root)
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("source", "folder", FolderSource)

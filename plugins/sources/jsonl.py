@@ -1,0 +1,35 @@
+"""The ``jsonl`` source of ``python -m core.shards``.
+
+``jsonl``: a manifest (``.jsonl`` or ``.jsonl.gz``), one ``{"image": path, "text": "...",
+"id": optional, "meta": optional object}`` per line. Key = ``id``, else the image path without
+extension.
+"""
+from core import hookimpl
+from core.errors import ConfigError
+from core.jsonfiles import jsonl_records
+from core.sources import Item, image_base, path_key, resolve, sample_id, string
+
+
+def read_jsonl(source, images_root=None):
+    base = image_base(source, images_root)
+    for n, record in jsonl_records(source):
+        where = f"{source}:{n}"
+        image = string(record.get("image"), where, "image")
+        text = string(record.get("text"), where, "text")
+        meta = record.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise ConfigError(f"{where}: meta must be a JSON object, not {type(meta).__name__}")
+        key = sample_id(record.get("id"), where) or (path_key(image) if image else f"line_{n}")
+        yield Item(key, where, image=resolve(image, base) if image else None, text=text, meta=meta)
+
+
+class JsonlSource:
+    needs = "file"
+
+    def read(self, source, images_root=None):
+        return read_jsonl(source, images_root)
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("source", "jsonl", JsonlSource)

@@ -1,0 +1,64 @@
+"""What the tests share: paths, the tiny model config, small builders, and a subprocess runner.
+
+Fixtures live in conftest.py; plain helpers live here and are imported (``from tests.helpers import ...``).
+"""
+import os
+import subprocess
+import sys
+
+import torch
+
+from core.model import build_model
+from core.recipe import Component, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
+
+TINY = ModelConfig(
+    encoder=Component("deepencoder", {"image_size": 32, "sam": dict(patch_size=8, dim=32, depth=2, heads=2,
+                                                                   window_size=2, global_attn_indexes=[1],
+                                                                   out_chans=32, downsample_channels=[32, 48],
+                                                                   downsample_strides=[1, 1]),
+                                      "clip": dict(dim=48, depth=1, heads=2, mlp_dim=96)}),
+    projector=Component("linear"),
+    decoder=Component("nanochat", {"n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "sequence_len": 128}),
+    tokenizer=Component("bytes"),
+)
+
+REAL = ModelConfig(  # recipes/deepseek_ocr_d20.yaml's sizes: DSO DeepEncoder + nanochat d20
+    encoder=Component("deepencoder", {"image_size": 1024}),
+    projector=Component("linear"),
+    decoder=Component("nanochat", {"n_layer": 20, "n_head": 10, "n_kv_head": 10, "n_embd": 1280,
+                                   "sequence_len": 2048}),
+    tokenizer=Component("bytes"),
+)
+
+
+def tiny(registry, seed=0):
+    torch.manual_seed(seed)
+    return build_model(TINY, registry)
+
+
+
+
+def run_cli(*args, env_extra=None, cwd=None, timeout=600):
+    """Run ``python -m <args>`` from the repo root in a new process (for kills, torchrun and real exit
+    codes); returns the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [ROOT, (env_extra or {}).pop("PYTHONPATH", None),
+                                                   env.get("PYTHONPATH")] if p)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=timeout)
+
+
+def random_gpt(sizes, seed=0, **kw):
+    """A nanochat GPT of ``sizes`` (+ ``kw``) with every weight N(0, 0.3), in eval mode: the real init zeroes
+    lm_head, so every logit would tie."""
+    from plugins.decoders.nanochat import GPT
+    torch.manual_seed(seed)
+    model = GPT(**{**sizes, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
