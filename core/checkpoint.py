@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.errors import ConfigError
+from core.weights import compare_keys, describe_problems
 
 LATEST = "latest.json"  # {"step": N, "model": "model_XXXXXX.safetensors"}, updated after every checkpoint
 
@@ -134,15 +135,9 @@ def load_parts(model, path, parts):
         raise ConfigError(f"{path}: not a readable safetensors file ({e})") from e
     wanted = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     given = {k: v for k, v in saved.items() if k.startswith(prefixes)}
-    missing = sorted(set(wanted) - set(given))
-    unexpected = sorted(set(given) - set(wanted))
-    mismatched = sorted(k for k in set(wanted) & set(given) if wanted[k].shape != given[k].shape)
-    if missing or unexpected or mismatched:
-        def first(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        problems = [f"{label} {len(keys)}: {first(keys)}" for label, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
-        raise ConfigError(f"{path}: does not fit the model's {'+'.join(parts)}; " + "; ".join(problems))
+    problems = describe_problems(compare_keys(wanted, given))
+    if problems:
+        raise ConfigError(f"{path}: does not fit the model's {'+'.join(parts)}; {problems}")
     with torch.no_grad():
         for k, v in given.items():
             wanted[k].copy_(v)

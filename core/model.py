@@ -24,7 +24,7 @@ from torch import nn
 from core.images import Tiling
 from core.distributed import print0
 from core.errors import ConfigError
-from core.weights import load_state
+from core.weights import load_state, on_meta
 
 
 class VisionLanguageModel(nn.Module):
@@ -207,7 +207,7 @@ def _load_extras(model, extras):
                               f"({None if target is None else tuple(target.shape)})")
     if projector:
         load_state(model.projector, projector, source=source, name="projector")
-    if not model.image_newline.is_meta:
+    if not on_meta(model):
         with torch.no_grad():
             for name, value in vectors.items():
                 getattr(model, name).copy_(value)

@@ -15,6 +15,7 @@ import attrs
 import PIL.Image
 import yaml
 
+from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET
 from core.errors import ConfigError
 
 
@@ -89,7 +90,7 @@ class DataConfig:
     text_dataset: typing.Optional[Component] = None  # text-only samples for a stage's text_ratio
 
     def __attrs_post_init__(self):
-        for key, options in (("on_bad_sample", ("skip", "error")), ("on_long_target", ("truncate", "skip"))):
+        for key, options in (("on_bad_sample", ON_BAD_SAMPLE), ("on_long_target", ON_LONG_TARGET)):
             if getattr(self, key) not in options:
                 raise ValueError(f"{key} must be {' or '.join(options)}, not {getattr(self, key)!r}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:

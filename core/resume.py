@@ -48,8 +48,8 @@ def capture(optimizer, scheduler, streams, step, sharded=False):
 
 
 def saved_world_size(state):
-    """How many processes wrote ``state`` (a checkpoint from before per-rank states: 1)."""
-    return len(state["ranks"]) if "ranks" in state else 1
+    """How many processes wrote ``state``."""
+    return len(state["ranks"])
 
 
 def check_world_size(state, world_size, path, sharded=False):
@@ -58,7 +58,7 @@ def check_world_size(state, world_size, path, sharded=False):
     if saved != world_size:
         raise ConfigError(f"run.resume: {path} was written by {saved} process(es) and this run has {world_size}; "
                           f"resume with the same number (each rank continues its own data position and RNG)")
-    written_sharded = state.get("sharded", False)
+    written_sharded = state["sharded"]
     if written_sharded != sharded:  # the optimizer's parameter groups differ between the two
         label = {True: "sharded (run.parallel=fsdp under torchrun)", False: "unsharded (ddp, or one process)"}
         raise ConfigError(f"run.parallel: {path} was written {label[written_sharded]} and this run is "
@@ -80,10 +80,7 @@ def restore(optimizer, scheduler, streams, tensors, state):
     optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     rank = distributed.rank()
-    if "ranks" in state:
-        mine, rng = state["ranks"][rank], tensors[f"rng.torch.{rank}"]
-    else:  # written before per-rank states: one process, its state at the top level
-        mine, rng = state, tensors["rng.torch"]
+    mine, rng = state["ranks"][rank], tensors[f"rng.torch.{rank}"]
     torch.set_rng_state(rng)
     version, internal, gauss = mine["python_random"]
     random.setstate((version, tuple(internal), gauss))

@@ -115,13 +115,35 @@ def empty_report():
     return {k: [] for k in REPORT_KEYS}
 
 
-def on_meta(module):
-    """True when the module was built on the meta device (a dry run): there is nothing to load into."""
+def on_meta(module=None):
+    """True when ``module`` was built on the meta device, or (no module) when modules are being built there:
+    a dry run or a checkpoint about to overwrite every tensor, so there is nothing to load or initialise."""
+    if module is None:
+        return torch.empty(0).device.type == "meta"  # the default device torch.device("meta") sets
     return any(t.is_meta for t in module.state_dict().values())
 
 
 def _shape(t):
     return tuple(t.shape)
+
+
+def compare_keys(target, state, skip_prefixes=()):
+    """The load report of copying ``state`` into a module whose state dict is ``target`` (see load_state)."""
+    report = empty_report()
+    skip = tuple(skip_prefixes)
+    for key in sorted(target):
+        if skip and key.startswith(skip):
+            report["fresh"].append(key)
+        elif key not in state:
+            report["missing"].append(key)
+    for key in sorted(state):
+        if key not in target or (skip and key.startswith(skip)):
+            report["unexpected"].append(key)
+        elif _shape(state[key]) != _shape(target[key]):
+            report["mismatched"].append((key, _shape(state[key]), _shape(target[key])))
+        else:
+            report["loaded"].append(key)
+    return report
 
 
 def describe_problems(report):
@@ -149,23 +171,10 @@ def load_state(module, state, source, strict=True, skip_prefixes=(), name=None):
     matches by name and shape is copied, the rest is only reported (the caller logs it).
     A module on the meta device is not touched: the report comes back empty.
     """
-    report = empty_report()
     target = module.state_dict()
     if on_meta(module):
-        return report
-    skip = tuple(skip_prefixes)
-    for key in sorted(target):
-        if skip and key.startswith(skip):
-            report["fresh"].append(key)
-        elif key not in state:
-            report["missing"].append(key)
-    for key in sorted(state):
-        if key not in target or (skip and key.startswith(skip)):
-            report["unexpected"].append(key)
-        elif _shape(state[key]) != _shape(target[key]):
-            report["mismatched"].append((key, _shape(state[key]), _shape(target[key])))
-        else:
-            report["loaded"].append(key)
+        return empty_report()
+    report = compare_keys(target, state, skip_prefixes)
     if strict and (report["missing"] or report["unexpected"] or report["mismatched"]):
         what = name or type(module).__name__
         raise ConfigError(f"{source}: does not fit {what}: {describe_problems(report)}")

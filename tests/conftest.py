@@ -1,4 +1,7 @@
 """Fixtures shared by the test modules (plain helpers are in tests/helpers.py)."""
+import importlib
+import subprocess
+
 import pytest
 
 from core.registry import load_plugins
@@ -12,5 +15,19 @@ def registry():
 
 
 @pytest.fixture
-def cli():
-    return run_cli
+def cli(capsys):
+    """Run ``python -m MODULE ARGS`` in this process (no interpreter start-up): a CompletedProcess with the
+    exit code ``main`` returns and what it printed. ``env_extra`` (a PYTHONPATH for a plugin, say) needs a
+    real process, and so do kills and torchrun: those use ``tests.helpers.run_cli``."""
+    def run(module, *args, env_extra=None, **kwargs):
+        if env_extra:
+            return run_cli(module, *args, env_extra=env_extra, **kwargs)
+        main = importlib.import_module(module if module != "benchmarks" else "benchmarks.__main__").main
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([module, *args], code, out, err)
+    return run

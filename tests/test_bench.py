@@ -1,6 +1,4 @@
 """python -m benchmarks' plumbing (never its speed): rows of a chosen length, and one-line errors."""
-import subprocess
-import sys
 
 import torch
 
@@ -19,9 +17,9 @@ def test_full_length_rows_hold_the_prompt_the_image_and_targets_on_the_answer_on
     assert torch.equal(targets[:, prefix - 1:-1], ids[:, prefix:])  # next-token pairs
 
 
-def test_bad_recipe_or_override_stops_at_once_with_one_line():
+def test_bad_recipe_or_override_stops_at_once_with_one_line(cli):
     for args in (["--recipe", "no/such.yaml"], ["stages.0.stepz=3"]):
-        out = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=120)
+        out = cli("benchmarks", *args)
         assert out.returncode == 2
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ")

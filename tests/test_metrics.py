@@ -1,7 +1,5 @@
 """Metric plugins and ``python -m core.metrics``; expected values derived by hand from docs/metrics.md."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -129,22 +127,19 @@ def test_registry_and_collisions():
         score_pairs([ExactMatch(), ExactMatch()], [(1, "a", "a")])
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "core.metrics", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
 
 
 def _write(path, items):
     path.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, cli):
     _write(tmp_path / "g.jsonl", [{"id": "p1", "text": "a b d e"}, {"id": "p2", "text": "x"},
                                   {"id": "p3", "text": "hello"}])
     _write(tmp_path / "p.jsonl", [{"id": "p1", "text": "a b c"}, {"id": "p2", "text": "x"},
                                   {"id": "extra", "text": "zzz"}])
     out = tmp_path / "rows.jsonl"
-    r = _cli("fox", "ned", "--pred", str(tmp_path / "p.jsonl"), "--gt", str(tmp_path / "g.jsonl"),
+    r = cli("core.metrics", "fox", "ned", "--pred", str(tmp_path / "p.jsonl"), "--gt", str(tmp_path / "g.jsonl"),
              "--per-sample", str(out))
     assert r.returncode == 0, r.stderr
     agg = json.loads(r.stdout.strip().splitlines()[-1])
@@ -159,10 +154,10 @@ def test_cli_end_to_end(tmp_path):
     assert [row["id"] for row in rows] == ["p1", "p2", "p3"] and rows[2]["ned"] == 1.0
 
 
-def test_cli_malformed_line(tmp_path):
+def test_cli_malformed_line(tmp_path, cli):
     _write(tmp_path / "g.jsonl", [{"id": 1, "text": "a"}])
     (tmp_path / "p.jsonl").write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": \n', encoding="utf-8")
-    r = _cli("ned", "--pred", str(tmp_path / "p.jsonl"), "--gt", str(tmp_path / "g.jsonl"))
+    r = cli("core.metrics", "ned", "--pred", str(tmp_path / "p.jsonl"), "--gt", str(tmp_path / "g.jsonl"))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"{tmp_path / 'p.jsonl'}:2" in lines[0]

@@ -1,4 +1,5 @@
 """Plugin discovery: built-ins, a real entry point of an installed distribution, a recipe module."""
+import json
 
 import pytest
 
@@ -77,22 +78,26 @@ def test_duplicate_registration_names_the_first_source():
         registry.add("metric", "m", object)
 
 
-def test_entry_point_encoder_is_used_by_a_recipe(tmp_path, cli):
+def test_entry_point_encoder_is_used_by_a_recipe(tmp_path, cli, monkeypatch):
     site = make_installed_package(tmp_path / "site")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(_recipe_with_encoder(DEFAULT_RECIPE))
-    env = {"PYTHONPATH": str(site)}
-    listed = cli("core.run", "--list-plugins", env_extra=dict(env))
-    assert listed.returncode == 0, listed.stderr
-    assert any("pool_encoder" in line and "entry point my (mypkg)" in line for line in listed.stdout.splitlines())
-    dry = cli("core.run", str(recipe), "--dry-run", "stages.1.freeze=[]", env_extra=dict(env))
-    assert dry.returncode == 0, dry.stderr
-    assert "grid 4x4 -> 21 vision tokens" in dry.stdout
-    assert "12,352" in dry.stdout  # the plugin's conv: 3*8*8*64 weights + 64 biases
-    # without the package on the path the same recipe names the unknown encoder
+    short = [f"run.dir={tmp_path / 'run'}", f"data.dataset.cache_dir={tmp_path / 'cache'}", "run.threads=1",
+             "stages.0.steps=2", "stages.1.steps=2", "stages.0.probe_every=0", "stages.1.probe_every=0",
+             "stages.0.monitor_every=0", "stages.1.monitor_every=0", "stages.1.freeze=[]", "stages.0.regularisers=[]",
+             "stages.1.regularisers=[]", "data.batch_size=4", "data.dataset.train_samples=64",
+             "data.dataset.samples_per_shard=64", "data.dataset.eval_samples=4", "eval.samples=4"]
+    monkeypatch.syspath_prepend(str(site))  # importlib.metadata reads sys.path: the dist-info is now installed
+    _, registry = load_plugins()
+    assert registry.source_of("encoder", "pool_encoder") == "entry point my (mypkg)"
+    result = cli("core.run", str(recipe), *short)
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    table = {name: t + f for name, t, f in next(e for e in events if e["event"] == "stage_start")["parameters"]}
+    assert table["encoder"] == 3 * 8 * 8 * 64 + 64  # the plugin's conv is the encoder that trained
+    monkeypatch.undo()  # without the package on the path the same recipe names the unknown encoder
     missing = cli("core.run", str(recipe), "--dry-run")
-    assert missing.returncode == 2
-    assert "unknown encoder 'pool_encoder'" in missing.stderr
+    assert missing.returncode == 2 and "unknown encoder 'pool_encoder'" in missing.stderr
 
 
 def _recipe_with_encoder(path):

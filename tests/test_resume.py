@@ -31,6 +31,9 @@ def checkpoints_logged(run_dir):
     return [json.loads(line) for line in lines if '"checkpoint"' in line]
 
 
+KILL_SEED = int(os.environ.get("VLMKIT_KILL_SEED", "0"))  # which checkpoint the kill follows: reproducible
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     cache = tmp_path / "cache"
@@ -38,7 +41,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     subprocess.run(command(straight, cache), env=env, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    kill_after = random.Random().choice([4, 8, 12])  # a checkpoint of stage 1; the kill lands a little after it
+    kill_after = random.Random(KILL_SEED).choice([4, 8, 12])  # a checkpoint of stage 1; the kill lands after it
     proc = subprocess.Popen(command(killed, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not any(c["step"] >= kill_after for c in checkpoints_logged(killed)):
@@ -86,7 +89,7 @@ def _training_state():
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
-def test_capture_restore_rng_and_streams_and_an_older_single_process_layout():
+def test_capture_restore_rng_and_streams():
     from core import resume as resume_state
     optimizer, scheduler = _training_state()
     torch.manual_seed(5)
@@ -95,18 +98,13 @@ def test_capture_restore_rng_and_streams_and_an_older_single_process_layout():
     assert state["ranks"] == [{"python_random": state["ranks"][0]["python_random"], "streams": {"image": {"position": 7}}}]
     assert set(tensors) >= {"rng.torch.0"} and resume_state.saved_world_size(state) == 1
     expected = (torch.rand(4), random.random())
-    # a checkpoint written before per-rank states kept rank 0's at the top level
-    legacy_tensors = {("rng.torch" if k == "rng.torch.0" else k): v for k, v in tensors.items()}
-    legacy = {k: v for k, v in state.items() if k != "ranks"} | state["ranks"][0]
-    for t, s in ((tensors, state), (legacy_tensors, legacy)):
-        torch.manual_seed(0)
-        random.seed(0)
-        stream = _Stream()
-        assert resume_state.restore(*_training_state(), {"image": stream, "text": None}, t, s) == 3
-        assert stream.position == 7
-        got = (torch.rand(4), random.random())
-        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
-    assert resume_state.saved_world_size(legacy) == 1
+    torch.manual_seed(0)
+    random.seed(0)
+    stream = _Stream()
+    assert resume_state.restore(*_training_state(), {"image": stream, "text": None}, tensors, state) == 3
+    assert stream.position == 7
+    got = (torch.rand(4), random.random())
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
 
 
 def test_a_checkpoint_resumes_only_with_its_world_size_and_sharding():
@@ -116,8 +114,6 @@ def test_a_checkpoint_resumes_only_with_its_world_size_and_sharding():
     from core.errors import ConfigError
     _, state = resume_state.capture(*_training_state(), {"image": _Stream(7), "text": None}, step=3, sharded=False)
     resume_state.check_world_size(state, 1, "ckpt", sharded=False)  # as written: fine
-    legacy = {k: v for k, v in state.items() if k != "sharded"}  # written before run.parallel: unsharded
-    resume_state.check_world_size(legacy, 1, "ckpt", sharded=False)
     for world_size, sharded, words in ((2, False, "1 process(es)"), (1, True, "unsharded (ddp")):
         with pytest.raises(ConfigError) as e:
             resume_state.check_world_size(state, world_size, "ckpt", sharded=sharded)

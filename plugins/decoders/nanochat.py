@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.errors import ConfigError
+from core.weights import on_meta
 
 
 @dataclass
@@ -159,7 +160,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self._set_rotary()
-        if not self.lm_head.weight.is_meta:  # on meta: to_empty() then init_weights() (§1.9)
+        if not on_meta(self):  # on meta: to_empty() then init_weights() (§1.9)
             self.init_weights()
 
     @property

@@ -19,7 +19,6 @@ at the checkpoint's vocab and ``GPT.grow_vocab`` appends the rest (old rows unto
 and all-or-nothing. On the meta device (dry runs) the config is read but no weights are.
 """
 import glob
-import json
 import os
 import re
 
@@ -28,7 +27,8 @@ import torch
 from core import hookimpl
 from core.distributed import print0
 from core.errors import ConfigError
-from core.weights import FOLDER_FILES as HF_WEIGHT_FILES, load_state, read_state_dict, resolve_weights_path
+from core.jsonfiles import read_json
+from core.weights import FOLDER_FILES as HF_WEIGHT_FILES, load_state, on_meta, read_state_dict, resolve_weights_path
 from plugins.decoders.nanochat import GPT
 
 
@@ -80,7 +80,7 @@ def load_pretrained(checkpoint, checkpoint_format="auto", vocab_size=None, given
                           f"than the tokenizer's {target_vocab}; use the checkpoint's own tokenizer")
     sizes = ", ".join(f"{k}={kwargs[k]}" for k in SIZE_KEYS)
 
-    if torch.empty(0).device.type == "meta":  # dry run: the config from the files, no weights
+    if on_meta():  # dry run: the config from the files, no weights
         model = _gpt(target_vocab, kwargs, config_source)
         grown = f" -> {target_vocab} (grown for the tokenizer)" if target_vocab > ckpt_vocab else ""
         print0(f"decoder: meta device, weights not read from {weights_path} ({fmt}; {sizes}, "
@@ -159,7 +159,7 @@ def resolve_checkpoint(checkpoint, checkpoint_format="auto"):
         if not os.path.isfile(meta_path):
             raise ConfigError(f"decoder nanochat: {meta_path} is missing; the model config of {path} is read from "
                               f"its meta_XXXXXX.json (model_config), never guessed")
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path)
         if not isinstance(meta.get("model_config"), dict):
             raise ConfigError(f"decoder nanochat: {meta_path} has no model_config")
         return "native", path, native_config(meta["model_config"], meta_path), f"{meta_path} model_config"
@@ -170,15 +170,7 @@ def resolve_checkpoint(checkpoint, checkpoint_format="auto"):
                           f"config.json and {' or '.join(HF_WEIGHT_FILES)}")
     if os.path.isdir(path):
         path = resolve_weights_path(path)  # model.safetensors, its sharded index, or pytorch_model.bin
-    return "hf", path, hf_config(_read_json(config_path), config_path), config_path
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"decoder nanochat: cannot read {path}: {e}") from e
+    return "hf", path, hf_config(read_json(config_path), config_path), config_path
 
 
 def native_config(model_config, source):

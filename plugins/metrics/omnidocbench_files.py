@@ -36,26 +36,32 @@ def read_md_folder(path):
     return out
 
 
-def read_omnidocbench_gt(path, evaluator_quirks=False):
-    """OmniDocBench.json (§2.5) -> ``{stem: (stem, page text, stem)}``, one sample per page."""
+def omnidocbench_pages(path, evaluator_quirks=False):
+    """Yield (index, image path, image stem, page text, page_info) of every page of OmniDocBench.json (§2.5);
+    a malformed page or a repeated image stem is a ConfigError naming the page."""
     pages = read_json(path)
     if not isinstance(pages, list):
         raise ConfigError(f"{path}: expected a JSON list of pages")
-    out = {}
+    seen = set()
     for i, page in enumerate(pages):
         info = page.get("page_info") if isinstance(page, dict) else None
         image = info.get("image_path") if isinstance(info, dict) else None
         if not isinstance(image, str) or not image:
             raise ConfigError(f"{path}: page {i}: expected an object with page_info.image_path")
         stem = Path(image.replace("\\", "/")).stem
-        if stem in out:
+        if stem in seen:
             raise ConfigError(f"{path}: page {i}: duplicate image stem {stem!r}")
+        seen.add(stem)
         try:
             text = omnidocbench_page_text(page, evaluator_quirks)
         except ValueError as e:
             raise ConfigError(f"{path}: page {i} ({image}): {e}") from e
-        out[stem] = (stem, text, stem)
-    return out
+        yield i, image, stem, text, info
+
+
+def read_omnidocbench_gt(path, evaluator_quirks=False):
+    """OmniDocBench.json (§2.5) -> ``{stem: (stem, page text, stem)}``, one sample per page."""
+    return {stem: (stem, text, stem) for _, _, stem, text, _ in omnidocbench_pages(path, evaluator_quirks)}
 
 
 def _order(block):

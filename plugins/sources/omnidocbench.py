@@ -4,30 +4,15 @@
 the evaluator assembles it (``plugins.metrics.omnidocbench_files.omnidocbench_page_text``), json
 ``{"page_info"}``. Key = the image stem.
 """
-from pathlib import Path
-
 from core import hookimpl
-from core.errors import ConfigError
-from core.sources import Item, image_base, json_items, resolve
-from plugins.metrics.omnidocbench_files import omnidocbench_page_text
+from core.sources import Item, image_base, resolve
+from plugins.metrics.omnidocbench_files import omnidocbench_pages
 
 
 def read_omnidocbench(source, images_root=None, evaluator_quirks=False):
     base = image_base(source, images_root)
-    out = []
-    for where, i, page in json_items(source):
-        where = f"{source} page {i}"
-        info = page.get("page_info")
-        image = info.get("image_path") if isinstance(info, dict) else None
-        if not isinstance(image, str) or not image:
-            raise ConfigError(f"{where}: page_info.image_path must be a non-empty string")
-        try:
-            text = omnidocbench_page_text(page, evaluator_quirks)
-        except ValueError as e:
-            raise ConfigError(f"{where} ({image}): {e}") from e
-        out.append(Item(Path(image.replace("\\", "/")).stem, where, image=resolve(image, base), text=text,
-                        meta={"page_info": info}, empty_ok=True))
-    return out
+    return [Item(stem, f"{source} page {i}", image=resolve(image, base), text=text, meta={"page_info": info},
+                 empty_ok=True) for i, image, stem, text, info in omnidocbench_pages(source, evaluator_quirks)]
 
 
 class OmniDocBenchSource:
