@@ -10,6 +10,7 @@ Relative image paths are looked up under ``--images-root``, else beside the SOUR
 """
 import base64
 import binascii
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +39,27 @@ class Item:
 class Skip:
     reason: str
     where: str
+
+
+class FunctionSource:
+    """A ``source`` made of a function ``read(source, images_root, **options)``."""
+
+    def __init__(self, read, needs, options):
+        self._read, self.needs, self.options = read, needs, options
+
+    def read(self, source, images_root=None):
+        return self._read(source, images_root, **self.options)
+
+
+def function_source(read, needs):
+    """The factory to register for ``read``: ``registry.add("source", "jsonl", function_source(read_jsonl, "file"))``.
+
+    Its keyword arguments are ``read``'s after (source, images_root), so ``--option`` names are checked."""
+    def factory(**options):
+        return FunctionSource(read, needs, options)
+    params = list(inspect.signature(read).parameters.values())[2:]
+    factory.__signature__ = inspect.Signature(params)
+    return factory
 
 
 # ---- helpers the sources share

@@ -10,7 +10,7 @@ from pathlib import Path
 from core import hookimpl
 from core.data import IMAGE_EXTS
 from core.errors import ConfigError
-from core.sources import OTHER_IMAGE_EXTS, TEXT_EXTS, Item, Skip
+from core.sources import OTHER_IMAGE_EXTS, TEXT_EXTS, Item, Skip, function_source
 
 
 def read_folder(source, images_root=None):
@@ -43,13 +43,6 @@ def read_folder(source, images_root=None):
     return items
 
 
-class FolderSource:
-    needs = "folder"
-
-    def read(self, source, images_root=None):
-        return read_folder(source, images_root)
-
-
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("source", "folder", FolderSource)
+    registry.add("source", "folder", function_source(read_folder, needs="folder"))

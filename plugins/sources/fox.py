@@ -9,7 +9,15 @@ from collections import Counter
 
 from core import hookimpl
 from core.errors import ConfigError
-from core.sources import Item, image_base, json_items, path_key, resolve, string
+from core.sources import (
+    Item,
+    function_source,
+    image_base,
+    json_items,
+    path_key,
+    resolve,
+    string,
+)
 
 
 def fox_prompt(value):
@@ -35,13 +43,6 @@ def read_fox(source, images_root=None):
     return out
 
 
-class FoxSource:
-    needs = "file"
-
-    def read(self, source, images_root=None):
-        return read_fox(source, images_root)
-
-
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("source", "fox", FoxSource)
+    registry.add("source", "fox", function_source(read_fox, needs="file"))

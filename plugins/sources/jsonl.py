@@ -7,7 +7,15 @@ extension.
 from core import hookimpl
 from core.errors import ConfigError
 from core.jsonfiles import jsonl_records
-from core.sources import Item, image_base, path_key, resolve, sample_id, string
+from core.sources import (
+    Item,
+    function_source,
+    image_base,
+    path_key,
+    resolve,
+    sample_id,
+    string,
+)
 
 
 def read_jsonl(source, images_root=None):
@@ -23,13 +31,6 @@ def read_jsonl(source, images_root=None):
         yield Item(key, where, image=resolve(image, base) if image else None, text=text, meta=meta)
 
 
-class JsonlSource:
-    needs = "file"
-
-    def read(self, source, images_root=None):
-        return read_jsonl(source, images_root)
-
-
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("source", "jsonl", JsonlSource)
+    registry.add("source", "jsonl", function_source(read_jsonl, needs="file"))

@@ -4,7 +4,18 @@
 Key = ``id``, else the image path without extension, else the item index.
 """
 from core import hookimpl
-from core.sources import Item, Skip, check_turns, image_base, json_items, path_key, resolve, sample_id, string
+from core.sources import (
+    Item,
+    Skip,
+    check_turns,
+    function_source,
+    image_base,
+    json_items,
+    path_key,
+    resolve,
+    sample_id,
+    string,
+)
 
 
 def read_llava(source, images_root=None):
@@ -26,13 +37,6 @@ def read_llava(source, images_root=None):
     return items
 
 
-class LlavaSource:
-    needs = "file"
-
-    def read(self, source, images_root=None):
-        return read_llava(source, images_root)
-
-
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("source", "llava", LlavaSource)
+    registry.add("source", "llava", function_source(read_llava, needs="file"))

@@ -16,8 +16,16 @@ from pathlib import Path
 from core import hookimpl
 from core.errors import ConfigError
 from core.jsonfiles import jsonl_records
-from core.sources import Item, b64, data_url, image_base, resolve, sample_id, string
-
+from core.sources import (
+    Item,
+    b64,
+    data_url,
+    function_source,
+    image_base,
+    resolve,
+    sample_id,
+    string,
+)
 
 OLMOCR_IMAGE_PATH = ("image", "image_path", "page_image", "png_path")
 OLMOCR_IMAGE_B64 = ("png_base64", "image_base64")
@@ -75,13 +83,6 @@ def read_olmocr(source, images_root=None):
             yield Item(key, where, image=image, text=text if found else None, meta=rest or None)
 
 
-class OlmocrSource:
-    needs = "either"
-
-    def read(self, source, images_root=None):
-        return read_olmocr(source, images_root)
-
-
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("source", "olmocr", OlmocrSource)
+    registry.add("source", "olmocr", function_source(read_olmocr, needs="either"))

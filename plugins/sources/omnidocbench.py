@@ -5,7 +5,7 @@ the evaluator assembles it (``plugins.metrics.omnidocbench_files.omnidocbench_pa
 ``{"page_info"}``. Key = the image stem.
 """
 from core import hookimpl
-from core.sources import Item, image_base, resolve
+from core.sources import Item, function_source, image_base, resolve
 from plugins.metrics.omnidocbench_files import omnidocbench_pages
 
 
@@ -15,16 +15,6 @@ def read_omnidocbench(source, images_root=None, evaluator_quirks=False):
                  empty_ok=True) for i, image, stem, text, info in omnidocbench_pages(source, evaluator_quirks)]
 
 
-class OmniDocBenchSource:
-    needs = "file"
-
-    def __init__(self, evaluator_quirks=False):
-        self.evaluator_quirks = evaluator_quirks
-
-    def read(self, source, images_root=None):
-        return read_omnidocbench(source, images_root, self.evaluator_quirks)
-
-
 @hookimpl
 def vlmkit_register(registry):
-    registry.add("source", "omnidocbench", OmniDocBenchSource)
+    registry.add("source", "omnidocbench", function_source(read_omnidocbench, needs="file"))
