@@ -11,7 +11,7 @@
   (architecture.md §2.4):
 
   * candidate grids ``(i, j)`` = (tiles across, tiles down) with ``min_tiles <= i*j <= max_tiles``
-    (DSO: min_num 2; max_num 9 in HF ``infer``, MAX_CROPS 6 in vLLM), ordered by ``i*j``;
+    (DeepSeek-OCR: min_num 2; max_num 9 in HF ``infer``, MAX_CROPS 6 in vLLM), ordered by ``i*j``;
   * the grid whose ``i/j`` is closest to the image's ``w/h`` wins; on a tie a later candidate
     wins if the image's area exceeds ``0.5 * tile**2 * i * j`` (so a large image takes the larger grid);
   * the image is resized to ``(tile*i, tile*j)`` and cut into row-major tiles: a plain resize and
@@ -114,11 +114,11 @@ def image_views(image, image_size, tiling=None):
 
 # ---- crops
 def candidate_grids(min_tiles, max_tiles):
-    """The (across, down) grids, built and ordered exactly as DSO does.
+    """The (across, down) grids, built and ordered exactly as DeepSeek-OCR does.
 
-    DSO sorts a *set* by area only, so among grids of equal area the set's iteration order decides
+    DeepSeek-OCR sorts a *set* by area only, so among grids of equal area the set's iteration order decides
     which one a tie meets first; tuples of small ints hash the same in every CPython process, so
-    building the same set the same way gives DSO's order (a test pins it).
+    building the same set the same way gives DeepSeek-OCR's order (a test pins it).
     """
     return list(_candidate_grids(min_tiles, max_tiles))
 
@@ -142,14 +142,14 @@ def choose_grid(width, height, tile_size, min_tiles=2, max_tiles=9):
         if diff < best_diff:
             best, best_diff = grid, diff
         elif diff == best_diff and area > 0.5 * tile_size * tile_size * grid[0] * grid[1]:
-            best = grid  # DSO's tie-break: a big enough image takes the later (not smaller) grid
+            best = grid  # DeepSeek-OCR's tie-break: a big enough image takes the later (not smaller) grid
     return best
 
 
 def cut_tiles(image, tile_size, grid):
     """Resize ``image`` to (tile*across, tile*down) and cut it into across*down tiles, row-major."""
     across, down = grid
-    # DSO calls image.resize(size) without a filter: Pillow's default for RGB is bicubic
+    # DeepSeek-OCR calls image.resize(size) without a filter: Pillow's default for RGB is bicubic
     resized = image.resize((tile_size * across, tile_size * down), Image.Resampling.BICUBIC)
     return [resized.crop((c * tile_size, r * tile_size, (c + 1) * tile_size, (r + 1) * tile_size))
             for r in range(down) for c in range(across)]
@@ -166,7 +166,7 @@ def upright_size(image):
 def local_tokens(grid, tile_grid):
     """Vision tokens of the tiles: (h2*down) rows of (w2*across + 1) (a newline per row), §2.3.
 
-    DSO's processor writes it (q2*nw + 1) * (q2*nh) for square tile grids q2 x q2; ``grid`` None -> 0.
+    DeepSeek-OCR's processor writes it (q2*nw + 1) * (q2*nh) for square tile grids q2 x q2; ``grid`` None -> 0.
     """
     if grid is None:
         return 0
@@ -211,7 +211,7 @@ class Tiling:
         return local_tokens(grid, self.tile_grid)
 
     def grids(self):
-        """Every grid an image can get, in DSO's candidate order."""
+        """Every grid an image can get, in DeepSeek-OCR's candidate order."""
         return candidate_grids(self.min_tiles, self.max_tiles)
 
     def describe(self, global_tokens):

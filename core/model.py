@@ -9,7 +9,7 @@ downsample 4 gives 16*17+1 = 273; the tiny default obeys the same rule.
 With crops (``model.crops``, core/images.py) an image larger than a tile also has
 across x down local tiles: their grids are joined into one (down*h2) x (across*w2)
 map, each row followed by the newline, and these local rows come FIRST, then the
-global rows and the separator (DSO's order; §2.3). The count differs per image,
+global rows and the separator (DeepSeek-OCR's order; §2.3). The count differs per image,
 so each sample's sequence is merged into its own placeholders.
 
 Image embeddings are merged *before* the decoder's input RMSNorm (nanochat
@@ -34,7 +34,7 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.tiling = tiling  # core.images.Tiling, or None: the global view alone
         n_embd = decoder.n_embd
-        # docs/architecture.md §2.3: randn * 1/sqrt(n_embed). DSO spells it "view_seperator"; loaders map the name.
+        # docs/architecture.md §2.3: randn * 1/sqrt(n_embed). DeepSeek-OCR spells it "view_seperator"; loaders map the name.
         self.image_newline = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
         self.view_separator = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
 
@@ -89,7 +89,7 @@ class VisionLanguageModel(nn.Module):
                 continue
             across, down = grid
             rows = (local[start:start + count].reshape(down, across, h2, w2, c).permute(0, 2, 1, 3, 4)
-                    .reshape(down * h2, across * w2, c))  # the tiles' grids side by side (DSO's permute)
+                    .reshape(down * h2, across * w2, c))  # the tiles' grids side by side (DeepSeek-OCR's permute)
             rows = torch.cat([rows, newline.expand(down * h2, 1, c)], dim=1).reshape(-1, c)
             sequences.append(torch.cat([rows, view]))  # local first, then global rows + separator
             start += count

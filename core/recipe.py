@@ -55,8 +55,8 @@ class Crops:
     meta json carries them to ``python -m core.generate``.
     """
     tile_size: int = 640
-    min_tiles: int = 2  # DSO's min_num
-    max_tiles: int = 9  # DSO's max_num in HF infer; vLLM's MAX_CROPS is 6
+    min_tiles: int = 2  # DeepSeek-OCR's min_num
+    max_tiles: int = 9  # DeepSeek-OCR's max_num in HF infer; vLLM's MAX_CROPS is 6
 
     def __attrs_post_init__(self):
         if self.tile_size < 1:

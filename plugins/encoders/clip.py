@@ -2,10 +2,10 @@
 
 Pre-LN transformer, quick_gelu, fused qkv, no post layernorm. In the DeepEncoder
 the SAM output replaces the patch embeddings (`patch_embeds`). Module names
-match DSO's `clip_sdpa.py` (docs/architecture.md §2.7); defaults are ViT-L/14 at 224.
+match DeepSeek-OCR's `clip_sdpa.py` (docs/architecture.md §2.7); defaults are ViT-L/14 at 224.
 
 Two classes share one set of weights and names:
-- CLIPVisionTower: forward(pixels, patch_embeds=None) -> (B, 1 + h*w, dim) with CLS, as DSO;
+- CLIPVisionTower: forward(pixels, patch_embeds=None) -> (B, 1 + h*w, dim) with CLS, as DeepSeek-OCR;
 - CLIPEncoder (registered "clip"): the encoder contract, forward(pixels) -> (B, h, w, dim), CLS dropped.
 
 `weights` names a pretrained file (HF CLIP, DeepSeek-OCR's vision_model, or
@@ -34,7 +34,7 @@ class Embeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, bias=False)
         self.position_embedding = nn.Embedding(n_pos, dim)
         nn.init.normal_(self.position_embedding.weight, std=0.02)  # CLIP's small init, not N(0, 1)
-        # persistent in DSO, so checkpoints carry it (docs/architecture.md §3.2)
+        # persistent in DeepSeek-OCR, so checkpoints carry it (docs/architecture.md §3.2)
         self.register_buffer("position_ids", torch.arange(n_pos)[None], persistent=True)
 
     def positions(self, h, w):
@@ -113,9 +113,9 @@ class CLIPVisionTower(nn.Module):
         self.image_size, self.patch_size = image_size, patch_size
         self.out_dim = dim
         self.embeddings = Embeddings(image_size, patch_size, dim)
-        self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)  # DSO's spelling
+        self.pre_layrnorm = nn.LayerNorm(dim, eps=eps)  # DeepSeek-OCR's spelling
         self.transformer = Transformer(dim, depth, heads, mlp_dim, eps)
-        # no post_layernorm: DSO uses the last layer's output as it is (docs/architecture.md §2.2)
+        # no post_layernorm: DeepSeek-OCR uses the last layer's output as it is (docs/architecture.md §2.2)
         self.pretrained_report = None
         if weights is not None:
             self.load_pretrained(weights, weights_format)

@@ -2,7 +2,7 @@
 
 The SAM output (B, C, h, w) replaces CLIP's patch embeddings; the features are
 CLIP's tokens (CLS dropped) and SAM's map concatenated per grid cell, CLIP FIRST.
-Submodules are `sam` and `clip` so DSO's `sam_model.*` / `vision_model.*` weights
+Submodules are `sam` and `clip` so DeepSeek-OCR's `sam_model.*` / `vision_model.*` weights
 map on by renaming the prefix (docs/architecture.md §2.7).
 
 `weights` names a DeepSeek-OCR checkpoint (file, index json or folder): its
@@ -23,7 +23,7 @@ from plugins.encoders.sam import SAMEncoder
 
 # DeepSeek-OCR's single-view resolution modes (docs/architecture.md §2.4): 73 / 111 / 273 / 421 vision tokens
 MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
-BASE_SIZE = 1024  # the resolution DSO's position tables are stored for, whatever the mode
+BASE_SIZE = 1024  # the resolution DeepSeek-OCR's position tables are stored for, whatever the mode
 
 
 class DeepEncoder(nn.Module):
@@ -55,7 +55,7 @@ class DeepEncoder(nn.Module):
             raise ConfigError(f"deepencoder: clip.dim ({clip_dim}) must equal sam's downsample_channels[-1] "
                              f"({self.sam.out_dim}): SAM's map is CLIP's patch embedding")
         # CLIP's position grid defaults to SAM's output grid at position_image_size (224/14 = 16 = 1024/64,
-        # docs/architecture.md §2.2); other grids are resized at run time, as DSO does for 640 px
+        # docs/architecture.md §2.2); other grids are resized at run time, as DeepSeek-OCR does for 640 px
         if "image_size" not in clip:
             grid = self.sam.grid_size(position_image_size, position_image_size)[0]
             clip["image_size"] = grid * clip.get("patch_size", 14)

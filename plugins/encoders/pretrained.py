@@ -10,7 +10,7 @@ SAM layouts (``SAMEncoder(weights=..., weights_format=...)``):
 - ``hf``: transformers ``SamModel`` / ``SamVisionModel`` (``vision_encoder.`` or bare);
   no compressor, so net_2 / net_3 start fresh.
 - ``segment_anything``: the original ``sam_vit_b_01ec64.pth`` (``image_encoder.``);
-  names are DSO's already; net_2 / net_3 start fresh.
+  names are DeepSeek-OCR's already; net_2 / net_3 start fresh.
 - ``deepseek_ocr2``: transformers' ``deepseek_ocr2`` SAM encoder (HF SAM names plus
   ``proj.conv1`` / ``proj.conv2`` = net_2 / net_3), bare or under ``vision_tower.sam_encoder.``.
 - ``deepseek_ocr``: DeepSeek-OCR's own checkpoint (``model.sam_model.`` or ``sam_model.``;
@@ -57,7 +57,7 @@ def _under(sd, prefixes):
 
 # ---- SAM ----------------------------------------------------------------------------------------
 
-# HF SAM vision names -> DSO / vlmkit names (docs/architecture.md §3.1)
+# HF SAM vision names -> DeepSeek-OCR / vlmkit names (docs/architecture.md §3.1)
 _HF_SAM_RULES = (
     (r"^patch_embed\.projection\.", "patch_embed.proj."),
     (r"^layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
@@ -176,7 +176,7 @@ _HF_CLIP_DROP = ("text_model.", "visual_projection.", "text_projection.", "logit
 
 
 def _fill_position_ids(out, prefix=""):
-    """DSO keeps ``position_ids`` as a persistent buffer; files that lack it get arange (docs/architecture.md §3.2).
+    """DeepSeek-OCR keeps ``position_ids`` as a persistent buffer; files that lack it get arange (docs/architecture.md §3.2).
     ``prefix``: where the CLIP tower's keys sit (``clip.`` in a whole DeepEncoder)."""
     pos = out.get(f"{prefix}embeddings.position_embedding.weight")
     if pos is not None and f"{prefix}embeddings.position_ids" not in out:
@@ -214,7 +214,7 @@ def clip_from_hf(sd):
 
 
 def clip_from_deepseek_ocr(sd):
-    """DeepSeek-OCR's checkpoint (``model.vision_model.*`` or ``vision_model.*``): the CLIP part, DSO names."""
+    """DeepSeek-OCR's checkpoint (``model.vision_model.*`` or ``vision_model.*``): the CLIP part, DeepSeek-OCR names."""
     prefix = _under(sd, ("model.vision_model.", "vision_model."))
     return _fill_position_ids(dict(sd) if prefix is None else _strip(sd, prefix))
 

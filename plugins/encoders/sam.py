@@ -2,7 +2,7 @@
 
 patch embed -> + abs pos -> blocks (windowed / global attention with decomposed
 relative positions) -> neck (1x1 conv, LN2d, 3x3 conv, LN2d) -> compressor
-(net_2, net_3: strided 3x3 convs). Module names match DSO's `sam_vary_sdpa.py`
+(net_2, net_3: strided 3x3 convs). Module names match DeepSeek-OCR's `sam_vary_sdpa.py`
 so its checkpoints load as they are (docs/architecture.md §2.7). Every size is a
 constructor argument; the defaults are ViT-B as DeepSeek-OCR uses it.
 
@@ -164,7 +164,7 @@ class SAMEncoder(nn.Module):
         self.image_size, self.patch_size = image_size, patch_size
         self.strides = tuple(downsample_strides)
         # the position tables (pos_embed, global rel-pos) are stored for position_image_size and resized to
-        # the input's grid at run time: DSO keeps 64x64 (1024 px) for every mode (docs/architecture.md §2.1, §2.4)
+        # the input's grid at run time: DeepSeek-OCR keeps 64x64 (1024 px) for every mode (docs/architecture.md §2.1, §2.4)
         grid = (position_image_size or image_size) // patch_size
         self.patch_embed = PatchEmbed(patch_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))  # SAM inits it to zeros
@@ -181,7 +181,7 @@ class SAMEncoder(nn.Module):
         self.compressor = []
         chans = out_chans
         for i, (c, s) in enumerate(zip(downsample_channels, downsample_strides)):
-            name = f"net_{i + 2}"  # DSO's names: net_2, net_3
+            name = f"net_{i + 2}"  # DeepSeek-OCR's names: net_2, net_3
             setattr(self, name, nn.Conv2d(chans, c, kernel_size=3, stride=s, padding=1, bias=False))
             self.compressor.append(name)
             chans = c
@@ -215,7 +215,7 @@ class SAMEncoder(nn.Module):
         return self.neck(x.permute(0, 3, 1, 2))
 
     def forward_features(self, pixel_values):
-        """(B, 3, H, W) -> (B, out_dim, h, w), channels-first as DSO returns it."""
+        """(B, 3, H, W) -> (B, out_dim, h, w), channels-first as DeepSeek-OCR returns it."""
         x = self.forward_neck(pixel_values)
         for name in self.compressor:
             x = getattr(self, name)(x)

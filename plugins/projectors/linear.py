@@ -1,7 +1,7 @@
-"""Linear projector: DSO's MlpProjector with projector_type "linear" (docs/architecture.md §2.3).
+"""Linear projector: DeepSeek-OCR's MlpProjector with projector_type "linear" (docs/architecture.md §2.3).
 
 A single nn.Linear named `layers`, so the keys are `layers.weight` / `layers.bias`
-as in DSO's checkpoint. in_dim / out_dim are filled in by the model builder.
+as in DeepSeek-OCR's checkpoint. in_dim / out_dim are filled in by the model builder.
 """
 import torch.nn as nn
 
