@@ -10,17 +10,19 @@ Formats (``--format``):
   truth and ``answer`` the model output; no ``--gt``. The id is ``image``, or
   ``image#index`` (index in the list) for an image that occurs more than once.
 * ``omnidocbench``: ``--gt`` is OmniDocBench.json (§2.5), one sample per page,
-  id and page = the image stem of ``page_info.image_path``; the page text is
-  the evaluator's GT text (§2.6, see ``omnidocbench_page_text``). ``--pred`` is
-  a folder of ``<image stem>.md`` files or a JSONL file whose ids are stems.
-  This scores each page as one string; the benchmark's end-to-end protocol
-  instead matches GT blocks to prediction paragraphs (§2.4), so whole-page
-  numbers are comparable to each other, not to the leaderboard.
+  id and page = the image stem of ``page_info.image_path``. The ground truth is
+  a ``PageGroundTruth``: the evaluator's GT text (§2.6, see
+  ``omnidocbench_page_text``) that also carries the whole page (``odb_page``),
+  which the ``omnidocbench`` metric matches block by block as the official
+  evaluator does; plain-text metrics see the text. ``--pred`` is a folder of
+  ``<image stem>.md`` files (``.mmd`` and the other names the evaluator tries
+  are accepted too) or a JSONL file whose ids are stems. A page without a
+  prediction is skipped, as the evaluator skips it, and reported on stderr.
 
-Every ground-truth id is scored: a missing prediction is reported on stderr and
-scored as ""; predictions with an unknown id are reported and ignored. Bad
-input raises ConfigError with a one-line message naming the file (and the
-line or item).
+With the other formats every ground-truth id is scored: a missing prediction is
+reported on stderr and scored as "". Predictions with an unknown id are
+reported and ignored. Bad input raises ConfigError with a one-line message
+naming the file (and the line or item).
 """
 import os
 import sys
@@ -36,24 +38,34 @@ SHOW_IDS = 5
 TEXT_CATEGORIES = ("text_block", "title", "code_txt", "code_txt_caption", "reference")
 
 
-def load_pairs(fmt, pred_path, gt_path=None, evaluator_quirks=False):
-    """Read the files of format ``fmt`` and return a list of ``(id, pred, gt, page)`` (page may be None)."""
+class PageGroundTruth(str):
+    """An OmniDocBench page's GT text that also carries the page (``odb_page``) and the reading (``corrected``)."""
+
+    def __new__(cls, text, page, corrected=False):
+        obj = super().__new__(cls, text)
+        obj.odb_page, obj.corrected = page, corrected
+        return obj
+
+
+def load_pairs(fmt, pred_path, gt_path=None, corrected=False):
+    """Read the files of format ``fmt`` and return a list of ``(id, pred, gt, page)`` (page may be None).
+
+    ``corrected`` (omnidocbench only): the GT without the evaluator's bugs (docs/metrics-omnidocbench.md).
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if evaluator_quirks and fmt != "omnidocbench":
-        raise ConfigError("--evaluator-quirks only applies to --format omnidocbench")
+    if corrected and fmt != "omnidocbench":
+        raise ConfigError("--corrected only applies to --format omnidocbench")
     if fmt == "fox":
         if gt_path is not None:
             raise ConfigError("--gt is not used with --format fox: the result file holds label (GT) and answer")
         return read_fox_results(pred_path)
     if gt_path is None:
         raise ConfigError(f"--gt is required with --format {fmt}")
-    if fmt == "jsonl":
-        gt = read_jsonl(gt_path, allow_page=True)
-        pred = read_jsonl(pred_path)
-    else:
-        gt = read_omnidocbench_gt(gt_path, evaluator_quirks=evaluator_quirks)
-        pred = read_md_folder(pred_path) if os.path.isdir(pred_path) else read_jsonl(pred_path)
+    if fmt == "omnidocbench":
+        return _omnidocbench_pairs(pred_path, gt_path, corrected)
+    gt = read_jsonl(gt_path, allow_page=True)
+    pred = read_jsonl(pred_path)
     report([k for k in gt if k not in pred], 'ground-truth ids have no prediction (scored as empty string "")')
     report([k for k in pred if k not in gt], "prediction ids are not in the ground truth (ignored)")
     return [(sid, pred[key][1] if key in pred else "", text, page) for key, (sid, text, page) in gt.items()]
@@ -119,8 +131,34 @@ def read_md_folder(path):
     return out
 
 
-def read_omnidocbench_gt(path, evaluator_quirks=False):
-    """OmniDocBench.json (§2.5) -> ``{stem: (stem, page text, stem)}``, one sample per page."""
+def _omnidocbench_pairs(pred_path, gt_path, corrected):
+    """Pages with a prediction, as ``(stem, markdown, PageGroundTruth, stem)``; the others skipped and reported."""
+    gt = read_omnidocbench_gt(gt_path, evaluator_quirks=not corrected, keep_page=True)
+    if os.path.isdir(pred_path):
+        pred, used = {}, set()
+        for stem in gt:  # the file names the evaluator tries, in its order (end2end_dataset.py:165-171)
+            base = stem.replace(".pdf", "")
+            for name in (f"{stem}.md", f"{base}.mmd", f"{base}.md", f"{gt[stem][3]}.md"):
+                if os.path.isfile(os.path.join(pred_path, name)):
+                    pred[stem] = (stem, _read_text(os.path.join(pred_path, name)), None)
+                    used.add(name)
+                    break
+        unknown = sorted(f.name for f in Path(pred_path).glob("*.md") if f.is_file() and f.name not in used)
+    else:
+        pred = read_jsonl(pred_path)
+        unknown = [k for k in pred if k not in gt]
+    report([k for k in gt if k not in pred],
+           "ground-truth pages have no prediction (skipped, as OmniDocBench's evaluator skips them)")
+    report(unknown, "predictions are not in the ground truth (ignored)")
+    return [(sid, pred[key][1], PageGroundTruth(text, page, corrected), sid)
+            for key, (sid, text, page, _) in gt.items() if key in pred]
+
+
+def read_omnidocbench_gt(path, evaluator_quirks=False, keep_page=False):
+    """OmniDocBench.json (§2.5) -> ``{stem: (stem, page text, stem)}``, one sample per page.
+
+    ``keep_page``: ``{stem: (stem, page text, page dict, image file name)}`` instead.
+    """
     pages = read_json(path)
     if not isinstance(pages, list):
         raise ConfigError(f"{path}: expected a JSON list of pages")
@@ -137,7 +175,7 @@ def read_omnidocbench_gt(path, evaluator_quirks=False):
             text = omnidocbench_page_text(page, evaluator_quirks)
         except ValueError as e:
             raise ConfigError(f"{path}: page {i} ({image}): {e}") from e
-        out[stem] = (stem, text, stem)
+        out[stem] = (stem, text, page, os.path.basename(image.replace("\\", "/"))) if keep_page else (stem, text, stem)
     return out
 
 

@@ -8,11 +8,13 @@
 ``{"id": ..., "text": ...}`` per line, a ground-truth line may add ``"page"``),
 ``fox`` (Fox's result JSON, which holds both sides: no ``--gt``) or
 ``omnidocbench`` (OmniDocBench.json + a folder of ``<image stem>.md`` or a
-JSONL file; one sample per page; ``--evaluator-quirks`` reproduces the
-evaluator's truncation-chain duplication). Ids (strings or integers) are
-matched by their string form. Every ground-truth id is scored: a missing
-prediction is scored as the empty string "" and reported on stderr;
-predictions whose id is not in the ground truth are reported and ignored. The
+JSONL file; one sample per page, scored by the ``omnidocbench`` metric as the
+official end-to-end evaluator scores it, bugs included; ``--corrected`` fixes
+them, docs/metrics-omnidocbench.md). Ids (strings or integers) are matched by
+their string form. Every ground-truth id is scored: a missing prediction is
+scored as the empty string "" and reported on stderr (omnidocbench: the page
+is skipped, as the evaluator skips it); predictions whose id is not in the
+ground truth are reported and ignored. The
 aggregate is printed as one JSON object on the last line of stdout;
 ``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and
 the values). Bad input prints one ``error: ...`` line to stderr and exits 2.
@@ -72,15 +74,15 @@ def main(argv=None):
     parser.add_argument("--pred", required=True, help="predictions file (or folder of .md for omnidocbench)")
     parser.add_argument("--gt", help="ground-truth file (not with --format fox)")
     parser.add_argument("--format", choices=FORMATS, default="jsonl", help="input format (default jsonl)")
-    parser.add_argument("--evaluator-quirks", action="store_true",
-                        help="omnidocbench: repeat a block shared by two truncation relations, as the evaluator does")
+    parser.add_argument("--corrected", action="store_true",
+                        help="omnidocbench: fix the official evaluator's bugs instead of reproducing its numbers")
     parser.add_argument("--per-sample", metavar="OUT", help="write per-sample rows (JSONL) here")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source frame
     try:
         _, registry = load_plugins()
         metrics = [registry.build("metric", name) for name in args.metrics]
-        pairs = load_pairs(args.format, args.pred, args.gt, evaluator_quirks=args.evaluator_quirks)
+        pairs = load_pairs(args.format, args.pred, args.gt, corrected=args.corrected)
         rows, aggregate = score_pairs(metrics, pairs, progress=True)
         if args.per_sample:
             try:
