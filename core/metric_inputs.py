@@ -122,15 +122,6 @@ def read_fox_results(path):
              item["answer"], item["label"], None) for i, item in enumerate(items)]
 
 
-def read_md_folder(path):
-    """``{stem: (stem, text, None)}`` for every ``*.md`` file directly in folder ``path``."""
-    out = {}
-    for file in sorted(Path(path).glob("*.md")):
-        if file.is_file():
-            out[file.stem] = (file.stem, _read_text(file), None)
-    return out
-
-
 def _omnidocbench_pairs(pred_path, gt_path, corrected):
     """Pages with a prediction, as ``(stem, markdown, PageGroundTruth, stem)``; the others skipped and reported."""
     gt = read_omnidocbench_gt(gt_path, evaluator_quirks=not corrected, keep_page=True)

@@ -93,17 +93,21 @@ class OmniDocBenchText:
         # A display formula matched to a text piece is scored as text only if the run has any text
         # sample (``end2end_dataset.py:214``); otherwise it is dropped from both scores.
         moved = any(r["odb_has_text"] for r in structured)
-        pages = {"text_block": [], "display_formula": [], "table": [], "reading_order": []}
-        for r in rows:
+        pages = {element: {} for element in ELEMENTS}  # element -> page key -> [[Edit_num, upper_len], ...]
+        for i, r in enumerate(rows):
+            key = ("page", r["page"]) if r.get("page") is not None else ("row", i)  # no page: its own page
             if "odb_text_block" in r:
-                pages["text_block"].append(r["odb_text_block"] + (r["odb_formula_as_text"] if moved else []))
-                for element in ELEMENTS[1:]:
-                    pages[element].append(r[f"odb_{element}"])
+                samples = {"text_block": r["odb_text_block"] + (r["odb_formula_as_text"] if moved else []),
+                           **{element: r[f"odb_{element}"] for element in ELEMENTS[1:]}}
             elif r.get("odb_edit_num") is not None:
-                pages["text_block"].append([[r["odb_edit_num"], r["odb_upper_len"]]])
+                samples = {"text_block": [[r["odb_edit_num"], r["odb_upper_len"]]]}
+            else:
+                continue
+            for element, pairs in samples.items():
+                pages[element].setdefault(key, []).extend(pairs)
         out = {}
         for element in ELEMENTS if structured else ELEMENTS[:1]:
-            avg, whole, sample_avg, samples, n_pages = _averages(pages[element])
+            avg, whole, sample_avg, samples, n_pages = _averages(list(pages[element].values()))
             prefix = PREFIX[element]
             out.update({f"{prefix}_ALL_page_avg": avg, f"{prefix}_edit_whole": whole,
                         f"{prefix}_edit_sample_avg": sample_avg})

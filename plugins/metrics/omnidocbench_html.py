@@ -6,7 +6,7 @@ cutting an unmatched predicted table into cell strings for the text pool (``util
 vlmkit does not depend on BeautifulSoup: this module builds the same tree with the standard
 library's ``html.parser`` and the conventions that change the strings the evaluator sees
 (entities, whitespace-only text collapsed to one space or newline, void elements, stray end tags
-ignored, unclosed tags closed at the end, serialisation with double-quoted attributes and ``&<>``
+ignored, unclosed tags closed at the end, serialisation with attributes sorted and double-quoted and ``&<>``
 escaped).
 """
 import html
@@ -141,7 +141,7 @@ def _write(node, out):
             out.append(_escape("$" + child.attrs.get("alttext", "") + "$"))
         else:
             name = "td" if child.name == "th" else child.name
-            attrs = "".join(" " + _attribute(k, v) for k, v in child.attrs.items())
+            attrs = "".join(" " + _attribute(k, v) for k, v in sorted(child.attrs.items()))  # sorted, as written back
             if child.name in VOID and not child.children:
                 out.append(f"<{name}{attrs}/>")
             else:

@@ -8,7 +8,9 @@
 
 The table normaliser lives in ``omnidocbench_html`` (it needs an HTML tree).
 """
+import importlib.metadata
 import re
+import warnings
 
 # Inline maths as the evaluator finds it: $...$ or \(...\), shortest match, no newline inside (no DOTALL).
 _INLINE = re.compile(r"\$(.*?)\$|\\\((.*?)\\\)")
@@ -32,6 +34,7 @@ _DISPLAY_BODY = re.compile(r"\\\[(.+?)(?<!\\)\\\]")  # first \[...\] on one line
 _FORMULA_PATTERNS = tuple(re.compile(p) for p in (
     r"\\tag\{.*?\}", r"\\hspace\{.*?\}", r"\\begin\{.*?\}", r"\\end\{.*?\}", r"\\arraycolsep.*?\}"))
 
+EVALUATOR_PYLATEXENC = "3.0a30"  # the version OmniDocBench's requirements.txt pins
 _RENDERER = []  # one pylatexenc LatexNodes2Text, made on first use
 
 
@@ -41,7 +44,11 @@ def latex_to_text(latex):
         try:
             from pylatexenc.latex2text import LatexNodes2Text
         except ImportError as e:  # a dependency in pyproject.toml; say how to get it rather than a bare trace
-            raise ImportError("the omnidocbench metric needs pylatexenc (pip install pylatexenc)") from e
+            raise ImportError(f"the omnidocbench metric needs pylatexenc (pip install pylatexenc=={EVALUATOR_PYLATEXENC})") from e
+        version = importlib.metadata.version("pylatexenc")
+        if version != EVALUATOR_PYLATEXENC:  # 2.x parses malformed LaTeX differently: say so once, keep going
+            warnings.warn(f"omnidocbench: pylatexenc {version} is installed, the official evaluator uses "
+                          f"{EVALUATOR_PYLATEXENC}; inline maths with broken LaTeX may score differently", stacklevel=2)
         _RENDERER.append(LatexNodes2Text())
     return _RENDERER[0].latex_to_text(latex)
 
