@@ -1,4 +1,4 @@
-"""HTML tables as OmniDocBench's evaluator reads them (docs/metrics-omnidocbench.md, "Tables").
+"""HTML tables as OmniDocBench's evaluator reads them (docs/metrics-omnidocbench.md, "Step 3. Tables").
 
 The evaluator parses table HTML with BeautifulSoup's ``html.parser`` builder in two places:
 normalising a table before its edit distance (official ``utils/data_preprocess.py:139-207``) and

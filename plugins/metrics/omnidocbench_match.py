@@ -1,13 +1,13 @@
 """Match ground-truth blocks to predicted pieces, as OmniDocBench's ``match_gt2pred_quick`` does.
 
-docs/metrics-omnidocbench.md, "Step 5", maps each function to the official lines
+docs/metrics-omnidocbench.md, "Steps 4 and 5", maps each function to the official lines
 (``utils/match_quick.py:265-611`` and its helpers ``:657-1156``, ``utils/match.py:20-158``).
 
 Ground-truth items are OmniDocBench.json blocks (``category_type``, ``order``, ``text`` or
 ``latex``); predicted items are the pieces of ``omnidocbench_extract.split_page``. ``quick_match``
-returns one entry per matched group with what the scores need: ``category`` (None for an entry
-the evaluator leaves without one), raw and normalised ``gt``/``pred``, ``gt_position``,
-``pred_position`` and ``pred_category``.
+returns one entry per group the evaluator gives a category, with what the scores need:
+``category`` ("" for predictions matched to no block), raw and normalised ``gt``/``pred``,
+``gt_position`` (the blocks' orders), ``pred_position`` and ``pred_category``.
 
 ``corrected=False`` keeps the evaluator's two matching bugs, ``corrected=True`` fixes them:
 lines that normalise to "" are dropped without their items (so later items lose their
@@ -144,6 +144,7 @@ def _as_array(lines):
 
 
 def quick_match(gt_items, pred_items, corrected=False):
+    """Entries for one page (``match_quick.py:265-611``): lines, shortcuts, absorption, then ``match_lines``."""
     gt_items = split_gt_arrays(gt_items)
     order = sorted(range(len(pred_items)), key=lambda i: (pred_items[i].get("fine") == "equation_inline",
                                                             pred_items[i]["start"], i))
@@ -171,8 +172,8 @@ def quick_match(gt_items, pred_items, corrected=False):
         absorbed = {int(p) for _, p in np.argwhere(close)}
     g_map = [g for g in range(len(gt_lines)) if gt_lines[g][2] not in IGNORED]
     p_map = [p for p in range(len(pred_lines)) if p not in absorbed]
-    # Below, line k of the sub-problem is line g_map[k] / p_map[k]; its item is what the evaluator
-    # takes at the same index k of the item lists (the right item only when corrected).
+    # Line k of the sub-problem is line g_map[k] / p_map[k]; its item is the one at that same index
+    # in the item lists, which is the line's own item only when corrected (the bug of the docstring).
     sub_gt_items = [gt_items[g] for g in g_map]
     sub_pred_items = [pred_items[p] for p in p_map]
     sub_gt = [gt_lines[g] for g in g_map]
