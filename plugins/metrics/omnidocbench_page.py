@@ -72,14 +72,15 @@ def page_blocks(page, corrected=False):
 
 def _tables(gt_tables, pieces):
     """Table samples and the cell strings of unmatched predicted tables (``end2end_dataset.py:287-302``)."""
-    latex, html = pieces.get("latex_table", []), pieces.get("html_table", [])
-    latex_mode = len(latex) > len(html)
-    gt = []
-    for block in gt_tables:  # the evaluator keeps a table only if its strings are non-empty
-        raw, key = str(block.get("html", "")), str(block.get("latex", "")) if latex_mode else None
-        if raw and (key if latex_mode else True):
-            gt.append((raw, key if latex_mode else raw))
-    preds = [p for p in (latex if latex_mode else html) if str(p["content"])]
+    latex, html_tables = pieces.get("latex_table", []), pieces.get("html_table", [])
+    latex_mode = len(latex) > len(html_tables)
+    gt = []  # (html, the string matched on: the html, or the latex on the LaTeX path)
+    for block in gt_tables:  # the evaluator keeps a table only if the strings it uses are non-empty
+        html = str(block.get("html", ""))
+        key = str(block.get("latex", "")) if latex_mode else html
+        if html and key:
+            gt.append((html, key))
+    preds = [p for p in (latex if latex_mode else html_tables) if str(p["content"])]
     if not gt:
         return [], []  # no usable ground-truth table: predicted tables are dropped without a trace
     assigned = {}
