@@ -119,13 +119,18 @@ def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=Fals
     return inputs, targets, cut, text, ext
 
 
-def _conversation(raw):
+def sample_meta(raw):
+    """The sample's ``json`` member parsed (None without one); BadSample("bad_json") if it does not parse."""
     if "json" not in raw:
         return None
     try:
-        meta = json.loads(_utf8(raw["json"]))
+        return json.loads(_utf8(raw["json"]))
     except ValueError as e:
         raise BadSample("bad_json", str(e)) from None
+
+
+def _conversation(raw):
+    meta = sample_meta(raw)
     return meta.get("conversations") if isinstance(meta, dict) else None
 
 
@@ -227,13 +232,14 @@ class SampleEncoding:
 # ---- evaluation samples
 
 class SampleList(list):
-    """eval_samples' result: a list of {key, image, text} with ``.report`` ({reason: {shard: count}})."""
+    """eval_samples' result: a list of {key, image, text, meta} with ``.report`` ({reason: {shard: count}})."""
     report = None
 
 
 def eval_samples(shard_paths, limit=None, on_bad_sample="skip", max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
                  say=None):
-    """-> SampleList of {key, image, text} in shard order; bad samples skipped and counted in ``.report``
+    """-> SampleList of {key, image, text, meta (the json member or None)} in shard order; bad samples skipped
+    and counted in ``.report``
     (and printed with ``say``, default print0, when there are any), or a ConfigError with on_bad_sample="error"."""
     check_policy("on_bad_sample", on_bad_sample, ON_BAD_SAMPLE)
     out, report = SampleList(), {}
@@ -242,10 +248,11 @@ def eval_samples(shard_paths, limit=None, on_bad_sample="skip", max_image_pixels
             break
         try:
             image, text = decode(raw, max_image_pixels)
+            meta = sample_meta(raw)
         except BadSample as bad:
             handle(bad, raw, report, on_bad_sample)
             continue
-        out.append({"key": raw["__key__"], "image": image, "text": text})
+        out.append({"key": raw["__key__"], "image": image, "text": text, "meta": meta})
     out.report = report
     if report:
         (say or print0)(format_report(report, f"eval split ({len(out)} samples read)"))

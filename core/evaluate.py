@@ -9,7 +9,7 @@ import torch
 from core import data
 from core.images import image_views
 from core.generate import generate, grid_batches, image_grid, image_prompt_ids, view_batch
-from core.metrics import score_pairs
+from core.metrics import GroundTruth, score_pairs
 from core.model import evaluating
 
 
@@ -62,7 +62,9 @@ def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens,
     preds = decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens, batch_size)
     seconds = time.perf_counter() - start
     losses = sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size)
-    rows, aggregate = score_pairs(metrics, [(s["key"], p, s["text"]) for s, p in zip(samples, preds)])
+    # the ground truth carries the sample's json: a metric that scores structure (OmniDocBench's blocks) reads it
+    rows, aggregate = score_pairs(metrics, [(s["key"], p, GroundTruth(s["text"], s.get("meta")))
+                                            for s, p in zip(samples, preds)])
     for row, sample, pred, loss in zip(rows, samples, preds, losses):
         row.update({"gt": sample["text"], "pred": pred, "loss": round(loss, 4)})
     aggregate.update({"samples": len(samples), "mean_loss": sum(losses) / max(1, len(losses)),

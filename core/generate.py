@@ -10,7 +10,8 @@ KV-cached decode loop; ``<|image|>`` is masked out of the logits (DESIGN.md less
 CHECKPOINT is a ``model_XXXXXX.safetensors`` file or a stage folder (its latest); the model is
 rebuilt from the meta json beside it. Prints ``path<TAB>text`` per image, newlines and tabs
 in the text written as ``\\n`` and ``\\t``; with ``--out`` writes JSONL ``{"id": path,
-"text": ...}`` instead, exactly what ``python -m core.metrics --pred`` reads. The prompt is
+"text": ...}`` instead, exactly what ``python -m core.metrics --pred`` reads; with ``--out-dir`` one
+``<image stem>.md`` per image, the folder OmniDocBench's evaluator reads. The prompt is
 the one the checkpoint was trained with unless ``--prompt``; so are its crops (``model.crops``:
 images are then batched by crop grid, and printed in the order given). Bad input (missing or
 unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2.
@@ -206,6 +207,8 @@ def parse_args(argv):
     parser.add_argument("checkpoint", help="model_XXXXXX.safetensors file or a stage folder (takes the latest)")
     parser.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
     parser.add_argument("--out", help="write JSONL {id, text} here instead of path<TAB>text lines on stdout")
+    parser.add_argument("--out-dir", help="write one <image stem>.md per image here (what OmniDocBench's evaluator "
+                                          "and core.metrics --format omnidocbench read)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     parser.add_argument("--top-k", type=int, default=None, help="with --temperature > 0")
@@ -216,29 +219,48 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         parser.error("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")
+    if args.out and args.out_dir:
+        parser.error("--out and --out-dir: choose one")
     return args
+
+
+def _stems(paths):
+    """{path: file name stem}; two images with one stem would overwrite each other's .md: a ConfigError."""
+    stems = {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems.values():
+            raise ConfigError(f"--out-dir: two images have the stem {stem!r} ({path}); their .md files would clash")
+        stems[path] = stem
+    return stems
 
 
 def command(argv=None):
     args = parse_args(argv)
     out = None
     try:
+        stems = _stems(args.images) if args.out_dir else None
         model, tokenizer, prompt = prepare(args)
         try:
             out = open(args.out, "w", encoding="utf-8") if args.out else None
+            if args.out_dir:
+                os.makedirs(args.out_dir, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"--out {args.out!r}: {e}") from e
+            raise ConfigError(f"--out {args.out or args.out_dir!r}: {e}") from e
         n = 0
         for n, (path, text) in enumerate(read_images(model, tokenizer, prompt, args), 1):
             if out:
                 out.write(json.dumps({"id": path, "text": text}, ensure_ascii=False) + "\n")
+            elif stems:
+                with open(os.path.join(args.out_dir, stems[path] + ".md"), "w", encoding="utf-8") as f:
+                    f.write(text)
             else:
                 print(tsv_line(path, text), flush=True)
     finally:
         if out:
             out.close()
-    if out:
-        print(f"wrote {n} rows to {args.out}", file=sys.stderr)
+    if out or stems:
+        print(f"wrote {n} {'rows to ' + args.out if out else '.md files to ' + args.out_dir}", file=sys.stderr)
     return 0
 
 

@@ -8,8 +8,9 @@
 "text": ...}`` per line, a ground-truth line may add ``"page"`` (string or integer) to group
 samples for page averages), or any registered ``metric_input`` plugin (core/contracts.py
 ``MetricInput``; built in: ``fox``, Fox's result JSON, and ``omnidocbench``, OmniDocBench.json +
-a folder of ``<image stem>.md``). ``--option KEY=VALUE`` passes an argument to that format's
-reader. Ids (strings or integers) are matched by their string form. Every ground-truth id is
+a folder of ``<image stem>.md``, scored as the official end-to-end evaluator scores it). ``--option
+KEY=VALUE`` (or ``--option KEY`` for true) passes an argument to that format's reader, e.g.
+``--option corrected`` for OmniDocBench without its evaluator's bugs. Ids (strings or integers) are matched by their string form. Every ground-truth id is
 scored: a missing prediction is scored as the empty string "" and reported on stderr;
 predictions whose id is not in the ground truth are reported and ignored. The aggregate is
 printed as one JSON object on the last line of stdout; ``--per-sample`` writes one JSON row per
@@ -60,9 +61,25 @@ def report(ids, message):
         print(f"warning: {len(ids)} {message}: {shown}", file=sys.stderr)
 
 
+class GroundTruth(str):
+    """A sample's ground-truth text that also carries its metadata (``meta``: the sample's ``json`` member,
+    or what a metric_input reader attaches), for metrics that score more than the text: plain-text
+    metrics see the string, a structured one (OmniDocBench's block matching) reads ``meta``."""
+
+    def __new__(cls, text, meta=None):
+        obj = super().__new__(cls, text)
+        obj.meta = meta
+        return obj
+
+
 def pair_up(gt, pred):
     """``gt`` {key: (id, text, page)} and ``pred`` {key: (id, text, page)} -> [(id, pred, gt, page)] in gt
-    order; a missing prediction is "" and reported, a prediction without ground truth is reported and ignored."""
+    order; a missing prediction is "" and reported, a prediction without ground truth is reported and ignored.
+    No prediction matching any ground-truth id is an error: the ids are surely written differently."""
+    if gt and not any(key in gt for key in pred):
+        shown = next(iter(pred), None)
+        raise ConfigError(f"no prediction id matches a ground-truth id (ground truth ids look like "
+                          f"{next(iter(gt))!r}, predictions {'like ' + repr(shown) if shown else 'are none'})")
     report([k for k in gt if k not in pred], 'ground-truth ids have no prediction (scored as empty string "")')
     report([k for k in pred if k not in gt], "prediction ids are not in the ground truth (ignored)")
     return [(sid, pred[key][1] if key in pred else "", text, page) for key, (sid, text, page) in gt.items()]
@@ -127,7 +144,7 @@ def command(argv=None):
     parser.add_argument("--format", default=NATIVE_FORMAT,
                         help="input format: jsonl (default) or a registered metric_input (fox, omnidocbench, ...)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
-                        help="an argument of the --format reader, e.g. evaluator_quirks=true (omnidocbench)")
+                        help="an argument of the --format reader; KEY alone means true, e.g. corrected (omnidocbench)")
     parser.add_argument("--per-sample", metavar="OUT", help="write per-sample rows (JSONL) here")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load this plugin too (a module name or a .py file), as a recipe's plugins: do")

@@ -271,12 +271,15 @@ def apply_override(raw, item):
 
 
 def parse_options(items):
-    """``["key=value", ...]`` -> {key: YAML value}; a malformed item is a ConfigError naming it."""
+    """``["key=value", "flag", ...]`` -> {key: YAML value, flag: True}; a malformed item is a ConfigError naming it."""
     options = {}
     for item in items or ():
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        if not key.strip():
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE, or KEY alone for true")
+        if not sep:
+            options[key.strip()] = True
+            continue
         try:
             options[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:

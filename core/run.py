@@ -48,6 +48,10 @@ class RunContext:
                                               on_bad_sample=data.on_bad_sample, max_image_pixels=data.max_image_pixels)
             if self._eval_samples.report:
                 self.log({"event": "data_report", "stage": "eval", "report": self._eval_samples.report})
+            if not self._eval_samples:
+                skipped = ", ".join(f"{reason} {sum(by.values())}" for reason, by in self._eval_samples.report.items())
+                raise ConfigError(f"data.dataset: the eval split has no usable sample (an image with its txt); "
+                                  f"skipped: {skipped or 'none, the split is empty'}")
         return self._eval_samples
 
     def say(self, text):
@@ -97,6 +101,10 @@ def run(recipe, dry=False):
                 + (", model sharded (FSDP2)" if recipe.run.parallel == "fsdp" else ""))
     ctx.say(f"run folder {ctx.run_dir}; {ctx.threads.threads} CPU thread(s) "
             f"({'fixed' if recipe.run.threads else 'the idle cores, re-checked while training'}); device {ctx.device}")
+    with torch.device("meta"):  # a recipe whose model cannot be built stops here, before any data is read
+        build_model(recipe.model, registry)
+    if recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages):
+        ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
     summaries, model = [], None
     for i, stage in enumerate(recipe.stages):
         point = checkpoint.resume_point(os.path.join(ctx.run_dir, stage.name)) if recipe.run.resume == "auto" else None

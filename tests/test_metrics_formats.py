@@ -1,6 +1,6 @@
 """The omnidocbench metric and the fox / omnidocbench / jsonl-with-page input formats of ``python -m core.metrics``.
 
-Expected values are worked out by hand from docs/metrics.md (§1.1, §1.4, §2.1-§2.6).
+Expected values are worked out by hand from metrics.md (§1.1, §1.4, §2.1-§2.6).
 """
 import json
 import re
@@ -10,9 +10,9 @@ import pytest
 from core.errors import ConfigError
 from core.metrics import load_pairs as _load_pairs, main, score_pairs
 from core.registry import load_plugins
+from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 from plugins.metrics.fox import FoxMetric
 from plugins.metrics.omnidocbench import OmniDocBenchText, clean_string, textblock2unicode
-from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 
 approx = pytest.approx
 
@@ -36,11 +36,13 @@ def test_clean_string_by_hand():
 
 
 def test_textblock2unicode_rule():
+    keep = lambda s: s  # noqa: E731  (a renderer that returns the cleaned content: shows what it is given)
     # No \ ^ _ left after deleting the escapes \\ \_ \& \% \^ -> left alone ($ goes later, in clean_string).
-    assert textblock2unicode("costs $5$ or 50$\\%$", None) == "costs $5$ or 50$\\%$"
-    # LaTeX-looking segments: without a renderer the cleaned content replaces the segment, stripped.
-    assert textblock2unicode("see $ \\alpha^2 $ and \\(x_1\\) now", None) == "see \\alpha^2 and x_1 now"
-    assert textblock2unicode("$a\\_b^{2}$", None) == "ab^{2}"  # the escape \_ is deleted with its backslash
+    assert textblock2unicode("costs $5$ or 50$\\%$", keep) == "costs $5$ or 50$\\%$"
+    # LaTeX-looking segments: the renderer gets the cleaned content, its output replaces the segment, stripped.
+    assert textblock2unicode("see $ \\alpha^2 $ and \\(x_1\\) now", keep) == "see \\alpha^2 and x_1 now"
+    assert textblock2unicode("$a\\_b^{2}$", keep) == "ab^{2}"  # the escape \_ is deleted with its backslash
+    assert textblock2unicode("see $ \\alpha^2 $ now") == "see \u03b1^2 now"  # default renderer: pylatexenc
     # With a renderer: it gets the cleaned content; a renderer error leaves the segment as it was.
     seen = []
     assert textblock2unicode("a $x^2$ b", lambda s: seen.append(s) or " X2 ") == "a X2 b" and seen == ["x^2"]
@@ -154,25 +156,27 @@ def test_omnidocbench_format(tmp_path, capsys):
     rows_out = tmp_path / "rows.jsonl"
     rc, agg, err = _run(capsys, "omnidocbench", "--format", "omnidocbench", "--gt", str(gt), "--pred", str(preds),
                         "--per-sample", str(rows_out))
-    # doc_a: "IntroFirstpartmiddleend" (23) on both sides -> 0; doc_b: no prediction -> "" vs "Helloworld" -> 10/10
-    # ALL_page_avg = (0 + 1)/2; whole = 10/(23 + 10); sample avg = (0 + 1)/2
-    assert rc == 0 and agg == {"odb_ALL_page_avg": 0.5, "odb_edit_whole": approx(10 / 33),
-                               "odb_edit_sample_avg": 0.5, "odb_samples": 2, "odb_pages": 2}
-    assert "1 ground-truth ids have no prediction" in err and "doc_b" in err
-    assert "1 prediction ids are not in the ground truth" in err and "stray" in err
+    # doc_a, blocks matched one to one: title "Intro" (0/5) and the truncation chain 2->3->4, which the
+    # evaluator reads as [2, 3, 3, 4]: "Firstpartmiddlemiddleend" (24) against "Firstpartmiddleend", 6
+    # deletions. The header block is never matched (nothing close to it). doc_b has no prediction: skipped.
+    assert rc == 0 and agg["odb_ALL_page_avg"] == approx(6 / 29) and agg["odb_edit_whole"] == approx(6 / 29)
+    assert (agg["odb_edit_sample_avg"], agg["odb_samples"], agg["odb_pages"]) == (approx(3 / 24), 2, 1)
+    assert "1 ground-truth pages have no prediction (skipped" in err and "doc_b" in err
+    assert "1 predictions are not in the ground truth" in err and "stray" in err
     rows = [json.loads(line) for line in rows_out.read_text(encoding="utf-8").splitlines()]
-    assert [(r["id"], r["page"]) for r in rows] == [("doc_a", "doc_a"), ("doc_b", "doc_b")]
-    # evaluator_quirks: GT "IntroFirstpartmiddlemiddleend" (29): 6 deletions -> 6/29;
-    # ALL_page_avg = (6/29 + 1)/2 = 35/58; whole = (6 + 10)/(29 + 10) = 16/39
+    assert [(r["id"], r["page"], r["odb_text_block"]) for r in rows] == [("doc_a", "doc_a", [[0, 5], [6, 24]])]
+    # --option corrected: each block of the chain once, "Firstpartmiddleend" on both sides
     rc, agg, _ = _run(capsys, "omnidocbench", "--format", "omnidocbench", "--gt", str(gt), "--pred", str(preds),
-                      "--option", "evaluator_quirks=true")
-    assert rc == 0 and (agg["odb_ALL_page_avg"], agg["odb_edit_whole"]) == approx((35 / 58, 16 / 39))
-    # predictions as JSONL whose ids are the image stems
+                      "--option", "corrected")
+    assert rc == 0 and (agg["odb_ALL_page_avg"], agg["odb_edit_whole"]) == (0.0, 0.0)
+    # predictions as JSONL whose ids are the image stems; the GT carries the page and, as text, the page text
     jsonl = tmp_path / "preds.jsonl"
     jsonl.write_text(json.dumps({"id": "doc_b", "text": "Hello world"}) + "\n", encoding="utf-8")
     pairs = load_pairs("omnidocbench", str(jsonl), str(gt))
-    assert [(p[0], p[1], p[3]) for p in pairs] == [("doc_a", "", "doc_a"), ("doc_b", "Hello world", "doc_b")]
-    assert "doc_a" in capsys.readouterr().err
+    assert [(p[0], p[1], p[2], p[3]) for p in pairs] == [("doc_b", "Hello world", "Hello world", "doc_b")]
+    assert pairs[0][2].meta == PAGE_B and "doc_a" in capsys.readouterr().err
+    rc, agg, _ = _run(capsys, "ned", "--format", "omnidocbench", "--gt", str(gt), "--pred", str(jsonl))
+    assert rc == 0 and agg["ned"] == 0.0  # plain-text metrics still see the page text
 
 
 def test_omnidocbench_format_errors(tmp_path, capsys):

@@ -5,7 +5,10 @@
 * Tokenisation (§1.2): if either string contains a character in
   ``[\\u4e00-\\u9fa5]``, both are segmented with ``jieba.lcut`` (jieba keeps each
   whitespace character as a token); otherwise ``str.split()`` (runs of any
-  Unicode whitespace; punctuation stays attached to words). Without jieba
+  Unicode whitespace; punctuation stays attached to words). jieba is a vlmkit
+  dependency, so ``"auto"`` (the default) is Fox's own split: on the 18
+  OmniDocBench demo pages every per-sample value equals Fox's script's
+  (tests/test_omnidocbench_fox.py). Without jieba
   (``zh_tokenizer="chars"``, or ``"auto"`` when jieba is not installed) the
   Chinese branch falls back to one token per CJK ideograph / CJK or full-width
   punctuation mark and ``str.split()`` for the rest, dropping whitespace: this

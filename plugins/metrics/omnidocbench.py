@@ -1,155 +1,123 @@
-"""OmniDocBench's text edit distance (``metrics/cal_metric.py`` ``Edit_dist``) with its three averages.
+"""OmniDocBench's end-to-end Edit_dist, as its official evaluator computes it (docs/metrics-omnidocbench.md).
 
-* Normalisation (docs/metrics.md §2.2), the same for prediction and ground truth:
-  ``norm = clean_string(textblock2unicode(text))``.
-  ``textblock2unicode``: every inline maths segment ``$...$`` or ``\\(...\\)``
-  (non-greedy, within one line) whose content, after deleting the two-character
-  escapes ``\\\\ \\_ \\& \\% \\^``, still contains ``\\``, ``^`` or ``_`` is
-  replaced by the stripped ``pylatexenc`` ``LatexNodes2Text().latex_to_text``
-  rendering of that cleaned content. pylatexenc is not a vlmkit dependency:
-  without it such a segment is replaced by its cleaned content, stripped, with
-  no LaTeX rendering (``$\\alpha^2$`` gives "alpha2" instead of "α2",
-  ``$\\times$`` gives "imes" instead of nothing). That is NOT benchmark-exact
-  for text with inline maths (``pip install pylatexenc`` to make it exact);
-  text without such segments is unaffected. ``renderer`` on the object says
-  which one is in use. Other segments keep their ``$``, which step 2 removes.
-  ``clean_string``: delete the literal two-character sequences backslash-t and
-  backslash-n, real tabs and newlines, ``/t`` and ``/n`` (in that order, so
-  "and/not" becomes "andot"), then every character that is neither a Unicode
-  word character (``\\w``) nor in U+4E00-U+9FFF. Net effect: all whitespace
-  and punctuation go; case, digits, accents and CJK stay.
-* Per sample (§2.1): each side uses its normalised string if that is non-empty,
-  else its raw string. ``upper_len = max(len(pred), len(gt))`` in code points,
-  ``Edit_num`` = Levenshtein distance (unit costs); ``odb_edit`` =
-  Edit_num / upper_len, with ``odb_edit_num`` and ``odb_upper_len`` kept in the
-  row for the length-weighted averages. Both sides empty (raw strings too):
-  the sample is excluded, all three values are None (OmniDocBench records
-  nothing, its NaN is skipped by every sum and mean). One side empty: 1.0.
-* Averaging (§2.3), over the non-excluded samples:
-  ``odb_ALL_page_avg`` = mean over pages of (sum Edit_num / sum upper_len on
-  that page), OmniDocBench's leaderboard "Text Edit"; ``odb_edit_whole`` =
-  sum Edit_num / sum upper_len over everything; ``odb_edit_sample_avg`` = plain
-  mean of the per-sample ratios. Pages come from the rows' ``page`` key (see
-  ``core.metrics.score_pairs``); a row without one is its own page, so without
-  pages ``odb_ALL_page_avg`` equals ``odb_edit_sample_avg``. A page whose
-  samples are all excluded does not count. ``odb_samples`` and ``odb_pages``
-  count what went into the averages. No samples: the averages are None.
+With ``--format omnidocbench`` each ground truth is a whole OmniDocBench.json page (the reader
+attaches it to the page text as ``gt.meta``; so does a training run's evaluation on shards that
+``python -m core.shards omnidocbench`` wrote, from each sample's json) and each prediction a page
+of markdown. The page
+goes through the evaluator's ``quick_match`` pipeline (``omnidocbench_page.score_page``): typed
+pieces, tables and display formulas scored apart from text, headers/captions/page numbers
+absorbed, Hungarian matching with merging of consecutive pieces. Four elements come out, each with
+the evaluator's three averages over its samples (per sample ``Edit_num`` = Levenshtein distance of
+the normalised strings, ``upper_len`` = the longer length; a sample whose two strings are empty is
+left out):
+
+* ``odb_ALL_page_avg`` (text_block: the leaderboard's "Text Edit") = mean over pages of
+  sum(Edit_num) / sum(upper_len) on the page; ``odb_edit_whole`` = the same ratio over all
+  samples; ``odb_edit_sample_avg`` = mean of the per-sample ratios; ``odb_samples``, ``odb_pages``.
+* ``odb_display_formula_*``, ``odb_table_*``, ``odb_reading_order_*``: the same three for display
+  formulas (Edit_dist only, no CDM), tables (Edit_dist only, no TEDS) and reading order.
+
+``corrected`` (``--option corrected`` on the command line) fixes the evaluator's bugs instead of
+reproducing them (see the doc). A plain-text pair (``--format jsonl``, an evaluation split) has no
+blocks: it is scored as one text_block sample after the same text normalisation, as before.
+Per-sample rows carry the page's text ratio (``odb_edit``, ``odb_edit_num``, ``odb_upper_len``)
+and each element's samples as [Edit_num, upper_len] pairs.
 """
 import math
-import re
-import warnings
 
 from core.hookspecs import hookimpl
 from core.textdist import levenshtein
+from plugins.metrics.omnidocbench_normalise import clean_string, normalise_text, textblock2unicode  # noqa: F401
+from plugins.metrics.omnidocbench_page import score_page
 
-KEYS = ("odb_edit", "odb_edit_num", "odb_upper_len")
-# Inline maths as the evaluator finds it (§2.2 step 1): $...$ or \(...\), shortest match, no newline inside.
-_INLINE = re.compile(r"\$(.*?)\$|\\\((.*?)\\\)")
-_ESCAPE = re.compile(r"\\[\\_&%^]")  # the escapes removed before the "is this LaTeX?" test, §2.2
-_NOT_KEPT = re.compile(r"[^\w\u4e00-\u9fff]")  # clean_string's final filter, §2.2 step 2
-_DELETED = ("\\t", "\\n", "\t", "\n", "/t", "/n")  # clean_string's deletions, in its order, §2.2 step 2
-
-
-def _pylatexenc():
-    try:
-        from pylatexenc.latex2text import LatexNodes2Text
-    except ImportError:
-        return None
-    return LatexNodes2Text().latex_to_text
+ELEMENTS = ("text_block", "display_formula", "table", "reading_order")
+PREFIX = {"text_block": "odb", "display_formula": "odb_display_formula", "table": "odb_table",
+          "reading_order": "odb_reading_order"}
+NOT_COMPUTED = "table TEDS and display_formula CDM (Edit_dist only)"
 
 
-def _latex_segments(text):
-    """Yield ``(match, cleaned content)`` for the inline segments the evaluator converts (§2.2 step 1)."""
-    for match in _INLINE.finditer(text):
-        content = match.group(1) if match.group(1) is not None else match.group(2)
-        cleaned = _ESCAPE.sub("", content)
-        if any(c in cleaned for c in "\\^_"):
-            yield match, cleaned
+def _pairs(samples):
+    """[Edit_num, upper_len] per sample; a sample the evaluator leaves out (both strings empty) is omitted."""
+    return [[s["edit_num"], s["upper_len"]] for s in samples if s["edit_num"] is not None]
 
 
-def textblock2unicode(text, latex_to_text=None):
-    """Replace inline maths that looks like LaTeX by text (§2.2 step 1).
-
-    ``latex_to_text`` renders the cleaned content (pylatexenc's); None keeps
-    the cleaned content as it is (the documented non-exact fallback). A
-    rendering that raises leaves the segment unchanged, as the evaluator does.
-    """
-    replacements = []
-    for match, cleaned in _latex_segments(text):
-        if latex_to_text is None:
-            rendered = cleaned
-        else:
-            if cleaned.endswith("\\"):
-                cleaned += " "  # as the evaluator does, so a trailing backslash is not an open escape
-            try:
-                rendered = latex_to_text(cleaned)
-            except Exception:  # the evaluator skips segments pylatexenc cannot render
-                continue
-        replacements.append((match.start(), match.end(), rendered.strip()))
-    for start, end, rendered in reversed(replacements):
-        text = text[:start] + rendered + text[end:]
-    return text
-
-
-def clean_string(text):
-    """OmniDocBench's clean_string (§2.2 step 2): drop whitespace escapes, then all but \\w and U+4E00-U+9FFF."""
-    for seq in _DELETED:
-        text = text.replace(seq, "")
-    return _NOT_KEPT.sub("", text)
+def _averages(pages):
+    """The evaluator's three averages over ``pages``, a list of per-page [Edit_num, upper_len] lists."""
+    ratios = [num / upper for page in pages for num, upper in page]
+    sums = [(sum(n for n, _ in page), sum(u for _, u in page)) for page in pages if page]
+    if not sums:
+        return None, None, None, 0, 0
+    page_avg = math.fsum(n / u for n, u in sums) / len(sums)
+    whole = sum(n for n, _ in sums) / sum(u for _, u in sums)
+    return page_avg, whole, math.fsum(ratios) / len(ratios), len(ratios), len(sums)
 
 
 class OmniDocBenchText:
-    """Value names: ``odb_edit`` (+ ``odb_edit_num``, ``odb_upper_len``) per sample;
-    ``odb_ALL_page_avg``, ``odb_edit_whole``, ``odb_edit_sample_avg``, ``odb_samples``, ``odb_pages``."""
+    """Value names: per page ``odb_edit``, ``odb_edit_num``, ``odb_upper_len`` and ``odb_<element>`` sample
+    lists; aggregates ``odb_ALL_page_avg``, ``odb_edit_whole``, ``odb_edit_sample_avg``, ``odb_samples``,
+    ``odb_pages`` and, for pages with blocks, the same three averages per other element."""
 
-    def __init__(self):
-        self._latex_to_text = _pylatexenc()
-        self.renderer = "pylatexenc" if self._latex_to_text else "none (not benchmark-exact for inline maths)"
-        self._warn = self._latex_to_text is None
+    def __init__(self, corrected=False):
+        self.corrected = corrected
 
     def normalise(self, text):
-        """``clean_string(textblock2unicode(text))`` (§2.2); the raw-text fallback is applied by the caller."""
-        if self._warn and next(_latex_segments(text), None) is not None:
-            warnings.warn("omnidocbench: pylatexenc is not installed; inline LaTeX is kept as cleaned source "
-                          "instead of rendered text, which is not benchmark-exact (pip install pylatexenc)",
-                          stacklevel=3)
-            self._warn = False
-        return clean_string(textblock2unicode(text, self._latex_to_text))
+        """The evaluator's text normalisation, ``clean_string(textblock2unicode(text))``."""
+        return normalise_text(text)
 
     @hookimpl
     def vlmkit_metric_score(self, pred, gt):
-        pred = self.normalise(pred) or pred  # a string that normalises to "" falls back to raw, §2.1
+        page = getattr(gt, "meta", None)
+        if not (isinstance(page, dict) and isinstance(page.get("layout_dets"), list)):  # not an OmniDocBench page
+            return self._plain(pred, gt)
+        samples = score_page(page, pred, getattr(gt, "corrected", self.corrected))
+        text = _pairs(samples["text_block"]) + _pairs(samples["formula_as_text"])
+        num, upper = sum(n for n, _ in text), sum(u for _, u in text)
+        row = {"odb_edit": num / upper if upper else None, "odb_edit_num": num if upper else None,
+               "odb_upper_len": upper if upper else None,
+               # whether the page holds a text sample at all: decides the fate of formula_as_text, see _aggregate
+               "odb_has_text": bool(samples["text_block"])}
+        for element in ("text_block", "formula_as_text", "display_formula", "table", "reading_order"):
+            row[f"odb_{element}"] = _pairs(samples[element])
+        return row
+
+    def _plain(self, pred, gt):
+        pred = self.normalise(pred) or pred  # a string that normalises to "" is compared raw
         gt = self.normalise(gt) or gt
         upper = max(len(pred), len(gt))
-        if upper == 0:  # both empty: excluded, §2.1
-            return dict.fromkeys(KEYS)
+        if upper == 0:  # both empty: left out
+            return {"odb_edit": None, "odb_edit_num": None, "odb_upper_len": None}
         num = levenshtein(pred, gt)
         return {"odb_edit": num / upper, "odb_edit_num": num, "odb_upper_len": upper}
 
     @hookimpl
     def vlmkit_metric_aggregate(self, rows):
-        pages = {}  # page key -> [sum Edit_num, sum upper_len]
-        ratios = []
-        for i, row in enumerate(rows):
-            if row.get("odb_edit") is None:
+        structured = [r for r in rows if "odb_text_block" in r]
+        # A display formula matched to a text piece is scored as text only if the run has any text
+        # sample (``end2end_dataset.py:214``); otherwise it is dropped from both scores.
+        moved = any(r["odb_has_text"] for r in structured)
+        pages = {element: {} for element in ELEMENTS}  # element -> page key -> [[Edit_num, upper_len], ...]
+        for i, r in enumerate(rows):
+            key = ("page", r["page"]) if r.get("page") is not None else ("row", i)  # no page: its own page
+            if "odb_text_block" in r:
+                samples = {"text_block": r["odb_text_block"] + (r["odb_formula_as_text"] if moved else []),
+                           **{element: r[f"odb_{element}"] for element in ELEMENTS[1:]}}
+            elif r.get("odb_edit_num") is not None:
+                samples = {"text_block": [[r["odb_edit_num"], r["odb_upper_len"]]]}
+            else:
                 continue
-            ratios.append(row["odb_edit"])
-            key = ("page", row["page"]) if row.get("page") is not None else ("row", i)  # no page: own page
-            sums = pages.setdefault(key, [0, 0])
-            sums[0] += row["odb_edit_num"]
-            sums[1] += row["odb_upper_len"]
-        if not ratios:
-            return {"odb_ALL_page_avg": None, "odb_edit_whole": None, "odb_edit_sample_avg": None,
-                    "odb_samples": 0, "odb_pages": 0}
-        total_num = sum(s[0] for s in pages.values())
-        total_len = sum(s[1] for s in pages.values())
-        return {
-            "odb_ALL_page_avg": math.fsum(n / u for n, u in pages.values()) / len(pages),  # §2.3
-            "odb_edit_whole": total_num / total_len,
-            "odb_edit_sample_avg": math.fsum(ratios) / len(ratios),
-            "odb_samples": len(ratios),
-            "odb_pages": len(pages),
-        }
+            for element, pairs in samples.items():
+                pages[element].setdefault(key, []).extend(pairs)
+        out = {}
+        for element in ELEMENTS if structured else ELEMENTS[:1]:
+            avg, whole, sample_avg, samples, n_pages = _averages(list(pages[element].values()))
+            prefix = PREFIX[element]
+            out.update({f"{prefix}_ALL_page_avg": avg, f"{prefix}_edit_whole": whole,
+                        f"{prefix}_edit_sample_avg": sample_avg})
+            if element == "text_block":
+                out.update({"odb_samples": samples, "odb_pages": n_pages})
+        if structured:
+            out["odb_not_computed"] = NOT_COMPUTED
+        return out
 
 
 @hookimpl

@@ -1,11 +1,16 @@
 """OmniDocBench's files: the ground-truth JSON, a folder of ``.md`` predictions, and the page text.
 
 Registers the metric input ``omnidocbench`` (``python -m core.metrics ... --format omnidocbench``):
-``--gt`` is OmniDocBench.json (metrics.md §2.5), one sample per page, id and page = the image
-stem of ``page_info.image_path``; the page text is the evaluator's GT text (§2.6, see
-``omnidocbench_page_text``). ``--pred`` is a folder of ``<image stem>.md`` files or a JSONL file
-whose ids are stems. The ``omnidocbench`` shard source (plugins/sources/omnidocbench.py) writes
-the same page text as each page's ``txt``.
+``--gt`` is OmniDocBench.json (docs/metrics.md §2.5), one sample per page, id and page = the image
+stem of ``page_info.image_path``. Each ground truth is a ``PageGroundTruth``: the evaluator's GT
+text (§2.6, ``omnidocbench_page_text``) that also carries the whole page (``meta``), which the
+``omnidocbench`` metric matches block by block as the official evaluator does; plain-text metrics
+see the text. ``--pred`` is a folder of ``<image stem>.md`` files (``.mmd`` and the other names the
+evaluator tries are accepted too) or a JSONL file whose ids are the image stems or the image paths
+(``python -m core.generate --out`` writes paths). A page without a prediction is skipped, as the
+evaluator skips it, and reported on stderr. The ``omnidocbench`` shard source
+(plugins/sources/omnidocbench.py) writes the same page text as each page's ``txt`` and the page as
+its ``json``, so a training run's evaluation scores the same way.
 """
 import os
 from pathlib import Path
@@ -13,10 +18,19 @@ from pathlib import Path
 from core import hookimpl
 from core.errors import ConfigError
 from core.jsonfiles import read_json
-from core.metrics import pair_up, read_jsonl
+from core.metrics import GroundTruth, read_jsonl, report
 
 # §2.6: the categories whose text the evaluator scores, in the order it collects them.
 TEXT_CATEGORIES = ("text_block", "title", "code_txt", "code_txt_caption", "reference")
+
+
+class PageGroundTruth(GroundTruth):
+    """An OmniDocBench page's GT text that also carries the page (``meta``) and the reading (``corrected``)."""
+
+    def __new__(cls, text, page, corrected=False):
+        obj = super().__new__(cls, text, page)
+        obj.corrected = corrected
+        return obj
 
 
 def _read_text(path):
@@ -27,17 +41,8 @@ def _read_text(path):
         raise ConfigError(f"cannot read {path}: {e}") from e
 
 
-def read_md_folder(path):
-    """``{stem: (stem, text, None)}`` for every ``*.md`` file directly in folder ``path``."""
-    out = {}
-    for file in sorted(Path(path).glob("*.md")):
-        if file.is_file():
-            out[file.stem] = (file.stem, _read_text(file), None)
-    return out
-
-
 def omnidocbench_pages(path, evaluator_quirks=False):
-    """Yield (index, image path, image stem, page text, page_info) of every page of OmniDocBench.json (§2.5);
+    """Yield (index, image path, image stem, page text, page) of every page of OmniDocBench.json (§2.5);
     a malformed page or a repeated image stem is a ConfigError naming the page."""
     pages = read_json(path)
     if not isinstance(pages, list):
@@ -56,12 +61,39 @@ def omnidocbench_pages(path, evaluator_quirks=False):
             text = omnidocbench_page_text(page, evaluator_quirks)
         except ValueError as e:
             raise ConfigError(f"{path}: page {i} ({image}): {e}") from e
-        yield i, image, stem, text, info
+        yield i, image, stem, text, page
 
 
 def read_omnidocbench_gt(path, evaluator_quirks=False):
-    """OmniDocBench.json (§2.5) -> ``{stem: (stem, page text, stem)}``, one sample per page."""
-    return {stem: (stem, text, stem) for _, _, stem, text, _ in omnidocbench_pages(path, evaluator_quirks)}
+    """OmniDocBench.json (§2.5) -> ``{stem: (page text, page, image file name)}``, one entry per page."""
+    return {stem: (text, page, os.path.basename(image.replace("\\", "/")))
+            for _, image, stem, text, page in omnidocbench_pages(path, evaluator_quirks)}
+
+
+def read_predictions(pred_path, gt):
+    """{stem: markdown} of the pages in ``gt`` that have a prediction, and the names of predictions no page
+    has. A folder: the file names the evaluator tries, in its order (end2end_dataset.py:165-171); a JSONL
+    file: ids that are stems, or image paths (``python -m core.generate --out``) matched by their stem."""
+    pred = {}
+    if os.path.isdir(pred_path):
+        used = set()
+        for stem, (_, _, image_name) in gt.items():
+            base = stem.replace(".pdf", "")
+            for name in (f"{stem}.md", f"{base}.mmd", f"{base}.md", f"{image_name}.md"):
+                if os.path.isfile(os.path.join(pred_path, name)):
+                    pred[stem] = _read_text(os.path.join(pred_path, name))
+                    used.add(name)
+                    break
+        unknown = sorted(f.name for f in Path(pred_path).glob("*.md") if f.is_file() and f.name not in used)
+        return pred, unknown
+    unknown = []
+    for key, (_, text, _) in read_jsonl(pred_path).items():
+        stem = key if key in gt else Path(key.replace("\\", "/")).stem
+        if stem in gt:
+            pred[stem] = text
+        else:
+            unknown.append(key)
+    return pred, unknown
 
 
 def _order(block):
@@ -133,17 +165,25 @@ def _truncated_chains(page, by_id, evaluator_quirks):
 
 
 class OmniDocBenchInput:
-    """``--gt OmniDocBench.json --pred DIR|preds.jsonl``; ``evaluator_quirks`` repeats a block shared by two
-    truncation relations, as the evaluator does (see ``omnidocbench_page_text``)."""
+    """``--gt OmniDocBench.json --pred DIR|preds.jsonl``: the pages with a prediction, as ``(stem, markdown,
+    PageGroundTruth, stem)``. ``corrected``: the reading without the official evaluator's bugs
+    (docs/metrics-omnidocbench.md); the default reproduces its numbers, quirks included."""
     needs_gt = True
 
-    def __init__(self, evaluator_quirks=False):
-        self.evaluator_quirks = evaluator_quirks
+    def __init__(self, corrected=False):
+        self.corrected = bool(corrected)
 
     def read(self, pred_path, gt_path=None):
-        gt = read_omnidocbench_gt(gt_path, evaluator_quirks=self.evaluator_quirks)
-        pred = read_md_folder(pred_path) if os.path.isdir(pred_path) else read_jsonl(pred_path)
-        return pair_up(gt, pred)
+        gt = read_omnidocbench_gt(gt_path, evaluator_quirks=not self.corrected)
+        pred, unknown = read_predictions(pred_path, gt)
+        report([k for k in gt if k not in pred],
+               "ground-truth pages have no prediction (skipped, as OmniDocBench's evaluator skips them)")
+        report(unknown, "predictions are not in the ground truth (ignored)")
+        if not pred:
+            raise ConfigError(f"{pred_path}: no prediction matches a page of {gt_path} (predictions are named by "
+                              f"the image stem, e.g. {next(iter(gt), '?')!r}.md or JSONL id)")
+        return [(stem, pred[stem], PageGroundTruth(text, page, self.corrected), stem)
+                for stem, (text, page, _) in gt.items() if stem in pred]
 
 
 @hookimpl

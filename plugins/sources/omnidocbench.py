@@ -2,7 +2,8 @@
 
 ``omnidocbench``: OmniDocBench.json: image ``page_info.image_path``, ``txt`` = the page text as
 the evaluator assembles it (``plugins.metrics.omnidocbench_files.omnidocbench_page_text``), json
-``{"page_info"}``. Key = the image stem.
+the whole page (``page_info``, ``layout_dets``, ``extra``: what the ``omnidocbench`` metric matches
+block by block when a training run evaluates on these shards). Key = the image stem.
 """
 from core import hookimpl
 from core.sources import Item, function_source, image_base, resolve
@@ -11,8 +12,8 @@ from plugins.metrics.omnidocbench_files import omnidocbench_pages
 
 def read_omnidocbench(source, images_root=None, evaluator_quirks=False):
     base = image_base(source, images_root)
-    return [Item(stem, f"{source} page {i}", image=resolve(image, base), text=text, meta={"page_info": info},
-                 empty_ok=True) for i, image, stem, text, info in omnidocbench_pages(source, evaluator_quirks)]
+    return [Item(stem, f"{source} page {i}", image=resolve(image, base), text=text, meta=page, empty_ok=True)
+            for i, image, stem, text, page in omnidocbench_pages(source, evaluator_quirks)]
 
 
 @hookimpl
