@@ -114,8 +114,9 @@ def open_shard(url):
 
 
 def _command_name(proc):
+    """curl for gopen's http(s) handler; "the command" for a pipe: URL, which the shard's name already shows."""
     args = proc.args
-    return os.path.basename(args[0]) if isinstance(args, (list, tuple)) else repr(str(args))
+    return os.path.basename(args[0]) if isinstance(args, (list, tuple)) else "the command"
 
 
 def finish_shard(stream, err, how="done"):
@@ -140,7 +141,7 @@ def finish_shard(stream, err, how="done"):
             return None  # 0, curl's 23 / the shell's 141 (we closed the pipe), or a signal we caused
         err.seek(0)
         said = err.read()[-4000:].decode("utf-8", "replace").split("\n")
-        said = "; ".join(line.strip() for line in said if line.strip())[-300:]
+        said = "; ".join(line.strip() for line in said if line.strip())[-150:]  # the end says most
         if not said and _command_name(proc) == "curl":
             said = CURL_EXIT.get(status, "see curl(1), EXIT CODES")
         return f"{_command_name(proc)} exited with status {status}" + (f": {said}" if said else "")
