@@ -151,7 +151,8 @@ def open_image_file(path, load_pixels=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
         image = open_header(path, max_pixels, setting="--max-image-pixels")
         return load(image) if load_pixels else image
     except BadSample as bad:
-        raise ConfigError(f"image {path!r}: {bad.reason}: {bad.detail}") from None
+        what = f"cannot read it ({bad.detail})" if bad.reason == "bad_image" else f"{bad.reason}: {bad.detail}"
+        raise ConfigError(f"image {path!r}: {what}") from None
 
 
 _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
