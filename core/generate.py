@@ -6,6 +6,7 @@ KV-cached decode loop; ``<|image|>`` is masked out of the logits (DESIGN.md less
 
     python -m core.generate CHECKPOINT IMAGE [IMAGE ...] [--out OUT.jsonl] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--seed S] [--batch-size B] [--prompt P] [--no-cache]
+        [--max-image-pixels N|none]
 
 CHECKPOINT is a ``model_XXXXXX.safetensors`` file or a stage folder (its latest); the model is
 rebuilt from the meta json beside it. Prints ``path<TAB>text`` per image, newlines and tabs
@@ -13,7 +14,9 @@ in the text written as ``\\n`` and ``\\t``; with ``--out`` writes JSONL ``{"id":
 "text": ...}`` instead, exactly what ``python -m core.metrics --pred`` reads. The prompt is
 the one the checkpoint was trained with unless ``--prompt``; so are its crops (``model.crops``:
 images are then batched by crop grid, and printed in the order given). Bad input (missing or
-unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2.
+unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2; so does
+an image with more pixels than ``--max-image-pixels`` (training's ``data.max_image_pixels`` default),
+checked on its header before it is decoded (core.images.open_header).
 """
 import argparse
 import json
