@@ -13,7 +13,7 @@ from core.errors import ConfigError
 from core.pdf import Render
 from core.shardreader import read_shard
 from core.shards import main, write_shards
-from tests.pdf_files import box, pdf_bytes, text
+from benchmarks.inputs import box, pdf_bytes, text
 
 FIELDS = ("primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram")
 

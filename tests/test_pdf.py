@@ -12,7 +12,7 @@ from core.errors import ConfigError
 from core.pdf import PageRange, PdfPage, Render, render_png
 from core.shardreader import read_shard
 from core.shards import main, write_shards
-from tests.pdf_files import box, pdf_bytes, text
+from benchmarks.inputs import box, pdf_bytes, text
 
 BOX = (72, 600, 200, 100)  # x, y (from the bottom), width, height in points, on a 612 x 792 page
 WORDS = (72, 400, "HELLO")  # Helvetica 48 pt, baseline at y = 400

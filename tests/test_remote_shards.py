@@ -1,14 +1,11 @@
 """Shards streamed through webdataset's gopen: http:// from a server this test starts on 127.0.0.1, and
 pipe:cat. The same batches as the local files, the same exact resume, failures counted or named in one line."""
-import functools
-import http.server
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -16,6 +13,7 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
+from benchmarks.inputs import serve
 from core.errors import ConfigError
 from core.shardreader import read_shard
 from core.shardwriter import ShardWriter
@@ -29,11 +27,6 @@ from tests.test_streaming import good
 PATTERN = "shard-{000000..000003}.tar"
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def served(tmp_path):
     """(folder, base URL): four small shards under an HTTP server on 127.0.0.1, for this test only."""
@@ -43,12 +36,8 @@ def served(tmp_path):
         with wds.TarWriter(str(folder / f"shard-{s:06d}.tar"), encoder=False) as sink:
             for i in range(7):
                 sink.write(good(f"s{s}_{i}", 9 * i))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(folder) as base:
+        yield folder, base
 
 
 def urls(folder, base):

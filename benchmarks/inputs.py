@@ -1,4 +1,9 @@
-"""Small PDFs written byte by byte for the tests: pages of Helvetica text and black boxes, an encrypted one."""
+"""Inputs the data benchmarks (and tests) make: PDFs written byte by byte (pages of Helvetica text and black
+boxes, an encrypted one), and an HTTP server on 127.0.0.1 for a folder of shards."""
+import contextlib
+import functools
+import http.server
+import threading
 
 PAGE = (612, 792)  # US Letter, in points
 
@@ -38,3 +43,27 @@ def box(x, y, w, h):
 
 def text(x, y, words, size=48):
     return f"BT /F1 {size} Tf {x} {y} Td ({words}) Tj ET"
+
+
+def page_of_lines(lines, size=12, top=740, left=54, leading=16):
+    """A content stream of ``lines`` of Helvetica text from the top of a Letter page down."""
+    return " ".join(text(left, top - i * leading, line.replace("(", "").replace(")", ""), size)
+                    for i, line in enumerate(lines))
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve(folder):
+    """An HTTP server for ``folder`` on 127.0.0.1 (a free port) while the block runs; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
