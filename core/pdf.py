@@ -11,7 +11,7 @@ page named), ``pdf_page_out_of_range``, ``image_too_large``.
 import io
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -36,10 +36,12 @@ class PdfSkip(Exception):
 @dataclass(frozen=True)
 class PdfPage:
     """One page of a PDF. ``page`` counts from 1 (None: the PDF's only page); ``rotate``: degrees the rendered
-    image is turned counter-clockwise afterwards (Pillow's ROTATE_n, as olmOCR applies rotation_correction)."""
+    image is turned counter-clockwise afterwards (Pillow's ROTATE_n, as olmOCR applies rotation_correction);
+    ``data``: the PDF's bytes when it is not a file of its own (``path`` then only names it)."""
     path: str
     page: int = None
     rotate: int = 0
+    data: bytes = field(default=None, repr=False, compare=False)
 
     def __str__(self):
         return self.path if self.page is None else f"{self.path}#page={self.page}"
@@ -97,15 +99,15 @@ class PageRange:
         return self.text
 
 
-def _open(path):
+def _open(path, data=None):
     import pypdfium2 as pdfium  # imported here: only PDF input needs it
 
-    if not os.path.isfile(path):
+    if data is None and not os.path.isfile(path):
         raise PdfSkip("missing_image", "no such file")
-    if os.path.getsize(path) == 0:
+    if (len(data) if data is not None else os.path.getsize(path)) == 0:
         raise PdfSkip("empty_pdf", "0 bytes")
     try:
-        return pdfium.PdfDocument(path)
+        return pdfium.PdfDocument(data if data is not None else path)
     except pdfium.PdfiumError as e:
         code = getattr(e, "err_code", None)
         if code in (PDFIUM_PASSWORD, PDFIUM_SECURITY):
@@ -126,7 +128,7 @@ def page_count(path):
 
 def render_png(page, render, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     """A PdfPage drawn as ``render`` says, on white, turned by ``page.rotate`` -> PNG bytes; PdfSkip."""
-    doc = _open(page.path)
+    doc = _open(page.path, page.data)
     try:
         count = len(doc)
         if count == 0:

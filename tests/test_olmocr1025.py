@@ -3,6 +3,7 @@ matter beside a symlink to its one-page <id>.pdf; the page rendered and turned b
 import io
 import json
 import os
+import tarfile
 
 import pytest
 import torch
@@ -85,11 +86,8 @@ def test_one_command_and_bad_front_matter(tmp_path, capsys):
     bad.write_text("Upright, with no front matter")
     with pytest.raises(ConfigError, match="no YAML front matter"):
         write_shards("olmocr", str(pages), str(tmp_path / "x"), progress=False)
-    distributed = tmp_path / "hub"
-    distributed.mkdir()
-    (distributed / "00_documents_train.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ConfigError, match="unpack it with olmocr's prepare script first"):
-        write_shards("olmocr", str(distributed), str(tmp_path / "y"), progress=False)
+    with pytest.raises(ConfigError, match=r"no \*\.md page \(with its \.pdf\), \*\.parquet"):
+        write_shards("olmocr", str(tmp_path / "hugging_face"), str(tmp_path / "y"), progress=False)
 
 
 def test_the_folder_source_strips_a_front_matter_the_same_way(tmp_path):
@@ -106,3 +104,41 @@ def test_the_folder_source_strips_a_front_matter_the_same_way(tmp_path):
     assert got["a"]["txt"] == "Seite eins".encode()
     assert json.loads(got["a"]["json"])["front_matter"]["is_diagram"] is True
     assert got["b"]["txt"] == b"---\n\nA page that opens with a rule.\n\n---\nand goes on" and "json" not in got["b"]
+
+
+def test_the_release_as_distributed_parquet_and_pdf_tarballs(tmp_path):
+    """allenai/olmOCR-mix-1025's own files: {subset}_{split}.parquet (columns as repackage_olmocrmix.py writes
+    them) and pdf_tarballs/{subset}_{split}_NNNNN.tar.gz holding {id}.pdf."""
+    pa = pytest.importorskip("pyarrow")  # the olmocr extra; .ci/run installs it
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "olmOCR-mix-1025"
+    (root / "pdf_tarballs").mkdir(parents=True)
+    upright = box(36, 700, 120, 60) + " " + text(72, 400, "Upright", 36)
+    pdfs = {"doc/0001": pdf_bytes([upright]), "doc/0002": pdf_bytes([upright], rotate=90),
+            "doc/0003": pdf_bytes([text(72, 700, "blank")])}
+    chunk = "pdf_tarballs/00_documents_eval_00000.tar.gz"
+    with tarfile.open(root / chunk, "w:gz") as tar:
+        for doc_id, data in pdfs.items():
+            info = tarfile.TarInfo(f"{doc_id}.pdf")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rows = [("doc/0001", "en", True, 0, False, False, "Upright\n\nA page."),
+            ("doc/0002", "en", False, 90, True, False, "Upright"),
+            ("doc/0003", None, True, 0, False, False, None),  # no text on the page
+            ("doc/0004", "en", True, 0, False, False, "its PDF is not in the tarball")]
+    columns = ["id", *FIELDS, "natural_text"]
+    table = {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+    table.update(url=[f"https://example.org/{r[0]}.pdf" for r in rows], page_number=[1] * len(rows),
+                 pdf_relpath=[f"{chunk}:{r[0]}.pdf" for r in rows], extras=[None] * len(rows))
+    pq.write_table(pa.table(table), root / "00_documents_eval.parquet")
+    summary = write_shards("olmocr", str(root), str(tmp_path / "out"), progress=False, render=Render(longest_side=396))
+    got = {r["__key__"]: r for p in summary.shards for r in read_shard(p)}
+    assert sorted(got) == ["doc_0001", "doc_0002"] and dict(summary.skipped) == {"missing_image": 1, "empty_text": 1}
+    assert got["doc_0002"]["txt"] == b"Upright"
+    assert json.loads(got["doc_0002"]["json"]) == {
+        "front_matter": {"primary_language": "en", "is_rotation_valid": False, "rotation_correction": 90,
+                         "is_table": True, "is_diagram": False},
+        "pdf": f"{chunk}:doc/0002.pdf", "url": "https://example.org/doc/0002.pdf"}
+    a, b = decode(got["doc_0001"])[0], decode(got["doc_0002"])[0]
+    assert a.size == b.size == (306, 396) and box_corner(a) == box_corner(b) == (18, 16)

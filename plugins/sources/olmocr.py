@@ -8,6 +8,11 @@
   as olmOCR turns it (Pillow's ROTATE_n), ``txt`` = the text after the front matter, json =
   ``{"front_matter": {...}, "pdf": relative path}``; not trained on. A page without text (olmOCR
   writes the front matter alone) is ``empty_text``, an ``.md`` without its PDF ``missing_image``.
+* **olmOCR-mix-1025 as distributed** (the dataset repository: ``{subset}_{split}.parquet`` files and
+  ``pdf_tarballs/*.tar.gz``; needs pyarrow, ``pip install -e ".[olmocr]"``): one sample per parquet
+  row, its PDF read out of the tarball its ``pdf_relpath`` names, the same front matter fields
+  (columns here), ``natural_text`` as ``txt``; json adds ``pdf`` (the relpath) and ``url``. Rows come
+  in tarball order, so each tarball is read once.
 * **The older JSONL records** (olmOCR-mix-0225 style), a JSONL file or a folder of them (``*.jsonl``,
   ``*.jsonl.gz``). Accepted keys, the first present wins: image path ``image``, ``image_path``,
   ``page_image``, ``png_path`` (a ``data:image/...;base64,`` value is decoded); embedded image
@@ -15,12 +20,10 @@
   ``page`` (from 1); text ``text``, ``markdown``, ``natural_text``, ``response.natural_text``
   (``response`` an object or a JSON string; a null text counts as empty); key ``id``, else
   ``<file stem>_<line>``. The other fields go to the json member.
-
-olmOCR-mix-1025 as distributed on the Hugging Face hub (parquet files of text plus
-``pdf_tarballs/*.tar.gz``) is unpacked into the first layout by olmocr's prepare script first.
 """
 import json
 import os
+import tarfile
 from pathlib import Path
 
 from core import hookimpl
@@ -34,6 +37,7 @@ OLMOCR_IMAGE_B64 = ("png_base64", "image_base64")
 OLMOCR_PDF, OLMOCR_PAGE = ("pdf", "pdf_path"), ("page_number", "page")
 OLMOCR_TEXT = ("text", "markdown", "natural_text")
 ROTATIONS = (0, 90, 180, 270)
+FRONT_MATTER = ("primary_language", "is_rotation_valid", "rotation_correction", "is_table", "is_diagram")
 PREPARE = ("python -m olmocr.data.prepare_olmocrmix --dataset-path allenai/olmOCR-mix-1025 --subset 00_documents "
            "--split train --destination DIR (then this folder: DIR/processed_00_documents_train)")
 
@@ -50,15 +54,16 @@ def read_olmocr(source, images_root=None):
     if not os.path.isdir(source):
         raise ConfigError(f"{source}: no such file or folder")
     records, pages = _files(source, (".jsonl", ".jsonl.gz")), _files(source, (".md",))
-    if not records and not pages:
-        if _files(source, (".parquet",)):
-            raise ConfigError(f"{source}: olmOCR-mix as distributed (parquet + pdf_tarballs); unpack it with "
-                              f"olmocr's prepare script first: {PREPARE}")
-        raise ConfigError(f"{source}: no *.md page (with its .pdf) nor *.jsonl / *.jsonl.gz file in this folder")
+    parquets = _files(source, (".parquet",))
+    if not records and not pages and not parquets:
+        raise ConfigError(f"{source}: no *.md page (with its .pdf), *.parquet (with pdf_tarballs/) nor *.jsonl / "
+                          f"*.jsonl.gz file in this folder")
     for path in records:
         yield from _records(path, images_root)
     for path in pages:
         yield _page(Path(path), Path(source))
+    if parquets:
+        yield from _release(source, parquets)
 
 
 def _page(md, root):
@@ -74,13 +79,93 @@ def _page(md, root):
     if front is None:
         raise ConfigError(f"{md}: no YAML front matter (olmOCR's .md pages begin with ---, primary_language, "
                           f"is_rotation_valid, rotation_correction, is_table, is_diagram, ---)")
-    rotation = front.get("rotation_correction", 0)
-    if isinstance(rotation, bool) or rotation not in ROTATIONS:
-        raise ConfigError(f"{md}: rotation_correction must be 0, 90, 180 or 270, not {rotation!r}")
+    rotation = _rotation(front, md)
     if front.get("primary_language") == "None":  # prepare_olmocrmix writes Python's None as text
         front["primary_language"] = None
     return Item(rel, str(md), image=PdfPage(str(pdf), None, rotate=rotation), text=text,
                 meta={"front_matter": front, "pdf": f"{rel}.pdf"})
+
+
+def _rotation(front, where):
+    rotation = front.get("rotation_correction")
+    rotation = 0 if rotation is None else rotation  # olmOCR's own default for a missing value
+    if isinstance(rotation, bool) or rotation not in ROTATIONS:
+        raise ConfigError(f"{where}: rotation_correction must be 0, 90, 180 or 270, not {rotation!r}")
+    return rotation
+
+
+def _release(source, parquets):
+    """olmOCR-mix-1025 as distributed: parquet rows, their PDFs in pdf_tarballs/*.tar.gz (docs/data.md §4)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(f"{source}: reading olmOCR-mix's parquet files needs pyarrow: pip install -e \".[olmocr]\" "
+                          f"(or unpack it with olmocr's prepare script: {PREPARE})") from None
+    tarballs = _Tarballs(source)
+    try:
+        for path in parquets:
+            table = pq.ParquetFile(path)
+            missing = {"id", "pdf_relpath", "natural_text"} - set(table.schema_arrow.names)
+            if missing:
+                raise ConfigError(f"{path}: not an olmOCR-mix parquet (no {', '.join(sorted(missing))} column)")
+            row_number = 0
+            for batch in table.iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    row_number += 1
+                    yield _row(row, f"{path} row {row_number}", tarballs)
+    finally:
+        tarballs.close()
+
+
+def _row(row, where, tarballs):
+    relpath = string(row["pdf_relpath"], where, "pdf_relpath", optional=False)
+    chunk, colon, member = relpath.partition(":")
+    if not colon:
+        raise ConfigError(f"{where}: pdf_relpath {relpath!r} is not TARBALL:MEMBER")
+    front = {k: row.get(k) for k in FRONT_MATTER if k in row}
+    rotation = _rotation(front, where)
+    data = tarballs.get(chunk, member, where)
+    if data is None:
+        return Skip("missing_image", f"{where}: {relpath} is not in its tarball")
+    meta = {"front_matter": front, "pdf": relpath, **({"url": row["url"]} if row.get("url") else {})}
+    return Item(str(row["id"]), where, image=PdfPage(relpath, None, rotation, data=data),
+                text=row["natural_text"] or "", meta=meta)
+
+
+class _Tarballs:
+    """The PDFs of pdf_tarballs/*.tar.gz, each tarball streamed once while rows come in its order (as
+    olmocr's repackage_olmocrmix.py writes them); members read past are kept until a row asks for them."""
+
+    def __init__(self, root):
+        self.root, self.name, self.tar, self.members, self.ahead = root, None, None, None, {}
+
+    def get(self, chunk, member, where):
+        if chunk != self.name:
+            self.close()
+            path = os.path.join(self.root, chunk)
+            if not os.path.isfile(path):
+                return None
+            self.name, self.tar = chunk, tarfile.open(path, "r|*")
+            self.members = iter(self.tar)
+        if member in self.ahead:
+            return self.ahead.pop(member)
+        try:
+            for info in self.members:
+                if info.isreg():
+                    data = self.tar.extractfile(info).read()
+                    if info.name == member:
+                        return data
+                    self.ahead[info.name] = data
+                self.tar.members = []
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ConfigError(f"{where}: {os.path.join(self.root, chunk)}: cannot read it ({type(e).__name__}: "
+                              f"{e})") from None
+        return None
+
+    def close(self):
+        if self.tar is not None:
+            self.tar.close()
+        self.name, self.tar, self.members, self.ahead = None, None, None, {}
 
 
 def _records(path, images_root):

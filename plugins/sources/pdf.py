@@ -43,7 +43,12 @@ def pdf_items(groups):
             del groups[rel]
     items = []
     for rel, pdf in pdfs.items():
-        whole = _text(groups.pop(rel))
+        files = groups[rel]
+        whole = _text(files)
+        for ext in ("pdf", *TEXT_EXTS):  # an image of the same stem stays for the folder source (a duplicate_key)
+            files.pop(ext, None)
+        if not files:
+            del groups[rel]
         try:
             count = page_count(pdf)
         except PdfSkip as skip:
