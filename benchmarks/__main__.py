@@ -11,7 +11,8 @@ Rows, each measured here and now (the pieces live in benchmarks/, which can also
 3. vlmkit's SAM, CLIP and nanochat against transformers' SamVisionModel, CLIPVisionModel and
    NanoChatForCausalLM with the same weights: forward + backward ms and the ratio, at the default
    recipe's sizes and at the real widths (benchmarks/versus_transformers.py; needs ``transformers``);
-4. the data pipeline per worker (read, decode, preprocess, tokenize, collate) against what (2) consumes;
+4. the data pipeline per worker (read, decode, preprocess, tokenize, collate) against what (2) consumes,
+   PDF pages rendered per core (core/pdf.py), and shards read over http://127.0.0.1 against local files;
 5. generation with and without the KV cache (benchmarks/generation.py);
 6. NED pairs/s against bare rapidfuzz.
 A benchmark, never a test: nothing here asserts a speed. Takes about 3 minutes on 2 CPU cores.
@@ -76,18 +77,27 @@ def transformers_section(quick, log):
     return lines
 
 
-def data_section(shards, step, count):
+def data_section(shards, step, count, tmp, quick):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what one DataLoader worker gets (core/stream.py)
     try:
         rate = data_bench.pipeline_rate(shards, common.bytes_tokenizer(), step["image_size"],
                                         step["num_image_tokens"], step["max_len"], step["batch_size"], count)
+        pages, ms, kib = data_bench.pdf_render_rate(tmp, 8 if quick else 20)
     finally:
         torch.set_num_threads(threads)
+    page_dir = os.path.join(tmp, "pages")
+    os.makedirs(page_dir)
+    (local, _), (remote, _) = data_bench.http_versus_local(data_bench.page_shards(page_dir, 32 if quick else 100))
     return ["## 4. Data pipeline vs training", "",
             "| synthetic 32 px, per worker (1 thread) | training step consumes | ratio |", "|---:|---:|---:|",
             f"| {rate:,.0f} samples/s | {step['samples_per_s']:,.0f} samples/s | "
-            f"**{rate / step['samples_per_s']:.1f}x** |"]
+            f"**{rate / step['samples_per_s']:.1f}x** |", "",
+            "| input | measured |", "|---|---:|",
+            f"| PDF page -> 1288 px PNG, one core (core/pdf.py) | {pages:,.1f} pages/s ({ms:.0f} ms, {kib:.0f} KiB) |",
+            f"| 1024 px page shards read locally (raw bytes) | {local:,.0f} samples/s |",
+            f"| the same over http://127.0.0.1 (webdataset gopen: curl) | {remote:,.0f} samples/s "
+            f"({remote / local:.2f}x) |"]
 
 
 def generation_section(quick):
@@ -140,7 +150,7 @@ def command(argv=None):
         if not args.no_transformers:
             report += transformers_section(args.quick, log) + [""]
         log("3/6 transformers comparison done")
-        report += data_section(shards, step, count - 64) + [""]
+        report += data_section(shards, step, count - 64, tmp, args.quick) + [""]
         log("4/6 data pipeline done")
     report += generation_section(args.quick) + [""]
     log("5/6 generation done")

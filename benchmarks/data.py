@@ -8,7 +8,10 @@ samples/s, with the per-sample milliseconds of decode / preprocess / tokenize me
 Two data sets: the default recipe's synthetic shards (32 px) and a few hundred 1024x1024 PNG
 pages of text rendered here with Pillow (read at 1024 px, DeepEncoder "base", and resized to
 640 px, "small"). Training: steps of the default recipe's stage 1 (model + cell_reading
-regulariser + AdamW, batch 32) on a ready batch, so data loading is not in it. Prints markdown.
+regulariser + AdamW, batch 32) on a ready batch, so data loading is not in it. Two input rows:
+PDF pages rendered to PNG as ``python -m core.shards`` renders them (core/pdf.py, longest side 1288,
+one process = one core), and the same page shards read through ``http://127.0.0.1`` (webdataset's
+gopen, curl) against the local files. Prints markdown.
 """
 import argparse
 import io
@@ -22,9 +25,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.common import bytes_tokenizer, synthetic_shards
+from benchmarks.inputs import page_of_lines, pdf_bytes, serve
 from benchmarks.train_step import TrainStep
 from core import data, stream
 from core.images import preprocess
+from core.pdf import DEFAULT_LONGEST_SIDE, PdfPage, Render, render_png
 from core.shardreader import read_shard
 from core.shardwriter import ShardWriter
 
@@ -81,6 +86,46 @@ def pipeline_rate(paths, tokenizer, image_size, num_image_tokens, max_len, batch
     return count / seconds
 
 
+def pdf_render_rate(folder, pages=20, seed=0):
+    """Pages/s and ms/page of core.pdf.render_png (PDFium draws, Pillow writes the PNG) at olmOCR's longest side,
+    on a Letter-size PDF of ``pages`` pages of ~45 lines of 12 pt text, after one warm-up page."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(2000)]
+    contents = [page_of_lines([" ".join(rng.choices(words, k=14)) for _ in range(45)]) for _ in range(pages)]
+    path = os.path.join(folder, "text.pdf")
+    with open(path, "wb") as f:
+        f.write(pdf_bytes(contents))
+    render = Render(longest_side=DEFAULT_LONGEST_SIDE)
+    render_png(PdfPage(path, 1), render)
+    start = time.perf_counter()
+    size = sum(len(render_png(PdfPage(path, n), render)) for n in range(1, pages + 1))
+    seconds = time.perf_counter() - start
+    return pages / seconds, 1000 * seconds / pages, size / pages / 1024
+
+
+def read_rate(paths, repeats=2):
+    """(samples/s, MB/s) of core.shardreader.read_shard over ``paths`` (raw bytes only: nothing decoded)."""
+    best = (0.0, 0.0)
+    for _ in range(repeats):
+        count = size = 0
+        start = time.perf_counter()
+        for path in paths:
+            for raw in read_shard(path):
+                count += 1
+                size += sum(len(v) for k, v in raw.items() if not k.startswith("__"))
+        seconds = time.perf_counter() - start
+        best = max(best, (count / seconds, size / seconds / 1e6))
+    return best
+
+
+def http_versus_local(paths):
+    """read_rate of the shards in ``paths`` (one folder) as local files and as http:// URLs served on 127.0.0.1."""
+    folder = os.path.dirname(paths[0])
+    with serve(folder) as base:
+        remote = read_rate([f"{base}/{os.path.basename(p)}" for p in paths])
+    return read_rate(paths), remote
+
+
 def train_rate(paths, steps):
     """Samples/s of the default recipe's stage-1 training step (benchmarks/train_step.py), and its batch size."""
     step = TrainStep(paths)
@@ -127,6 +172,8 @@ def main(argv=None):
         print(f"  measured {name}", flush=True)
     torch.set_num_threads(threads)
     two = pipeline_rate(small, tokenizer, 32, 21, 64, 32, synthetic - 64, workers=2)
+    pdf_rate, pdf_ms, pdf_kib = pdf_render_rate(folder, 8 if args.quick else 20)
+    (local_sps, local_mbs), (http_sps, http_mbs) = http_versus_local(big)
 
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPU(s); pipeline: 1 torch thread (one worker); "
           f"training: {threads} thread(s)\n")
@@ -138,6 +185,11 @@ def main(argv=None):
     print(f"\nsynthetic 32 px through a DataLoader with 2 workers: {two:,.0f} samples/s")
     print(f"default recipe stage-1 training step (batch {batch}, {threads} thread(s), data not included): "
           f"{train:,.0f} samples/s")
+    print(f"\nPDF page -> {DEFAULT_LONGEST_SIDE} px PNG (core.pdf.render_png, one core): {pdf_rate:,.1f} pages/s, "
+          f"{pdf_ms:.0f} ms/page, {pdf_kib:.0f} KiB/page")
+    print("\n| reading the page shards (raw bytes) | samples/s | MB/s |\n|---|---:|---:|")
+    print(f"| local files | {local_sps:,.0f} | {local_mbs:,.0f} |")
+    print(f"| http://127.0.0.1 (gopen: curl) | {http_sps:,.0f} | {http_mbs:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from core.errors import ConfigError
 
 REASONS = {  # why a sample was not used (or, truncated_target, was used cut short)
     "truncated_shard": "the tar breaks off or is corrupt; the samples before the break were used",
+    "unreadable_shard": "the shard cannot be opened, or its URL's command fails (detail: the command's error); "
+                        "the samples read before the failure were used",
     "wrong_keys": "neither an image (png, jpg, jpeg, webp) nor a txt member",
     "missing_image": "no image member (png, jpg, jpeg, webp)",
     "missing_text": "no txt member",

@@ -6,6 +6,7 @@ KV-cached decode loop; ``<|image|>`` is masked out of the logits (DESIGN.md less
 
     python -m core.generate CHECKPOINT IMAGE [IMAGE ...] [--out OUT.jsonl] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--seed S] [--batch-size B] [--prompt P] [--no-cache]
+        [--max-image-pixels N|none]
 
 CHECKPOINT is a ``model_XXXXXX.safetensors`` file or a stage folder (its latest); the model is
 rebuilt from the meta json beside it. Prints ``path<TAB>text`` per image, newlines and tabs
@@ -14,7 +15,9 @@ in the text written as ``\\n`` and ``\\t``; with ``--out`` writes JSONL ``{"id":
 ``<image stem>.md`` per image, the folder OmniDocBench's evaluator reads. The prompt is
 the one the checkpoint was trained with unless ``--prompt``; so are its crops (``model.crops``:
 images are then batched by crop grid, and printed in the order given). Bad input (missing or
-unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2.
+unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2; so does
+an image with more pixels than ``--max-image-pixels`` (training's ``data.max_image_pixels`` default),
+checked on its header before it is decoded (core.images.open_header).
 """
 import argparse
 import json
@@ -22,12 +25,12 @@ import os
 import sys
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from core import checkpoint, data
 from core.errors import ConfigError, cli_main
-from core.images import image_views, upright_size
+from core.badsamples import BadSample
+from core.images import DEFAULT_MAX_IMAGE_PIXELS, image_views, load, open_header, upright_size
 from core.model import build_model
 from core.recipe import COMPONENTS, model_config_from_meta
 from core.registry import load_plugins
@@ -143,17 +146,17 @@ def load_checkpoint(path):
     return model.eval(), tokenizer, meta
 
 
-def open_image_file(path, load=True):
-    """A Pillow image (fully decoded when ``load``); a missing or unreadable file is a ConfigError naming it."""
+def open_image_file(path, load_pixels=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """A Pillow image (fully decoded when ``load_pixels``), through training's guard (core.images.open_header):
+    a missing, unreadable or too large file (``--max-image-pixels``, checked before decoding) is a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"image {path!r} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     try:
-        image = Image.open(path)
-        if load:
-            image.load()
-        return image
-    except Exception as e:  # Pillow raises many types for bad bytes
-        raise ConfigError(f"image {path!r}: cannot read it ({e.__class__.__name__}: {e})") from e
+        image = open_header(path, max_pixels, setting="--max-image-pixels")
+        return load(image) if load_pixels else image
+    except BadSample as bad:
+        what = f"cannot read it ({bad.detail})" if bad.reason == "bad_image" else f"{bad.reason}: {bad.detail}"
+        raise ConfigError(f"image {path!r}: {what}") from None
 
 
 _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
@@ -170,7 +173,7 @@ def prepare(args):
     The model's crops (``model.crops``) come from the checkpoint's meta json like the rest of its config.
     """
     for path in args.images:  # a missing or non-image file fails before the model is built
-        open_image_file(path, load=False).close()
+        open_image_file(path, False, args.max_image_pixels).close()
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
     prompt = args.prompt if args.prompt is not None else meta.get("prompt", "<image>\nFree OCR.")
     image_prompt_ids(model, tokenizer, prompt)  # a prompt without <image> fails here
@@ -183,13 +186,14 @@ def read_images(model, tokenizer, prompt, args):
         torch.manual_seed(args.seed)
     grids = []
     for path in args.images:  # the grid needs only the header
-        with open_image_file(path, load=False) as image:
+        with open_image_file(path, False, args.max_image_pixels) as image:
             grids.append(image_grid(model, image))
     batches = grid_batches(grids, args.batch_size)
     done, next_out = {}, 0
     for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=len(batches) <= 1):
         grid = grids[batch[0]]
-        pixels, tiles, batch_grids = view_batch(model, [open_image_file(args.images[i]) for i in batch], grid, "cpu")
+        pixels, tiles, batch_grids = view_batch(model, [open_image_file(args.images[i], True, args.max_image_pixels)
+                                                     for i in batch], grid, "cpu")
         try:
             rows = generate(model, tokenizer, pixels, image_prompt_ids(model, tokenizer, prompt, grid),
                             args.max_new_tokens, use_cache=not args.no_cache, temperature=args.temperature,
@@ -200,6 +204,14 @@ def read_images(model, tokenizer, prompt, args):
         while next_out in done:  # in the order given, as soon as the images before are read
             yield args.images[next_out], done.pop(next_out)
             next_out += 1
+
+
+def _pixels(text):
+    if text.lower() in ("none", "null"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of pixels (at least 1) or none")
+    return int(text)
 
 
 def parse_args(argv):
@@ -216,6 +228,9 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompt", default=None, help="with <image> once; default: the one it was trained with")
     parser.add_argument("--no-cache", action="store_true", help="the naive decode loop without the KV cache")
+    parser.add_argument("--max-image-pixels", type=_pixels, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse larger images before decoding them (default: training's data.max_image_pixels "
+                             f"default, {DEFAULT_MAX_IMAGE_PIXELS:,}; none: no limit)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
         parser.error("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")

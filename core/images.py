@@ -1,11 +1,12 @@
 """Images as the vision encoder sees them: decoding, pixels, and DeepSeek-OCR's crops.
 
-* **Decoding** (``open_image``): bytes -> a loaded Pillow image; empty, broken and too-large
-  images (checked against ``data.max_image_pixels`` before the pixels are decoded) raise
-  ``BadSample`` with their reason.
-* **Pixels** (``preprocess``, ``image_views``): upright (EXIF), RGB, padded to a square of the
-  encoder's ``image_size`` with DeepSeek-OCR's grey and resized (architecture.md §2.5), then
-  scaled to [-1, 1].
+* **Decoding** (``open_header``, ``open_image``): bytes or a file -> a Pillow image; empty, broken
+  and too-large images (checked against ``data.max_image_pixels`` before the pixels are decoded)
+  raise ``BadSample`` with their reason. Training and ``python -m core.generate`` use the same guard.
+* **Pixels** (``preprocess``, ``image_views``): upright (EXIF), RGB as the page would look on paper
+  (``rgb``: transparency composited on white, 16-bit and float modes scaled to 8 bits; the rules are
+  in docs/data.md §5), padded to a square of the encoder's ``image_size`` with DeepSeek-OCR's grey
+  and resized (architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
 * **Crops** (``Tiling``, ``choose_grid``, ``cut_tiles``): DeepSeek-OCR's "gundam" mode, a grid of
   local tiles beside the padded global view, chosen and cut as its ``dynamic_preprocess`` does
   (architecture.md §2.4):
@@ -39,14 +40,14 @@ _SWAPS_SIDES = {5, 6, 7, 8}  # orientations that turn the image by 90 degrees (t
 
 # ---- decoding
 
-def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
-    """Image bytes -> loaded PIL image; BadSample if empty, too large (checked before decoding) or broken."""
-    if not data:
-        raise BadSample("empty_image", "0 bytes")
+def open_header(source, max_pixels=DEFAULT_MAX_IMAGE_PIXELS, setting="data.max_image_pixels"):
+    """A file path or binary stream -> PIL image with only its header read; BadSample if it does not identify
+    or has more than ``max_pixels`` pixels (None: no limit; ``setting`` names it in the message), so a
+    decompression bomb is refused undecoded."""
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # Pillow warns above its limit and raises above twice it: we check ourselves
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(source)  # reads the header only
     except Image.UnidentifiedImageError:
         raise BadSample("bad_image", "cannot identify image file") from None
     except Image.DecompressionBombError as e:  # a format plugin that checks on its own
@@ -57,10 +58,17 @@ def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         Image.MAX_IMAGE_PIXELS = limit
     width, height = image.size
     if width == 0 or height == 0:
+        image.close()
         raise BadSample("empty_image", f"{width}x{height} pixels")
     if max_pixels is not None and width * height > max_pixels:
-        raise BadSample("image_too_large", f"{width}x{height} = {width * height:,} pixels > data.max_image_pixels "
+        image.close()
+        raise BadSample("image_too_large", f"{width}x{height} = {width * height:,} pixels > {setting} "
                                            f"{max_pixels:,}")
+    return image
+
+
+def load(image):
+    """Decode the pixels of an image from open_header; BadSample if they do not decode."""
     try:
         image.load()
     except Image.DecompressionBombError as e:
@@ -70,11 +78,56 @@ def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
     return image
 
 
+def open_image(data, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """Image bytes -> loaded PIL image; BadSample if empty, too large (checked before decoding) or broken."""
+    if not data:
+        raise BadSample("empty_image", "0 bytes")
+    return load(open_header(io.BytesIO(data), max_pixels))
+
+
 # ---- pixels
 
 def upright_rgb(image):
-    image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF, not in the pixels
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """EXIF orientation applied (phone photos store rotation in EXIF, not in the pixels), then ``rgb``."""
+    return rgb(ImageOps.exif_transpose(image))
+
+
+WHITE = (255, 255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def rgb(image):
+    """Any Pillow mode -> 8-bit RGB as the page would look printed on white paper (docs/data.md §5):
+
+    * transparency (an alpha band: RGBA, LA, PA, RGBa, La; or a transparent colour: P, L, RGB with
+      ``transparency``) is composited over white, so dark text on a transparent background stays readable;
+    * 16-bit grey (I;16*) is scaled by 255/65535; 32-bit ``I`` likewise when its values fit 16 bits
+      (Pillow opens 16-bit PPM as I), else stretched from its minimum..maximum; float ``F`` is taken
+      as 0..1 when it lies there, else stretched likewise;
+    * the rest (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX) through Pillow's own conversion.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+        image = _eight_bit(image)
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA") if image.mode != "La" else image.convert("LA").convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _eight_bit(image):
+    """A 16-bit, 32-bit integer or float grey image -> L, by the scale rules of ``rgb``."""
+    if image.mode in _SIXTEEN_BIT:
+        image, (low, high) = image.convert("I"), (0, 65535)
+    else:
+        low, high = image.getextrema()
+        if image.mode == "I" and low >= 0 and high <= 65535:
+            low, high = 0, 65535
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            low, high = 0, 1
+    scale = 255 / (high - low) if high > low else 0
+    return image.point(lambda v: (v - low) * scale).convert("L")  # a linear map: Pillow applies it in C
 
 
 def normalised(image):

@@ -2,6 +2,7 @@
 
     python -m core.shards FORMAT SOURCE --out DIR [--name train] [--max-count 10000] [--max-size 1GB]
                           [--images-root DIR] [--limit N] [--option KEY=VALUE ...]
+                          [--longest-side 1288 | --dpi N] [--pages 1-3,7,10-]
 
 The last line printed is the shards' brace pattern, e.g. ``/data/out/train-{000000..000012}.tar``:
 what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``).
@@ -10,7 +11,10 @@ Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
 
 * ``{key}.png`` / ``.jpg`` / ``.jpeg`` / ``.webp``: the page image, the original file's bytes
   (extension from the file name; for embedded or oddly named images, from the format Pillow
-  detects). Every image is checked with Pillow's ``verify()`` first. A text-only sample
+  detects). Every image is checked with Pillow's ``verify()`` first. A PDF page (an image path
+  ``doc.pdf#page=N``, or a ``pdf`` source's page; core/pdf.py) is rendered with pypdfium2 at
+  ``--longest-side`` pixels (default 1288, olmOCR's) or ``--dpi`` and stored as PNG; ``--pages``
+  keeps only those page numbers of every PDF (the others are left out, not skipped). A text-only sample
   (``llava`` items without ``image``) has no image member.
 * ``{key}.txt``: the target text, UTF-8, exactly as read (a UTF-8 byte-order mark is dropped).
 * ``{key}.json``: optional metadata: ``{"conversations": [...]}`` for ``llava`` (the turns as
@@ -28,7 +32,10 @@ They are written into ``DIR/.{name}.partial-PID`` and moved into DIR only when a
 replacing every ``{name}-NNNNNN.tar`` of an earlier run; an interrupted run leaves nothing in DIR.
 
 Skipped samples are counted by reason (missing_image, bad_image, unsupported_image_type,
-missing_text, non_utf8_text, empty_text, duplicate_key) with the first examples of each.
+missing_text, non_utf8_text, empty_text, duplicate_key; for PDFs empty_pdf, encrypted_pdf, bad_pdf,
+pdf_needs_page, pdf_page_out_of_range, image_too_large) with the first examples of each. A ``.md``
+text's YAML front matter (``---`` lines around ``key: value`` lines at its start) goes into the
+json member under ``front_matter``, not into ``txt`` (core.sources.split_front_matter).
 Malformed input (a line that is not JSON, a field of the wrong type) stops the run with one
 ``error:`` line naming the file, line or item and key, exit code 2.
 """
@@ -49,10 +56,11 @@ from tqdm import tqdm
 
 from core.data import IMAGE_EXTS
 from core.errors import ConfigError, cli_main
+from core.pdf import DEFAULT_LONGEST_SIDE, PageRange, PdfSkip, Render, as_pdf_page, render_png
 from core.recipe import parse_options, resolve_plugin_paths
 from core.registry import load_plugins
 from core.shardwriter import ShardWriter, fresh_partial_dir
-from core.sources import Skip, clean_key, count_items
+from core.sources import Skip, clean_key, count_items, split_front_matter
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -70,6 +78,7 @@ class Summary:
     bytes: int = 0
     oversize: int = 0             # shards over max_size: each holds one sample larger than it
     replaced: int = 0             # shards of an earlier run replaced or removed
+    left_out: int = 0             # PDF pages outside --pages
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
@@ -89,8 +98,14 @@ def parse_size(text):
 
 
 
-def load_image(image):
-    """path or bytes -> (ext, bytes), or a skip reason."""
+def load_image(image, render=None):
+    """path, PDF page (core.pdf.as_pdf_page) or bytes -> (ext, bytes), or a skip reason."""
+    page = as_pdf_page(image)
+    if page is not None:
+        try:
+            return "png", render_png(page, render or Render())
+        except PdfSkip as skip:
+            return skip.reason
     if isinstance(image, bytes):
         data, ext = image, None
     else:
@@ -116,33 +131,43 @@ def load_image(image):
 
 
 def load_text(text):
-    """str, Path or None -> (text, None), or (None, skip reason)."""
+    """str, Path or None -> (text, front matter or None, None), or (None, None, skip reason).
+
+    A ``.md`` file's YAML front matter is split off (core.sources.split_front_matter)."""
     if isinstance(text, Path):
         try:
             data = text.read_bytes()
         except OSError:
-            return None, "missing_text"
+            return None, None, "missing_text"
         try:
-            return data.decode("utf-8-sig"), None
+            data = data.decode("utf-8-sig")
         except UnicodeDecodeError:
-            return None, "non_utf8_text"
-    return text, None
+            return None, None, "non_utf8_text"
+        if text.suffix.lower() == ".md":
+            front, body = split_front_matter(data)
+            return body, front, None
+        return data, None, None
+    return text, None, None
 
 
-def members(item):
+def members(item, render=None):
     """Item -> ([(ext, bytes)], None) or (None, skip reason)."""
-    out = []
+    out, meta = [], item.meta
+    if item.image is not None and item.text is None and item.needs_text:
+        return None, "missing_text"  # before the image is read: a PDF page would be rendered for nothing
     if item.image is not None:
-        loaded = load_image(item.image)
+        loaded = load_image(item.image, render)
         if isinstance(loaded, str):
             return None, loaded
         out.append(loaded)
     elif item.needs_image:
         return None, "missing_image"
     if item.text is not None:
-        text, reason = load_text(item.text)
+        text, front, reason = load_text(item.text)
         if reason:
             return None, reason
+        if front is not None:
+            meta = {**(meta or {}), "front_matter": front}
         if not text.strip() and not item.empty_ok:
             return None, "empty_text"
         try:
@@ -151,9 +176,9 @@ def members(item):
             return None, "non_utf8_text"
     elif item.needs_text:
         return None, "missing_text"
-    if item.meta is not None:
+    if meta is not None:
         try:
-            out.append(("json", json.dumps(item.meta, ensure_ascii=False).encode("utf-8")))
+            out.append(("json", json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")))
         except UnicodeEncodeError:
             return None, "non_utf8_text"
     return out, None
@@ -166,9 +191,10 @@ def _shard_pattern(folder, name, count):
 
 
 def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9, images_root=None,
-                 limit=None, options=None, progress=True, registry=None):
+                 limit=None, options=None, progress=True, registry=None, render=None):
     """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards into
-    ``out``; returns a Summary (see the module doc)."""
+    ``out``, PDF pages drawn as ``render`` (core.pdf.Render) says; returns a Summary (see the module doc)."""
+    render = render or Render()
     registry = registry or load_plugins()[1]
     reader = registry.build("source", fmt, where="FORMAT", **(options or {}))
     if not name or re.search(r"[/\\{}*?\[\]]", name) or name.startswith("."):
@@ -211,11 +237,15 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
                 if isinstance(item, Skip):
                     skip(item.reason, item.where)
                     continue
+                page = as_pdf_page(item.image)
+                if page is not None and render.pages is not None and (page.page or 1) not in render.pages:
+                    summary.left_out += 1
+                    continue
                 key = clean_key(item.key)
                 if key in seen:
                     skip("duplicate_key", f"{item.where} (key {key!r})")
                     continue
-                parts, reason = members(item)
+                parts, reason = members(item, render)
                 if reason:
                     skip(reason, _example(item, reason))
                     continue
@@ -264,7 +294,8 @@ def _publish(paths, out, name):
 
 def _example(item, reason):
     """Where a skipped item came from, with the file that failed when that is not already named."""
-    if "image" in reason and isinstance(item.image, str) and item.image != item.where:
+    named = item.image is not None and not isinstance(item.image, bytes) and str(item.image) != item.where
+    if ("image" in reason or "pdf" in reason) and named:
         return f"{item.where}: {item.image}"
     if "text" in reason and isinstance(item.text, Path):
         return str(item.text)
@@ -293,6 +324,8 @@ def format_summary(summary, name="train"):
         lines.append(f"  {summary.empty_kept:,} of them with empty text (kept: an eval set's page still counts)")
     if summary.oversize:
         lines.append(f"  {summary.oversize} shard(s) exceed --max-size: each holds one sample larger than it")
+    if summary.left_out:
+        lines.append(f"  {summary.left_out:,} PDF page(s) left out by --pages")
     if summary.replaced:
         lines.append(f"  replaced {summary.replaced} shard(s) of an earlier run with the same --name")
     total = sum(summary.skipped.values())
@@ -307,7 +340,7 @@ def format_summary(summary, name="train"):
 
 def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.shards", description=__doc__.split("\n")[0])
-    parser.add_argument("format", help="input format: a registered source (folder, jsonl, olmocr, llava, fox, "
+    parser.add_argument("format", help="input format: a registered source (folder, pdf, jsonl, olmocr, llava, fox, "
                                        "omnidocbench, ...; python -m core.run --list-plugins)")
     parser.add_argument("source", help="input file or folder")
     parser.add_argument("--out", required=True, help="folder for the shards")
@@ -321,12 +354,19 @@ def command(argv=None):
                         help="an argument of the FORMAT's reader, e.g. evaluator_quirks=true (omnidocbench)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load this plugin too (a module name or a .py file), e.g. a source of your own")
+    parser.add_argument("--longest-side", type=int, help=f"render PDF pages with this many pixels on their longer "
+                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's)")
+    parser.add_argument("--dpi", type=float, help="render PDF pages at this resolution instead (72 = 1 px per point)")
+    parser.add_argument("--pages", type=PageRange, help="only these pages of each PDF, counted from 1: 1-3,7,10-")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    longest = args.longest_side if args.longest_side is not None or args.dpi is not None else DEFAULT_LONGEST_SIDE
+    render = Render(dpi=args.dpi, longest_side=longest, pages=args.pages)
     registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))[1]
     summary = write_shards(args.format, args.source, args.out, name=args.name, max_count=args.max_count,
                            max_size=parse_size(args.max_size), images_root=args.images_root, limit=args.limit,
-                           options=parse_options(args.option), progress=not args.quiet, registry=registry)
+                           options=parse_options(args.option), progress=not args.quiet, registry=registry,
+                           render=render)
     print(format_summary(summary, args.name))
     return 0
 

@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass
 
+import yaml
+
 from core.errors import ConfigError
 from core.jsonfiles import jsonl_records, read_json
 
@@ -73,11 +75,50 @@ def clean_key(raw):
 
 
 def path_key(path):
-    """'sub/page.1.png' -> 'sub/page.1': the path without its last extension (cleaned later)."""
+    """'sub/page.1.png' -> 'sub/page.1': the path without its last extension (cleaned later); a PDF page
+    'doc.pdf#page=3' -> 'doc_p3', so the pages of one PDF get keys of their own."""
+    page = re.fullmatch(r"(.*\.pdf)#page=(\d+)", str(path), re.IGNORECASE)
+    if page:
+        return f"{path_key(page[1])}_p{int(page[2])}"
     path = str(path).replace("\\", "/")
     folder, _, base = path.rpartition("/")
     stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
     return f"{folder}/{stem}" if folder else stem
+
+
+def folder_groups(source):
+    """A folder searched recursively (hidden files and folders skipped) -> {relative path without its last
+    extension: {extension (lowercased): path}}, in sorted order; what the folder and pdf sources pair up."""
+    groups = {}
+    for folder, dirs, files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or "." not in name:
+                continue
+            stem, ext = name.rsplit(".", 1)
+            rel = os.path.relpath(os.path.join(folder, stem), source).replace(os.sep, "/")
+            groups.setdefault(rel, {})[ext.lower()] = os.path.join(folder, name)
+    return groups
+
+
+def split_front_matter(text):
+    """-> (front matter dict or None, the text after it): a markdown file's YAML front matter, read as
+    olmOCR's FrontMatterParser reads it (docs/data.md §4): the text starts with a ``---`` line, the front
+    matter runs to the next line starting with ``---``, and the text after that line is stripped of
+    surrounding whitespace. Only a block that parses as a YAML mapping counts (a page may well begin with
+    a markdown rule); otherwise the text is returned unchanged."""
+    if not text.startswith("---\n"):
+        return None, text
+    end = text.find("\n---", 4)
+    if end == -1:
+        return None, text
+    try:
+        front = yaml.safe_load(text[4:end])
+    except yaml.YAMLError:
+        return None, text
+    if not isinstance(front, dict):
+        return None, text
+    return front, text[end + 4:].split("\n", 1)[1].strip() if "\n" in text[end + 4:] else ""
 
 
 def resolve(path, base):

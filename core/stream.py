@@ -18,7 +18,8 @@ The training stream (``train_batches``):
   ``load_state_dict`` restarts the workers there (re-reading the skipped tar
   members without decoding them, and rotating the workers so the round-robin
   continues with the right one): the batches after a resume are exactly those
-  of an uninterrupted run.
+  of an uninterrupted run. A shard may be a URL (``http(s)://``, ``pipe:``; core/shardreader.py):
+  a resume opens it again from its start and skips the same raw samples (docs/data.md §1.3).
 * **Bad data** is skipped and counted by reason and shard (``core.badsamples.REASONS``), or stops
   the run with a ConfigError naming shard, key and reason (``on_bad_sample: error``).
 """

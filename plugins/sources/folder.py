@@ -2,7 +2,10 @@
 
 ``folder``: a folder of images (png, jpg, jpeg, webp), searched recursively (hidden files and
 folders skipped), each with a text file of the same stem: ``page1.png`` + ``page1.txt`` (or
-``page1.md``; ``.txt`` wins if both exist). Key = the relative path without extension.
+``page1.md``; ``.txt`` wins if both exist). Key = the relative path without extension. PDFs in the
+folder are read by the ``pdf`` source's rules (plugins/sources/pdf.py: ``doc.pdf`` + ``doc.txt`` for
+a one-page PDF, ``doc.page-N.txt`` per page). A ``.md`` text's YAML front matter goes into the
+json member, not into ``txt`` (core.sources.split_front_matter).
 """
 import os
 from pathlib import Path
@@ -10,7 +13,15 @@ from pathlib import Path
 from core import hookimpl
 from core.data import IMAGE_EXTS
 from core.errors import ConfigError
-from core.sources import OTHER_IMAGE_EXTS, TEXT_EXTS, Item, Skip, function_source
+from core.sources import (
+    OTHER_IMAGE_EXTS,
+    TEXT_EXTS,
+    Item,
+    Skip,
+    folder_groups,
+    function_source,
+)
+from plugins.sources.pdf import pdf_items
 
 
 def read_folder(source, images_root=None):
@@ -18,16 +29,8 @@ def read_folder(source, images_root=None):
         raise ConfigError("--images-root: not used with the folder format (images sit beside their texts)")
     if not os.path.isdir(source):
         raise ConfigError(f"{source}: the folder format needs a folder")
-    groups = {}  # relative path without extension -> {ext: path}
-    for folder, dirs, files in os.walk(source):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or "." not in name:
-                continue
-            stem, ext = name.rsplit(".", 1)
-            rel = os.path.relpath(os.path.join(folder, stem), source).replace(os.sep, "/")
-            groups.setdefault(rel, {})[ext.lower()] = os.path.join(folder, name)
-    items = []
+    groups = folder_groups(source)  # relative path without extension -> {ext: path}
+    items = pdf_items(groups)  # takes the PDFs and their texts out of groups
     for rel, files in groups.items():
         images = [files[e] for e in IMAGE_EXTS if e in files]
         text = next((files[e] for e in TEXT_EXTS if e in files), None)
