@@ -84,6 +84,7 @@ class Registry:
         except Exception as e:  # the plugin's own bug: its author needs the traceback
             raise PluginError(f"{at}: {kind} {name!r} from {self.source_of(kind, name)} failed while being built: "
                               f"{type(e).__name__}: {e}") from e
+        check_hook_names(component, f"{self.source_of(kind, name)} ({at}: {kind} {name!r})")
         missing = contracts.missing_members(kind, component)
         if missing:
             needs = (f"the {contracts.PROTOCOLS[kind].__name__} contract (core/contracts.py)"
@@ -138,8 +139,12 @@ def new_plugin_manager():
 
 
 def check_hook_names(plugin, label):
-    """A ConfigError naming ``label`` and the attribute when a ``vlmkit_*`` callable of ``plugin`` is not a
-    known hook (a misspelling would otherwise never be called) or is not marked ``@hookimpl``."""
+    """Check the ``vlmkit_*`` callables of ``plugin`` (a module or a component object) before pluggy sees them.
+
+    A name that is not a known hook (a misspelling would never be called) or a function not marked
+    ``@hookimpl`` is a ConfigError naming ``label`` and the name. A hook whose required arguments the
+    hook does not pass (``def vlmkit_register(registy)``) is a fault in the plugin's code: a PluginError
+    naming the plugin, the function's file and line, and the arguments the hook gives."""
     for attr in dir(plugin):
         if not attr.startswith(HOOK_PREFIX):
             continue
@@ -152,6 +157,23 @@ def check_hook_names(plugin, label):
         if getattr(value, hookspecs.PROJECT + "_impl", None) is None:
             raise ConfigError(f"plugin {label}: {attr} is not marked @hookimpl (from core import hookimpl), "
                               f"so vlmkit would never call it")
+        _check_arguments(value, attr, label)
+
+
+def _check_arguments(function, hook, label):
+    spec = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return  # a callable without a signature: pluggy's own check decides
+    unknown = [n for n, p in params.items() if p.default is p.empty and n not in spec
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if unknown:
+        code = getattr(getattr(function, "__func__", function), "__code__", None)
+        at = f" at {code.co_filename}:{code.co_firstlineno}" if code else ""
+        raise PluginError(f"plugin {label}: {hook}({', '.join(params)}){at} takes {', '.join(unknown)}, which the "
+                          f"hook does not pass{closest(unknown[0], spec)}; the hook is {hook}({', '.join(spec)}) "
+                          f"(core/hookspecs.py)")
 
 
 def register(pm, plugin, label):
@@ -159,21 +181,23 @@ def register(pm, plugin, label):
     check_hook_names(plugin, label)
     try:
         pm.register(plugin, name=label)
-        pm.check_pending()
-    except pluggy.PluginValidationError as e:  # e.g. a hookimpl argument the hookspec does not have
-        with contextlib.suppress(ValueError):
-            pm.unregister(plugin)
+    except pluggy.PluginValidationError as e:  # pluggy validates before it changes anything
+        raise PluginError(f"plugin {label}: {' '.join(str(e).split())}") from e
+    try:
+        pm.check_pending()  # a @hookimpl under a name that is not a hook (with specname, say)
+    except pluggy.PluginValidationError as e:
+        pm.unregister(plugin)
         raise ConfigError(f"plugin {label}: {' '.join(str(e).split())}") from e
 
 
 @contextlib.contextmanager
 def attached(pm, objects, where):
     """The behaviour ``objects`` (a stage's freeze policies or regularisers, metrics, loggers) answer their
-    hooks inside the block; pluggy calls the last registered first, so callers reverse the answers."""
+    hooks inside the block (``call_in_order``)."""
     done = []
     try:
         for i, obj in enumerate(objects):
-            register(pm, obj, f"{where}.{i} ({type(obj).__name__})")
+            register(pm, obj, f"{where}.{i} ({type(obj).__name__} from {type(obj).__module__})")
             done.append(obj)
         yield pm.hook
     finally:
@@ -182,8 +206,34 @@ def attached(pm, objects, where):
 
 
 def call_in_order(hook, **kwargs):
-    """A hook's answers in registration order (pluggy answers last-registered first), None answers dropped."""
-    return [a for a in reversed(hook(**kwargs)) if a is not None]
+    """A hook's answers in registration order, None answers dropped.
+
+    Each implementation is called on its own (pluggy would call them last-registered first and let an
+    exception out without saying whose it is): an exception from plugin code becomes a PluginError naming
+    the plugin and the hook, with the plugin's traceback; a ConfigError (a recipe mistake it reports) passes."""
+    answers = []
+    for impl in hook.get_hookimpls():
+        try:
+            answer = impl.function(**{name: kwargs[name] for name in impl.argnames})
+        except (ConfigError, PluginError):
+            raise
+        except Exception as e:
+            raise PluginError(f"plugin {impl.plugin_name}: {hook.name} failed: {type(e).__name__}: {e}") from e
+        if answer is not None:
+            answers.append(answer)
+    return answers
+
+
+def plugin_call(where, function, *args, **kwargs):
+    """``function(*args, **kwargs)`` of a plugin's component (a dataset's ``shards``, say): an exception from
+    its code becomes a PluginError naming ``where`` and the method, with the traceback; a ConfigError passes."""
+    try:
+        return function(*args, **kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as e:
+        name = getattr(function, "__qualname__", repr(function))
+        raise PluginError(f"{where}: {name} failed: {type(e).__name__}: {e}") from e
 
 
 # ---- discovery
