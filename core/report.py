@@ -54,8 +54,14 @@ def format_parameter_table(rows, title=""):
 
 def read_log(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # half a line from a killed run (the resumed run starts a new line)
+    return [e for e in events if isinstance(e, dict)]
 
 
 def _series(events, event, keys):
