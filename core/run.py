@@ -19,13 +19,13 @@ import time
 import torch
 
 from core import checkpoint, distributed
-from core import resume as resume_state
 from core import registry as plugin_registry
-from core.registry import attached, call_in_order, plugin_call
+from core import resume as resume_state
 from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.model import build_model
 from core.recipe import load_recipe
+from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
 from core.train import TrainingError, apply_freeze, run_stage
