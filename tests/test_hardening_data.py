@@ -122,7 +122,8 @@ def test_empty_text_is_skipped_in_the_text_stream_and_kept_for_evaluation(tmp_pa
 
 
 def test_readme_lists_every_bad_sample_reason():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
     section = text[text.index("While training, bad samples"):]
     section = section[:section.index("\n## ")]
     missing = [reason for reason in REASONS if not re.search(rf"`{reason}`", section)]
