@@ -12,12 +12,16 @@ rebuilt from the meta json beside it. Prints ``path<TAB>text`` per image, newlin
 in the text written as ``\\n`` and ``\\t``; with ``--out`` writes JSONL ``{"id": path,
 "text": ...}`` instead, exactly what ``python -m core.metrics --pred`` reads. The prompt is
 the one the checkpoint was trained with unless ``--prompt``; so are its crops (``model.crops``:
-images are then batched by crop grid, and printed in the order given). Bad input (missing or
-unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2.
+images are then batched by crop grid, and printed in the order given). ``--prompt`` reads the
+escapes ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as a newline, tab, carriage return and backslash, since a
+shell passes ``"<image>\\nFree OCR."`` with a literal backslash; the prompt used is printed on stderr.
+Bad input (missing or unreadable image, checkpoint without meta) prints one ``error:`` line and exits
+with code 2.
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -163,6 +167,14 @@ def tsv_line(path, text):
     return f"{path}\t{text.translate(_ESCAPES)}"
 
 
+_PROMPT_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape_prompt(text):
+    """``--prompt``'s backslash escapes (\\n, \\t, \\r, \\\\) as the characters they name; any other backslash stays."""
+    return re.sub(r"\\([ntr\\])", lambda m: _PROMPT_ESCAPES[m.group(1)], text)
+
+
 def prepare(args):
     """Check every image opens, rebuild the model -> (model, tokenizer, prompt).
 
@@ -171,8 +183,12 @@ def prepare(args):
     for path in args.images:  # a missing or non-image file fails before the model is built
         open_image_file(path, load=False).close()
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
-    prompt = args.prompt if args.prompt is not None else meta.get("prompt", "<image>\nFree OCR.")
+    if args.prompt is not None:
+        prompt, source = unescape_prompt(args.prompt), "--prompt"
+    else:
+        prompt, source = meta.get("prompt", "<image>\nFree OCR."), "the checkpoint's training prompt"
     image_prompt_ids(model, tokenizer, prompt)  # a prompt without <image> fails here
+    print(f"prompt ({source}): {prompt!r}", file=sys.stderr)  # what the model reads, escapes shown
     return model, tokenizer, prompt
 
 
@@ -211,7 +227,8 @@ def parse_args(argv):
     parser.add_argument("--top-k", type=int, default=None, help="with --temperature > 0")
     parser.add_argument("--seed", type=int, default=None, help="with --temperature > 0")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt", default=None, help="with <image> once; default: the one it was trained with")
+    parser.add_argument("--prompt", default=None, help="with <image> once; \\n \\t \\r \\\\ are read as escapes; "
+                                                       "default: the one it was trained with")
     parser.add_argument("--no-cache", action="store_true", help="the naive decode loop without the KV cache")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:

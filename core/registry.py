@@ -113,6 +113,9 @@ class Registry:
                 if key not in accepted:
                     raise ConfigError(f"{at}.{key}: {kind} {name!r} takes no argument {key!r}"
                                       f"{closest(key, accepted)}; it takes: {', '.join(accepted)}")
+        for key, value in kwargs.items():  # the recipe's values against the defaults' types, where they tell
+            if key in params and key not in (context or {}):
+                _check_type(params[key].default, value, f"{at}.{key}")
         missing = [n for n, p in params.items()
                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                    and n not in kwargs]
@@ -128,6 +131,16 @@ class Registry:
     def listing(self):
         """Rows of (kind, name, source), sorted."""
         return [(kind, name, self._sources[kind][name]) for kind in KINDS for name in self.names(kind)]
+
+
+def _check_type(default, value, where):
+    """A string where the default is a number, or a non-bool where it is a bool, fails at load naming the key,
+    not inside torch at the first forward (``eps: "1e-5"``) or silently (``allow_pickle: "no"`` is true)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
+    elif isinstance(default, (int, float)) and isinstance(value, str):
+        raise ConfigError(f"{where}: expected a number, got the string {value!r}")
 
 
 # ---- hooks: every vlmkit_* name must be a known, marked hook
