@@ -153,3 +153,16 @@ def test_previews_of_long_pages_stay_short():
     page = "word " * 2000
     rows = [{"id": "p1", "loss": 1.0, "gt": page, "pred": page[::-1], "ned": 0.5}]
     assert all(len(line) < 400 for line in format_samples(rows).splitlines())
+
+
+def test_every_command_and_file_the_readme_and_design_notes_name_exists():
+    import importlib.util
+    missing = []
+    for name in ("README.md", "DESIGN.md"):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text = f.read()
+        missing += [f"{name}: python -m {m}" for m in set(re.findall(r"python -m ((?:core|plugins|benchmarks)[\w.]*)", text))
+                    if importlib.util.find_spec(m) is None]
+        missing += [f"{name}: {p}" for p in set(re.findall(r"\b((?:core|plugins|recipes|benchmarks|docs)/[\w/]+\.\w+)",
+                                                           text)) if not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, missing
