@@ -21,9 +21,10 @@ import torch
 from core import checkpoint, distributed
 from core import registry as plugin_registry
 from core import resume as resume_state
+from core.data import prompt_prefix
 from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
-from core.model import build_model
+from core.model import build_model, checkpoint_activations
 from core.recipe import load_recipe
 from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table, write_report
@@ -92,8 +93,9 @@ def check_stages(recipe, pm, registry, show=False):
                                               context={"model": model, "tokenizer": tokenizer})
         with attached(pm, regularisers, f"{where}.regularisers"):
             pass  # registering checks their hook names and arguments
-        if stage.init_from is not None and not stage.init_from.path.startswith("stage:"):
-            checkpoint.resolve(stage.init_from.path, None, stage.init_from.parts)  # a file of this run is not there yet
+            checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
+        if stage.init_from is not None:
+            check_init_from(recipe, i, stage.init_from)
         if show:
             heads = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
                      if isinstance(r, torch.nn.Module)}
@@ -102,7 +104,65 @@ def check_stages(recipe, pm, registry, show=False):
     if recipe.eval is not None:
         with attached(pm, registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), "eval.metrics"):
             pass
+    check_lengths(recipe, model, tokenizer)
     return model, tokenizer
+
+
+def check_init_from(recipe, index, init_from):
+    """A stage's init_from before anything trains: known parts; a file that exists; ``stage:NAME`` an earlier
+    stage this run trains, or a folder an earlier run left in run.dir (a stage skipped with steps: 0)."""
+    where = f"stages.{index}.init_from"
+    unknown = [p for p in init_from.parts if p not in checkpoint.PARTS]
+    if unknown:
+        raise ConfigError(f"{where}.parts: unknown part {unknown[0]!r}; parts are {', '.join(checkpoint.PARTS)}")
+    if not init_from.path.startswith("stage:"):
+        checkpoint.resolve(init_from.path, None, init_from.parts)
+        return
+    name = init_from.path[len("stage:"):]
+    earlier = [s.name for s in recipe.stages[:index] if s.steps]
+    folder = os.path.join(os.path.abspath(os.path.expanduser(recipe.run.dir)), name)
+    if name not in earlier and not os.path.isdir(folder):
+        raise ConfigError(f"{where}.path: {init_from.path!r} names no earlier stage this run trains "
+                          f"({', '.join(earlier) or 'none'}), and {folder} does not exist")
+
+
+def check_lengths(recipe, model, tokenizer):
+    """The decoder must take the longest sequence the recipe asks of it: data.max_len in training, the prompt
+    with its vision tokens plus eval.max_new_tokens in the probe and evaluation. Run it on the meta device
+    (shapes only, no compute) so a decoder that refuses (nanochat's rotary table) says so now, not after
+    training."""
+    needs = [("data.max_len", recipe.data.max_len, "")]
+    if recipe.eval is not None:
+        vision = max([model.num_image_tokens()] + [model.num_image_tokens(g) for g in
+                                                   (model.tiling.grids() if model.tiling else ())])
+        try:
+            prompt = len(prompt_prefix(tokenizer, recipe.data.prompt, vision, 10 ** 9))
+        except ConfigError:  # a bad prompt is named when the stage starts; a dry run may lack the tokenizer file
+            prompt = None
+        if prompt is not None:
+            needs.append(("eval.max_new_tokens", prompt + recipe.eval.max_new_tokens,
+                          f" (the prompt with {vision} vision tokens is {prompt}, + {recipe.eval.max_new_tokens} new)"))
+    for key, length, detail in needs:
+        with torch.device("meta"):
+            embeds = torch.zeros(1, length, model.decoder.n_embd)
+        try:
+            model.decoder(embeds)
+        except ValueError as e:
+            raise ConfigError(f"{key}: sequences of {length} tokens{detail} do not fit the decoder: {e}") from e
+        except Exception:  # noqa: BLE001 - an operation meta tensors lack: this check cannot tell, training will
+            pass
+
+
+def check_device(name):
+    """run.device names a device this torch can use; one line instead of torch's assertion deep inside."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"run.device: {name!r} is not a torch device ({e})") from e
+    available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+    if device.type in available and not available[device.type]():
+        raise ConfigError(f"run.device: {name} is not available to this torch ({torch.__version__}); "
+                          f"use run.device=cpu, or install a torch build for it")
 
 
 def dry_run(recipe, pm, registry):
@@ -151,6 +211,7 @@ def run(recipe, dry=False):
     if dry:
         dry_run(recipe, pm, registry)
         return None
+    check_device(recipe.run.device)
     with contextlib.redirect_stdout(io.StringIO()):  # the real builds below say what matters
         check_stages(recipe, pm, registry)
     resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs

@@ -166,3 +166,27 @@ def test_every_command_and_file_the_readme_and_design_notes_name_exists():
         missing += [f"{name}: {p}" for p in set(re.findall(r"\b((?:core|plugins|recipes|benchmarks|docs)/[\w/]+\.\w+)",
                                                            text)) if not os.path.exists(os.path.join(ROOT, p))]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("override, words", [
+    ("eval.max_new_tokens=5000", "eval.max_new_tokens: sequences of 5032 tokens (the prompt with 21 vision tokens"),
+    ("data.max_len=3000", "data.max_len: sequences of 3000 tokens do not fit the decoder"),
+    ("stages.1.init_from={path: 'stage:zzz'}", "stages.1.init_from.path: 'stage:zzz' names no earlier stage"),
+    ("stages.1.init_from.parts=[decodr]", "stages.1.init_from.parts: unknown part 'decodr'"),
+    ("stages.1.activation_checkpointing=[encodr]", "stages.1.activation_checkpointing.0: the model has no"),
+    ("run.device=tpu9", "run.device: 'tpu9' is not a torch device"),
+])
+def test_what_would_fail_after_training_fails_before_it(tmp_path, cache, capsys, override, words):
+    """The decoder's positions (nanochat's rotary table: 10 x sequence_len), a later stage's init_from and
+    activation checkpointing, the device: found before stage a trains, not after it (or after all stages)."""
+    recipe = write_recipe(tmp_path, cache)
+    recipe.write_text(recipe.read_text().replace("eval: null", "eval: {samples: 2, max_new_tokens: 4}"))
+    assert run(recipe, override) == 2
+    assert words in one_line_error(capsys)
+    assert not (tmp_path / "run" / "a").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, cache, capsys):
+    assert run(write_recipe(tmp_path, cache), "run.device=cuda") == 2
+    assert "run.device: cuda is not available to this torch" in one_line_error(capsys)
