@@ -16,11 +16,11 @@ from core.errors import cli_main
 
 PLOTS = {  # file -> (title, event, value keys or None for "every numeric key except these")
     "loss.png": ("training loss per stage", "train", None),
-    "lr.png": ("learning rate", "train", ["lr"]),
+    "lr.png": ("learning rate", "train", ["lr", "muon_lr"]),
     "collapse.png": ("collapse monitor: mean cosine similarity of different images' features", "collapse", None),
     "probe.png": ("held-out probe: exact-match rate", "probe", ["exact"]),
 }
-NOT_PLOTTED = {"step", "time", "lr", "samples_per_s", "threads", "event", "stage"}
+NOT_PLOTTED = {"step", "time", "lr", "muon_lr", "samples_per_s", "threads", "event", "stage"}
 
 
 def parameter_table(model, extra_modules=None):

@@ -257,3 +257,10 @@ def test_half_a_log_line_from_a_killed_run_does_not_break_the_resumed_run(tmp_pa
     lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert lines[1] == '{"event": "tra' and all(json.loads(line) for line in lines[2:])
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_the_logged_learning_rates_are_plotted_as_such_not_as_losses():
+    from core import report
+    events = [{"event": "train", "stage": "a", "step": 0, "loss": 1.0, "cells": 2.0, "lr": 0.1, "muon_lr": 0.02}]
+    assert set(report._series(events, "train", None)["a"]) == {"loss", "cells"}
+    assert set(report._series(events, "train", report.PLOTS["lr.png"][2])["a"]) == {"lr", "muon_lr"}
