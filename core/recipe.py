@@ -37,9 +37,8 @@ class FieldError(ValueError):
 
 
 def check_ranges(obj, at_least):
-    """FieldError for the first ``{key: lowest allowed}`` value of ``obj`` below its bound or not finite.
-    Out-of-range numbers otherwise fail far from the recipe (``log_every: 0`` divides by zero at step 0,
-    ``checkpoint_keep: -1`` deletes the checkpoint just written, ``steps: -1`` crashes after the stage)."""
+    """FieldError for the first ``{key: lowest allowed}`` value below its bound or not finite; else it fails
+    far from the recipe (log_every 0 divides by zero, checkpoint_keep -1 deletes the new checkpoint)."""
     for key, low in at_least.items():
         value = getattr(obj, key)
         if value is None:
@@ -229,6 +228,11 @@ def load_recipe(path, overrides=()):
     for i, stage in enumerate(recipe.stages):
         if stage.text_ratio > 0 and recipe.data.text_dataset is None:
             raise where.error(f"stages.{i}.text_ratio", "text-only steps need data.text_dataset")
+        names = [c.name for c in stage.regularisers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # a regulariser's head is trained and saved under its name: a second would replace the first
+            raise where.error(f"stages.{i}.regularisers", f"{twice[0]!r} is listed twice; a stage takes each "
+                                                          f"regulariser once (give one a larger weight instead)")
         if stage.optimizer == "muon" and recipe.run.parallel == "fsdp":  # Muon orthogonalises whole matrices
             raise where.error(f"stages.{i}.optimizer", "muon needs whole matrices; it does not work with run.parallel: fsdp")
     if recipe.run.compile and recipe.run.parallel == "fsdp":
@@ -270,8 +274,7 @@ def resolve_plugin_paths(entries, base_dir, where=None):
 
 
 def _importable(module):
-    """True when ``module`` can be imported, False when it is not found, None when looking raised (a parent
-    package that fails to import: core.registry.import_plugin then reports that fault with its traceback)."""
+    """True: importable; False: not found; None: looking raised (import_plugin then reports the fault)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ModuleNotFoundError, ValueError):

@@ -44,6 +44,11 @@ class Registry:
         if kind not in self._factories:
             raise ConfigError(f"plugin {self.source}: unknown component kind {kind!r}{closest(kind, KINDS)}; "
                               f"kinds are {', '.join(KINDS)}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"plugin {self.source}: a {kind} needs a name (a non-empty string), not {name!r}")
+        if not callable(factory):  # else the first recipe that names it fails far from the plugin
+            raise ConfigError(f"plugin {self.source}: {kind} {name!r}: the factory must be a class or function, "
+                              f"not {type(factory).__name__}")
         if name in self._factories[kind]:
             raise ConfigError(f"plugin {self.source}: {kind} {name!r} is already registered by "
                               f"{self._sources[kind][name]}")
@@ -182,11 +187,16 @@ def _check_arguments(function, hook, label):
     unknown = [n for n, p in params.items() if p.default is p.empty and n not in spec
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if unknown:
-        code = getattr(getattr(function, "__func__", function), "__code__", None)
-        at = f" at {code.co_filename}:{code.co_firstlineno}" if code else ""
+        at = _defined_at(function)
         raise PluginError(f"plugin {label}: {hook}({', '.join(params)}){at} takes {', '.join(unknown)}, which the "
                           f"hook does not pass{closest(unknown[0], spec)}; the hook is {hook}({', '.join(spec)}) "
                           f"(core/hookspecs.py)")
+
+
+def _defined_at(function):
+    """' at FILE:LINE' of a function or bound method, for messages that have no traceback to show."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    return f" at {code.co_filename}:{code.co_firstlineno}" if code else ""
 
 
 def register(pm, plugin, label):
@@ -218,13 +228,32 @@ def attached(pm, objects, where):
             pm.unregister(obj)
 
 
+def _mapping_of(check, what):
+    def answer_ok(answer):
+        return isinstance(answer, dict) and all(isinstance(k, str) and check(v) for k, v in answer.items())
+    return answer_ok, what
+
+
+ANSWERS = {  # what each hook's implementations must return (None is always allowed): core/hookspecs.py
+    "vlmkit_regulariser_loss": _mapping_of(lambda v: hasattr(v, "backward") and v.numel() == 1,
+                                           "{name: scalar tensor}"),
+    "vlmkit_freeze": _mapping_of(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                 "{parameter name: lr multiplier}"),
+    "vlmkit_metric_score": _mapping_of(lambda v: True, "{value name: value}"),
+    "vlmkit_metric_aggregate": _mapping_of(lambda v: True, "{name: value}"),
+}
+
+
 def call_in_order(hook, **kwargs):
     """A hook's answers in registration order, None answers dropped.
 
     Each implementation is called on its own (pluggy would call them last-registered first and let an
     exception out without saying whose it is): an exception from plugin code becomes a PluginError naming
-    the plugin and the hook, with the plugin's traceback; a ConfigError (a recipe mistake it reports) passes."""
+    the plugin and the hook, with the plugin's traceback; a ConfigError (a recipe mistake it reports) passes.
+    An answer of the wrong shape (ANSWERS) is a PluginError naming the plugin too, not a crash later in
+    code that is not the plugin's."""
     answers = []
+    answer_ok, shape = ANSWERS.get(hook.name, (lambda answer: True, ""))
     for impl in hook.get_hookimpls():
         try:
             answer = impl.function(**{name: kwargs[name] for name in impl.argnames})
@@ -232,8 +261,13 @@ def call_in_order(hook, **kwargs):
             raise
         except Exception as e:
             raise PluginError(f"plugin {impl.plugin_name}: {hook.name} failed: {type(e).__name__}: {e}") from e
-        if answer is not None:
-            answers.append(answer)
+        if answer is None:
+            continue
+        if not answer_ok(answer):
+            text = repr(answer)
+            raise PluginError(f"plugin {impl.plugin_name}: {hook.name}{_defined_at(impl.function)} returned {text[:80]}"
+                              f"{'...' if len(text) > 80 else ''}; it must return {shape} or None (core/hookspecs.py)")
+        answers.append(answer)
     return answers
 
 

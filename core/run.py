@@ -24,6 +24,7 @@ from core import resume as resume_state
 from core.data import prompt_prefix
 from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
+from core.metrics import score_pairs
 from core.model import build_model, checkpoint_activations
 from core.recipe import load_recipe
 from core.registry import attached, call_in_order, plugin_call
@@ -101,9 +102,8 @@ def check_stages(recipe, pm, registry, show=False):
                      if isinstance(r, torch.nn.Module)}
             print(format_parameter_table(parameter_table(model, heads), title=f"{title}: parameters (meta device)"),
                   end="\n\n")
-    if recipe.eval is not None:
-        with attached(pm, registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), "eval.metrics"):
-            pass
+    if recipe.eval is not None:  # scored once on a made-up pair: a metric that fails fails now, not after training
+        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")])
     check_lengths(recipe, model, tokenizer)
     return model, tokenizer
 

@@ -180,6 +180,10 @@ def loss_terms(prep, batch):
                           tiles=batch.get("tiles"), grids=batch.get("grids"))
         terms = {"loss": out["loss"]}
         for result in call_in_order(prep.hook.vlmkit_regulariser_loss, model=prep.model, batch=batch, outputs=out):
+            clash = sorted(set(result) & set(terms))
+            if clash:  # one term would replace the other (the next-token loss, even) without a word
+                raise ConfigError(f"{prep.where}.regularisers: two loss terms are named {clash[0]!r} "
+                                  f"('loss' is the next-token loss); each regulariser must name its own")
             terms.update(result)
     return terms
 

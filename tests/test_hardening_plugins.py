@@ -44,7 +44,11 @@ BROKEN = {  # name -> (replace this in COMPONENT, with this)
     "constructor_raises": ("        self.weight = weight", "        raise ValueError('bug in the constructor')"),
     "constructor_config_error": ("        self.weight = weight", "        raise ConfigError('weight must be positive')"),
     "loss_raises": ('        return {"zero"', '        raise KeyError("bug in the loss")\n        return {"zero"'),
+    "loss_returns_float": ('{"zero": torch.zeros(())}', '{"zero": 0.0}'),
+    "loss_named_loss": ('{"zero": torch.zeros(())}', '{"loss": torch.zeros(())}'),
+    "factory_not_callable": ('registry.add("regulariser", "reg", Reg)', 'registry.add("regulariser", "reg", Reg())'),
 }
+DURING_TRAINING = ("loss_raises", "loss_returns_float", "loss_named_loss")  # the first step calls the hook
 # (exit code, what the error line says): 2 = the plugin contract or the recipe, one line; 3 = the plugin's code
 EXPECTED = {
     "hook_misspelt": (2, "vlmkit_regster is not a vlmkit hook (did you mean 'vlmkit_register'?)"),
@@ -58,6 +62,9 @@ EXPECTED = {
     "constructor_raises": (3, "failed while being built: ValueError: bug in the constructor"),
     "constructor_config_error": (2, "stages.1.regularisers.0: regulariser 'reg': weight must be positive"),
     "loss_raises": (3, "vlmkit_regulariser_loss failed: KeyError: 'bug in the loss'"),
+    "loss_returns_float": (3, "returned {'zero': 0.0}; it must return {name: scalar tensor}"),
+    "loss_named_loss": (2, "stages.1.regularisers: two loss terms are named 'loss'"),
+    "factory_not_callable": (2, "regulariser 'reg': the factory must be a class or function, not Reg"),
 }
 
 
@@ -79,13 +86,14 @@ def test_a_broken_plugin_fails_before_training_naming_the_plugin(tmp_path, cache
     assert code == expected_code, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last, err
-    if case != "constructor_config_error":  # a recipe mistake names the recipe key; the others the plugin
+    if case not in ("constructor_config_error", "loss_named_loss"):  # these name the recipe key
         assert "myplugin" in last
     if expected_code == 2:
-        assert err.strip().count("\n") == 0  # one line, no traceback
+        assert "Traceback" not in err  # one line (after the progress bars of the steps that ran)
+        assert err.strip().count("\n") == 0 or case in DURING_TRAINING
     else:
         assert "Traceback (most recent call last)" in err or " at " in last  # its author gets the place
-    if case != "loss_raises":  # every other fault is found before a step is trained
+    if case not in DURING_TRAINING:  # every other fault is found before a step is trained
         assert not (tmp_path / "run" / "a").exists()
 
 
@@ -194,3 +202,35 @@ def test_a_plugin_that_is_not_there_names_the_recipe_line(tmp_path, cache, capsy
     assert err.startswith(f"error: {recipe}:{line}: plugins.0: {words.format(folder=tmp_path)}") and "\n" not in err
     assert "PYTHONPATH" in err or entry.endswith(".py")
     assert os.path.isabs(str(recipe))
+
+
+METRIC = '''
+from core import hookimpl
+
+
+class Broken:
+    @hookimpl
+    def vlmkit_metric_score(self, pred, gt):
+        return SCORE
+
+    @hookimpl
+    def vlmkit_metric_aggregate(self, rows):
+        return {"broken": 0.0}
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("metric", "broken", Broken)
+'''
+
+
+@pytest.mark.parametrize("score, words", [("len(pred) / 0", "vlmkit_metric_score failed: ZeroDivisionError"),
+                                          ("0.5", "returned 0.5; it must return {value name: value}")])
+def test_a_broken_metric_fails_before_training_not_after(tmp_path, cache, capsys, score, words):
+    (tmp_path / "broken_metric.py").write_text(METRIC.replace("SCORE", score))
+    recipe = write_recipe(tmp_path, cache, extra="plugins: [broken_metric.py]\n")
+    recipe.write_text(recipe.read_text().replace("eval: null", "eval: {samples: 2, metrics: [exact, broken]}"))
+    assert run(recipe) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: plugin metrics.1 (Broken from ") and words in last
+    assert not (tmp_path / "run" / "a").exists()

@@ -84,6 +84,9 @@ def test_a_stage_with_steps_0_is_skipped_and_said(tmp_path, cache, capsys):
     ("stages.0.schedule=step", "stages.0.decay_every", "schedule: step needs decay_every"),
     ("stages.0.betas=[0.9, 1.5]", "stages.0.betas", "must be two numbers in [0, 1)"),
     ("stages=[{name: a, steps: 0}]", "stages", "every stage has steps: 0"),
+    # the second's head replaced the first's in the optimizer and the checkpoint, silently
+    ("stages.0.regularisers=[cell_reading, {name: cell_reading, weight: 2}]", "stages.0.regularisers",
+     "'cell_reading' is listed twice"),
 ])
 def test_values_out_of_range_are_one_line_at_load_naming_the_key(tmp_path, cache, override, key, words):
     recipe = write_recipe(tmp_path, cache)
