@@ -153,6 +153,16 @@ def check_lengths(recipe, model, tokenizer):
             pass
 
 
+def make_run_dir(path):
+    """run.dir created (or there) and writable, or one line: before anything is built or trained."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.dir: cannot create {path} ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir: {path} is not writable")
+
+
 def check_device(name):
     """run.device names a device this torch can use; one line instead of torch's assertion deep inside."""
     try:
@@ -212,11 +222,11 @@ def run(recipe, dry=False):
         dry_run(recipe, pm, registry)
         return None
     check_device(recipe.run.device)
+    make_run_dir(os.path.abspath(os.path.expanduser(recipe.run.dir)))
     with contextlib.redirect_stdout(io.StringIO()):  # the real builds below say what matters
         check_stages(recipe, pm, registry)
     resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
-    os.makedirs(ctx.run_dir, exist_ok=True)
     loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})
     for j, logger in enumerate(loggers):
         plugin_registry.register(pm, logger, f"loggers.{j} ({type(logger).__name__} from {type(logger).__module__})")

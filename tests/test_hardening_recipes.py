@@ -193,3 +193,12 @@ def test_what_would_fail_after_training_fails_before_it(tmp_path, cache, capsys,
 def test_cuda_on_a_machine_without_it_is_one_line(tmp_path, cache, capsys):
     assert run(write_recipe(tmp_path, cache), "run.device=cuda") == 2
     assert "run.device: cuda is not available to this torch" in one_line_error(capsys)
+
+
+def test_a_run_dir_or_cache_dir_that_cannot_be_written_is_one_line(tmp_path, cache, capsys):
+    recipe = write_recipe(tmp_path, cache)
+    (tmp_path / "a_file").write_text("")
+    assert run(recipe, f"run.dir={tmp_path / 'a_file'}") == 2  # was FileExistsError from os.makedirs
+    assert f"run.dir: cannot create {tmp_path / 'a_file'}" in one_line_error(capsys)
+    assert run(recipe, f"data.dataset.cache_dir={tmp_path / 'a_file' / 'cache'}") == 2  # was exit 3, a traceback
+    assert "data.dataset.cache_dir: cannot write" in one_line_error(capsys)
