@@ -133,17 +133,21 @@ def check_stage(state, stage, where, path):
     """{key: (saved, recipe)} of the stage settings that changed since the checkpoint and are applied;
     a ConfigError for one the saved state cannot follow (FIXED_ON_RESUME). A checkpoint written before
     stage settings were saved has nothing to compare: {}."""
-    saved = state.get("stage")
-    if saved is None:
-        return {}
-    now = attrs.asdict(stage)
-    changed = {k: (saved.get(k), v) for k, v in now.items()
-               if k not in IGNORED_ON_RESUME and saved.get(k) != v}
+    changed = changed_settings(state, stage)
     for key, (old, new) in changed.items():
         if key in FIXED_ON_RESUME:
             raise ConfigError(f"run.resume: {where}.{key} is {new!r} in the recipe but {old!r} in {path}; "
                               f"{FIXED_ON_RESUME[key]}: put it back, or start a new run.dir")
     return changed
+
+
+def changed_settings(state, stage):
+    """{key: (saved, recipe)} of the stage settings that differ from those the checkpoint was written with."""
+    saved = state.get("stage")
+    if saved is None:
+        return {}
+    return {k: (saved.get(k), v) for k, v in attrs.asdict(stage).items()
+            if k not in IGNORED_ON_RESUME and saved.get(k) != v}
 
 
 def apply_stage(optimizer, scheduler, stage):

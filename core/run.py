@@ -248,7 +248,11 @@ def run(recipe, dry=False):
             continue
         point = resume_point(ctx, i, stage) if recipe.run.resume == "auto" else None
         if point is not None and point[1].get("complete"):
-            ctx.say(f"stage {stage.name}: complete in {point[0]}; not trained again (run.resume=auto)")
+            changed = resume_state.changed_settings(point[1].get("train_state", {}), stage)
+            ctx.say(f"stage {stage.name}: complete in {point[0]}; not trained again (run.resume=auto)"
+                    + ("; the recipe changed " + ", ".join(f"stages.{i}.{k}" for k in changed)
+                       + " since, which a complete stage does not take up (a new run.dir with init_from does)"
+                       if changed else ""))
             model, tokenizer = build_model(recipe.model, registry)
             checkpoint.load_parts(model.to(ctx.device), point[0], list(checkpoint.PARTS))
             summaries.append(point[1]["summary"])

@@ -264,3 +264,12 @@ def test_the_logged_learning_rates_are_plotted_as_such_not_as_losses():
     events = [{"event": "train", "stage": "a", "step": 0, "loss": 1.0, "cells": 2.0, "lr": 0.1, "muon_lr": 0.02}]
     assert set(report._series(events, "train", None)["a"]) == {"loss", "cells"}
     assert set(report._series(events, "train", report.PLOTS["lr.png"][2])["a"]) == {"lr", "muon_lr"}
+
+
+def test_a_complete_stage_says_which_changed_settings_it_does_not_take_up(tmp_path, cache, capsys):
+    recipe = write_recipe(tmp_path, cache)
+    assert run(recipe) == 0
+    capsys.readouterr()
+    assert run(recipe, "run.resume=auto", "stages.0.steps=5") == 0
+    out = capsys.readouterr().out
+    assert "stage a: complete in" in out and "the recipe changed stages.0.steps since" in out
