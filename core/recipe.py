@@ -73,7 +73,7 @@ class RunConfig:
 
 @attrs.define
 class Crops:
-    """DeepSeek-OCR's gundam crops (core/tiles.py, docs/architecture.md §2.4): local tiles besides the global view.
+    """DeepSeek-OCR's gundam crops (core/images.py, docs/architecture.md §2.4): local tiles besides the global view.
 
     Under ``model`` because they set how many vision tokens an image becomes, so a checkpoint's
     meta json carries them to ``python -m core.generate``.

@@ -182,7 +182,7 @@ def dry_run(recipe, pm, registry):
     h, w = model.encoder.grid_size(model.image_size, model.image_size)
     print(f"image {model.image_size}x{model.image_size} -> grid {h}x{w} -> {n} vision tokens "
           f"({h} rows of {w} + newline, + 1 separator)")
-    if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/tiles.py)
+    if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/images.py)
         print(model.tiling.describe(n))
     print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
