@@ -15,6 +15,8 @@ REASONS = {  # why a sample was not used (or, truncated_target, was used cut sho
     "missing_image": "no image member (png, jpg, jpeg, webp)",
     "missing_text": "no txt member",
     "bad_text": "the txt member is not UTF-8",
+    "empty_text": "the txt member is empty or only whitespace (training only: an eval page may be empty)",
+    "duplicate_key": "a member name repeats within a sample, or a key repeats after other samples in the shard",
     "empty_image": "the image member is empty (0 bytes or 0 pixels)",
     "image_too_large": "more pixels than data.max_image_pixels (decompression-bomb guard)",
     "bad_image": "the image does not decode",
@@ -24,7 +26,7 @@ REASONS = {  # why a sample was not used (or, truncated_target, was used cut sho
     "text_only": "a sample without an image; text-only samples feed a stage's text_ratio from data.text_dataset",
     "image_sample": "a sample with an image in the text-only stream (data.text_dataset)",
     "bad_conversation": "the json conversation is malformed (turns, roles, <image> marker)",
-    "bad_json": "the json member does not parse",
+    "bad_json": "the json member does not parse (or nests deeper than the parser's recursion limit)",
 }
 ON_BAD_SAMPLE = ("skip", "error")
 ON_LONG_TARGET = ("truncate", "skip")

@@ -3,9 +3,14 @@
 A stage folder holds ``model_XXXXXX.safetensors`` + ``meta_XXXXXX.json`` (the
 step in six digits, as nanochat names its files) and, for handing the vision
 side to the next stage, ``encoder_XXXXXX.safetensors``. Files are written to a
-temporary name and renamed, so a reader never sees half a file.
+temporary name and renamed, so a reader never sees half a file, and get the permissions the
+user's umask gives a new file (a run folder shared with other users or nodes stays readable).
+
+``latest.json`` is written last and is the one commit point: a step exists when the pointer
+names it. A process killed in the middle of a write leaves ``*.tmpPID`` files and step files
+newer than the pointer (or, at a stage's first write, no pointer at all); resume trusts only the
+pointer (``resume_point``) and removes those leftovers first (``discard_incomplete``).
 """
-import glob
 import json
 import os
 import re
@@ -28,9 +33,29 @@ PARTS = {
 }
 
 
+TMP = re.compile(r"\.tmp\d+$")  # _atomic's temporary names: PATH.tmpPID
+STEP_FILE = re.compile(r"^(model|encoder|train|meta)_(\d{6})\.(safetensors|json)$")
+
+
+def _umask():
+    """The process's umask, read without changing it where Linux says it (/proc), else set back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     write(tmp)
+    # safetensors (and tempfile-style writers) create 0600 files; a plain open() would give 0666 & ~umask
+    os.chmod(tmp, 0o666 & ~_umask())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -73,17 +98,22 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
             json.dump({"step": step, "model": os.path.basename(model_path)}, f)
     _atomic(os.path.join(stage_dir, LATEST), write_pointer)
     if keep_last:
-        for old_step in _steps(stage_dir)[:-keep_last]:
-            for kind in ("model", "encoder", "train"):
-                _remove(os.path.join(stage_dir, f"{kind}_{old_step:06d}.safetensors"))
-            _remove(os.path.join(stage_dir, f"meta_{old_step:06d}.json"))
+        for old_step in [s for s in _all_steps(stage_dir) if s < step][:-keep_last + 1 or None]:
+            _remove_step(stage_dir, old_step)
     return model_path
 
 
-def _steps(stage_dir, kind="model"):
-    """The steps of the ``{kind}_XXXXXX.safetensors`` files in a stage folder, ascending."""
-    files = glob.glob(os.path.join(stage_dir, f"{kind}_[0-9][0-9][0-9][0-9][0-9][0-9].safetensors"))
-    return sorted(int(re.findall(r"(\d{6})\.safetensors$", p)[0]) for p in files)
+def _all_steps(stage_dir):
+    """Every step that has any file in the stage folder (complete or not), ascending."""
+    names = os.listdir(stage_dir) if os.path.isdir(stage_dir) else []
+    return sorted({int(m.group(2)) for m in map(STEP_FILE.match, names) if m})
+
+
+def _remove_step(stage_dir, step):
+    # the meta json first: a step without it is incomplete to every reader (latest's fallback)
+    _remove(os.path.join(stage_dir, f"meta_{step:06d}.json"))
+    for kind in ("model", "encoder", "train"):
+        _remove(os.path.join(stage_dir, f"{kind}_{step:06d}.safetensors"))
 
 
 def _remove(path):
@@ -93,18 +123,55 @@ def _remove(path):
         pass
 
 
-def latest(stage_dir, kind="model"):
-    """The ``{kind}_XXXXXX.safetensors`` the ``latest`` pointer names, else the newest one; or None."""
+def pointer_step(stage_dir):
+    """The step ``latest.json`` names, or None when there is no pointer. An unreadable pointer is a
+    ConfigError: it is written whole and renamed, so it was damaged by something else."""
+    path = os.path.join(stage_dir, LATEST)
     try:
-        with open(os.path.join(stage_dir, LATEST), encoding="utf-8") as f:
-            step = int(json.load(f)["step"])
-        path = os.path.join(stage_dir, f"{kind}_{step:06d}.safetensors")
-        if os.path.isfile(path):
-            return path
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no pointer (an older folder) or an unreadable one: fall back to the newest file
-    steps = _steps(stage_dir, kind)
-    return os.path.join(stage_dir, f"{kind}_{steps[-1]:06d}.safetensors") if steps else None
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["step"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint pointer ({type(e).__name__}: {e}); "
+                          f"remove it to use the newest complete checkpoint") from e
+
+
+def latest(stage_dir, kind="model"):
+    """The ``{kind}_XXXXXX.safetensors`` that ``latest.json`` names (None if that file is gone); without a
+    pointer (a folder from elsewhere, or a first write that was cut off) the newest step whose meta json
+    exists, since the meta is written after the tensors; or None."""
+    step = pointer_step(stage_dir)
+    if step is None:
+        complete = [s for s in _all_steps(stage_dir) if os.path.isfile(os.path.join(stage_dir, f"meta_{s:06d}.json"))]
+        complete = [s for s in complete if os.path.isfile(os.path.join(stage_dir, f"{kind}_{s:06d}.safetensors"))]
+        if not complete:
+            return None
+        step = complete[-1]
+    path = os.path.join(stage_dir, f"{kind}_{step:06d}.safetensors")
+    return path if os.path.isfile(path) else None
+
+
+def discard_incomplete(stage_dir):
+    """Remove what an interrupted checkpoint write left: ``*.tmpPID`` files and every step file newer than the
+    step ``latest.json`` names (all step files when there is no pointer). Returns the names removed.
+    Call it only where nothing is writing the folder (a resume, before the stage starts)."""
+    if not os.path.isdir(stage_dir):
+        return []
+    step = pointer_step(stage_dir)
+    removed = []
+    for name in sorted(os.listdir(stage_dir)):
+        match = STEP_FILE.match(name)
+        if TMP.search(name) or (match and (step is None or int(match.group(2)) > step)):
+            _remove(os.path.join(stage_dir, name))
+            removed.append(name)
+    return removed
+
+
+def forget(stage_dir):
+    """Remove the stage's ``latest.json``: a stage starting afresh must not leave an older run's pointer
+    for a later ``run.resume=auto`` to trust next to this run's files."""
+    _remove(os.path.join(stage_dir, LATEST))
 
 
 def resolve(path, run_dir, parts):
@@ -145,13 +212,23 @@ def load_parts(model, path, parts):
 
 
 def resume_point(stage_dir):
-    """(model file, meta, train-state tensors) of the stage's latest checkpoint, or None if it has none."""
-    path = latest(stage_dir) if os.path.isdir(stage_dir) else None
-    if path is None:
+    """(model file, meta, train-state tensors or None) of the step ``latest.json`` names, or None without a
+    pointer. Only the pointer is trusted: files newer than it belong to a write that did not finish."""
+    step = pointer_step(stage_dir) if os.path.isdir(stage_dir) else None
+    if step is None:
         return None
+    path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")
+    meta_path = os.path.join(stage_dir, f"meta_{step:06d}.json")
+    if not (os.path.isfile(path) and os.path.isfile(meta_path)):
+        raise ConfigError(f"run.resume: {os.path.join(stage_dir, LATEST)} names step {step} but its "
+                          f"{'model' if not os.path.isfile(path) else 'meta'} file is gone; "
+                          f"restore it, or remove the pointer to start the stage afresh")
     meta = read_meta(path)
-    train_file = re.sub(r"model_(\d{6})\.safetensors$", r"train_\1.safetensors", path)
-    tensors = load_file(train_file) if os.path.isfile(train_file) else None
+    train_file = os.path.join(stage_dir, f"train_{step:06d}.safetensors")
+    try:
+        tensors = load_file(train_file) if os.path.isfile(train_file) else None
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"run.resume: {train_file}: not a readable safetensors file ({e})") from e
     return path, meta, tensors
 
 

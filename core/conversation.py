@@ -25,7 +25,8 @@ def normalise_turns(turns, where="conversation"):
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise ConfigError(f"{where}.{i}: a turn is a mapping with from/value")
-        role = _ROLES.get(turn.get("from", turn.get("role")))
+        speaker = turn.get("from", turn.get("role"))
+        role = _ROLES.get(speaker) if isinstance(speaker, str) else None  # a list or mapping is no role
         text = turn.get("value", turn.get("content"))
         if role is None or not isinstance(text, str):
             raise ConfigError(f"{where}.{i}: needs 'from' (human/gpt) and a string 'value'")

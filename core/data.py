@@ -100,18 +100,21 @@ def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=Fals
         if ext is None and not text_only:
             raise BadSample("text_only", "a conversation without an image")
         try:
-            inputs, targets, _, cut = encode_conversation(tokenizer, conversation, num_image_tokens, max_len)
+            inputs, targets, has_image, cut = encode_conversation(tokenizer, conversation, num_image_tokens, max_len)
         except ConfigError as e:
             raise BadSample("bad_conversation", str(e)) from None
+        if has_image != (ext is not None):  # placeholders without pixels, or pixels without placeholders
+            raise BadSample("bad_conversation", f"the sample {'has' if ext else 'has no'} image but the first human "
+                                                f"turn {'lacks' if ext else 'holds'} {IMAGE_MARKER}")
         answers = [t.get("value", t.get("content", "")) for t in conversation[1::2]]
         return inputs, targets, cut, answers[0] if answers else "", ext
     if text_only:
         if "txt" not in raw:
             raise _wrong_keys(raw)
-        text = _utf8(raw["txt"])
+        text = _non_empty(_utf8(raw["txt"]))
         inputs, targets, cut = answer_pair([tokenizer.bos_id], tokenizer.encode(text), tokenizer.eos_id, max_len)
         return inputs, targets, cut, text, None  # bos predicts nothing masked: every text token is a target
-    text = sample_text(raw)
+    text = _non_empty(sample_text(raw))
     if prefix is None:  # crops: this image's vision tokens and the prompt leave no room for an answer
         raise BadSample("long_image", f"the prompt and {num_image_tokens} vision tokens do not fit max_len {max_len}")
     answer = tokenizer.encode(text)
@@ -125,8 +128,8 @@ def sample_meta(raw):
         return None
     try:
         return json.loads(_utf8(raw["json"]))
-    except ValueError as e:
-        raise BadSample("bad_json", str(e)) from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser goes
+        raise BadSample("bad_json", f"{type(e).__name__}: {e}") from None
 
 
 def _conversation(raw):
@@ -137,6 +140,14 @@ def _conversation(raw):
 def _wrong_keys(raw):
     members = ", ".join(sorted(k for k in raw if not k.startswith("__"))) or "none"
     return BadSample("wrong_keys", f"members: {members}")
+
+
+def _non_empty(text):
+    """Training skips an empty target (as core.shards does): it would teach the model to stop at once.
+    Evaluation keeps empty pages (a benchmark's blank page still scores)."""
+    if not text.strip():
+        raise BadSample("empty_text", "the txt member is empty" if not text else "the txt member is only whitespace")
+    return text
 
 
 def _utf8(data):

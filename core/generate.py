@@ -14,14 +14,17 @@ in the text written as ``\\n`` and ``\\t``; with ``--out`` writes JSONL ``{"id":
 "text": ...}`` instead, exactly what ``python -m core.metrics --pred`` reads; with ``--out-dir`` one
 ``<image stem>.md`` per image, the folder OmniDocBench's evaluator reads. The prompt is
 the one the checkpoint was trained with unless ``--prompt``; so are its crops (``model.crops``:
-images are then batched by crop grid, and printed in the order given). Bad input (missing or
-unreadable image, checkpoint without meta) prints one ``error:`` line and exits with code 2; so does
-an image with more pixels than ``--max-image-pixels`` (training's ``data.max_image_pixels`` default),
-checked on its header before it is decoded (core.images.open_header).
+images are then batched by crop grid, and printed in the order given). ``--prompt`` reads the
+escapes ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as a newline, tab, carriage return and backslash, since a
+shell passes ``"<image>\\nFree OCR."`` with a literal backslash; the prompt used is printed on stderr.
+Bad input (missing or unreadable image, checkpoint without meta) prints one ``error:`` line and exits
+with code 2; so does an image with more pixels than ``--max-image-pixels`` (training's
+``data.max_image_pixels`` default), checked on its header before it is decoded (core.images.open_header).
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -167,6 +170,14 @@ def tsv_line(path, text):
     return f"{path}\t{text.translate(_ESCAPES)}"
 
 
+_PROMPT_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape_prompt(text):
+    """``--prompt``'s backslash escapes (\\n, \\t, \\r, \\\\) as the characters they name; any other backslash stays."""
+    return re.sub(r"\\([ntr\\])", lambda m: _PROMPT_ESCAPES[m.group(1)], text)
+
+
 def prepare(args):
     """Check every image opens, rebuild the model -> (model, tokenizer, prompt).
 
@@ -175,8 +186,12 @@ def prepare(args):
     for path in args.images:  # a missing or non-image file fails before the model is built
         open_image_file(path, False, args.max_image_pixels).close()
     model, tokenizer, meta = load_checkpoint(args.checkpoint)
-    prompt = args.prompt if args.prompt is not None else meta.get("prompt", "<image>\nFree OCR.")
+    if args.prompt is not None:
+        prompt, source = unescape_prompt(args.prompt), "--prompt"
+    else:
+        prompt, source = meta.get("prompt", "<image>\nFree OCR."), "the checkpoint's training prompt"
     image_prompt_ids(model, tokenizer, prompt)  # a prompt without <image> fails here
+    print(f"prompt ({source}): {prompt!r}", file=sys.stderr)  # what the model reads, escapes shown
     return model, tokenizer, prompt
 
 
@@ -226,7 +241,8 @@ def parse_args(argv):
     parser.add_argument("--top-k", type=int, default=None, help="with --temperature > 0")
     parser.add_argument("--seed", type=int, default=None, help="with --temperature > 0")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt", default=None, help="with <image> once; default: the one it was trained with")
+    parser.add_argument("--prompt", default=None, help="with <image> once; \\n \\t \\r \\\\ are read as escapes; "
+                                                       "default: the one it was trained with")
     parser.add_argument("--no-cache", action="store_true", help="the naive decode loop without the KV cache")
     parser.add_argument("--max-image-pixels", type=_pixels, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="refuse larger images before decoding them (default: training's data.max_image_pixels "

@@ -17,6 +17,8 @@ def read_json(path):
         raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+    except RecursionError as e:  # json's parser recurses once per level of nesting
+        raise ConfigError(f"{path}: JSON nested deeper than the parser goes ({e})") from e
 
 
 def jsonl_records(path):
@@ -35,6 +37,8 @@ def jsonl_records(path):
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                except RecursionError as e:
+                    raise ConfigError(f"{path}:{n}: JSON nested deeper than the parser goes ({e})") from e
                 if not isinstance(record, dict):
                     raise ConfigError(f"{path}:{n}: expected a JSON object, not {type(record).__name__}")
                 yield n, record

@@ -7,6 +7,7 @@ exists in the file, the YAML line: ``recipes/x.yaml:14: stages.0.lr: ...``.
 """
 import difflib
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -16,7 +17,9 @@ import PIL.Image
 import yaml
 
 from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET
+from core import yamlfile
 from core.errors import ConfigError
+from core.yamlfile import apply_override, parse_options  # noqa: F401 (parse_options: core.shards, core.metrics)
 
 
 @attrs.define
@@ -24,6 +27,27 @@ class Component:
     """A registry component: its name and its constructor's keyword arguments."""
     name: str
     args: dict = attrs.field(factory=dict)
+
+
+class FieldError(ValueError):
+    """A value outside what its key allows; ``key`` names the field, so the error names the recipe key and line."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key = key
+
+
+def check_ranges(obj, at_least):
+    """FieldError for the first ``{key: lowest allowed}`` value below its bound or not finite; else it fails
+    far from the recipe (log_every 0 divides by zero, checkpoint_keep -1 deletes the new checkpoint)."""
+    for key, low in at_least.items():
+        value = getattr(obj, key)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise FieldError(key, f"must be a finite number, not {value}")
+        if value < low:
+            raise FieldError(key, f"must be at least {low}, not {value}")
 
 
 @attrs.define
@@ -45,11 +69,12 @@ class RunConfig:
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, not {self.parallel!r}")
+        check_ranges(self, {"log_every": 1, "threads": 1})
 
 
 @attrs.define
 class Crops:
-    """DeepSeek-OCR's gundam crops (core/tiles.py, docs/architecture.md §2.4): local tiles besides the global view.
+    """DeepSeek-OCR's gundam crops (core/images.py, docs/architecture.md §2.4): local tiles besides the global view.
 
     Under ``model`` because they set how many vision tokens an image becomes, so a checkpoint's
     meta json carries them to ``python -m core.generate``.
@@ -95,6 +120,7 @@ class DataConfig:
                 raise ValueError(f"{key} must be {' or '.join(options)}, not {getattr(self, key)!r}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be at least 1 (or null: no limit), not {self.max_image_pixels}")
+        check_ranges(self, {"batch_size": 1, "max_len": 1, "num_workers": 0, "shuffle_buffer": 0})
 
 
 @attrs.define
@@ -140,6 +166,14 @@ class Stage:
             raise ValueError(f"text_ratio must lie in [0, 1], not {self.text_ratio}")
         if self.schedule not in ("constant", "step", "cosine"):
             raise ValueError(f"schedule must be constant, step or cosine, not {self.schedule!r}")
+        # steps: 0 skips the stage (core/run.py says so); a negative count has no meaning
+        check_ranges(self, {"steps": 0, "lr": 0, "weight_decay": 0, "warmup": 0, "decay_every": 1,
+                            "decay_factor": 0, "muon_lr": 0, "grad_clip": 0, "batch_size": 1,
+                            "checkpoint_every": 0, "checkpoint_keep": 1, "probe_every": 0, "monitor_every": 0})
+        if self.schedule == "step" and self.decay_every is None:  # else the lr would silently stay constant
+            raise FieldError("decay_every", "schedule: step needs decay_every (steps between decays)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise FieldError("betas", f"must be two numbers in [0, 1), not {self.betas}")
 
 
 @attrs.define
@@ -150,6 +184,10 @@ class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 32
     metrics: list[Component] = attrs.field(factory=lambda: [Component("fox"), Component("ned"), Component("exact")])
+
+    def __attrs_post_init__(self):
+        check_ranges(self, {"samples": 1, "probe_samples": 1, "show_samples": 0, "max_new_tokens": 1,
+                            "batch_size": 1})
 
 
 @attrs.define
@@ -173,8 +211,8 @@ def load_recipe(path, overrides=()):
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        raw = yaml.safe_load(text)
-        lines = _line_numbers(yaml.compose(text))
+        raw = yamlfile.load(text)  # YAML 1.2 floats: 1e-5 is a number (core/yamlfile.py)
+        lines = yamlfile.line_numbers(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -191,10 +229,17 @@ def load_recipe(path, overrides=()):
     for i, stage in enumerate(recipe.stages):
         if stage.text_ratio > 0 and recipe.data.text_dataset is None:
             raise where.error(f"stages.{i}.text_ratio", "text-only steps need data.text_dataset")
+        names = [c.name for c in stage.regularisers]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # a regulariser's head is trained and saved under its name: a second would replace the first
+            raise where.error(f"stages.{i}.regularisers", f"{twice[0]!r} is listed twice; a stage takes each "
+                                                          f"regulariser once (give one a larger weight instead)")
         if stage.optimizer == "muon" and recipe.run.parallel == "fsdp":  # Muon orthogonalises whole matrices
             raise where.error(f"stages.{i}.optimizer", "muon needs whole matrices; it does not work with run.parallel: fsdp")
     if recipe.run.compile and recipe.run.parallel == "fsdp":
         raise where.error("run.compile", "not supported with run.parallel: fsdp (untested together); use ddp")
+    if all(stage.steps == 0 for stage in recipe.stages):
+        raise where.error("stages", "every stage has steps: 0; there is nothing to train or evaluate")
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise where.error("stages", f"stage names must be unique (they name the stage folders): {names}")
@@ -206,7 +251,8 @@ def load_recipe(path, overrides=()):
 def resolve_plugin_paths(entries, base_dir, where=None):
     """``plugins:`` entries with files made absolute: ``x.py`` (or ``dir/x.py``) relative to ``base_dir`` (the
     recipe's folder), and a module name that is not importable but is a file beside it (``x`` -> ``x.py``).
-    Absolute paths go into checkpoints, so ``python -m core.generate`` finds the same plugin anywhere."""
+    Absolute paths go into checkpoints, so ``python -m core.generate`` finds the same plugin anywhere.
+    With ``where`` (a recipe), a file or module that cannot be found is an error naming the recipe line."""
     out = []
     for i, entry in enumerate(entries):
         beside = os.path.join(base_dir, *entry.split(".")) + ".py"
@@ -215,17 +261,27 @@ def resolve_plugin_paths(entries, base_dir, where=None):
             if not os.path.isfile(entry):
                 message = f"plugin file {entry} does not exist"
                 raise where.error(f"plugins.{i}", message) if where else ConfigError(f"--plugin: {message}")
-        elif os.path.isfile(beside) and not _importable(entry):
-            entry = beside
+        else:
+            found = _importable(entry)
+            if not found and os.path.isfile(beside):
+                entry = beside
+            elif found is False and where is not None:
+                raise where.error(f"plugins.{i}", f"cannot import plugin module {entry!r}: it is not installed, not "
+                                  f"on PYTHONPATH and not a file {os.path.relpath(beside, base_dir)} beside the "
+                                  f"recipe; name a .py file (a path relative to the recipe), or install the module "
+                                  f"or put its folder on PYTHONPATH")
         out.append(entry)
     return out
 
 
 def _importable(module):
+    """True: importable; False: not found; None: looking raised (import_plugin then reports the fault)."""
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    except (ModuleNotFoundError, ValueError):
         return False
+    except Exception:
+        return None
 
 
 COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
@@ -235,56 +291,6 @@ def model_config_from_meta(model_meta, source):
     """The ``model`` section saved in a checkpoint's meta json (attrs.asdict form) -> ModelConfig."""
     raw = {k: {"name": v["name"], **v.get("args", {})} if k in COMPONENTS else v for k, v in model_meta.items()}
     return structure(ModelConfig, raw, "model", _Where(source, {}))
-
-
-def apply_override(raw, item):
-    """Set ``dotted.path=value`` in the raw recipe dict; the value is parsed as YAML (numbers, lists, ...)."""
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key.path=value")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
-    parts = key.split(".")
-    node = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        here = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {item!r}: {here}: no list item {part!r} (the list has {len(node)})")
-            index = int(part)
-            if last:
-                node[index] = parsed
-            else:
-                node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = parsed
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
-    return raw
-
-
-def parse_options(items):
-    """``["key=value", "flag", ...]`` -> {key: YAML value, flag: True}; a malformed item is a ConfigError naming it."""
-    options = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not key.strip():
-            raise ConfigError(f"--option {item!r}: expected KEY=VALUE, or KEY alone for true")
-        if not sep:
-            options[key.strip()] = True
-            continue
-        try:
-            options[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--option {item!r}: the value is not valid YAML ({e})") from e
-    return options
 
 
 class _Where:
@@ -299,21 +305,6 @@ class _Where:
         line = self.lines.get(probe)
         where = f"{self.path}:{line}" if line else self.path
         return ConfigError(f"{where}: {keypath or '<top>'}: {message}")
-
-
-def _line_numbers(node, prefix="", out=None):
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            out[path] = key_node.start_mark.line + 1
-            _line_numbers(value_node, path, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = f"{prefix}.{i}" if prefix else str(i)
-            out[path] = item.start_mark.line + 1
-            _line_numbers(item, path, out)
-    return out
 
 
 def _join(path, key):
@@ -398,6 +389,8 @@ def _structure_attrs(cls, value, path, where):
             raise where.error(path, f"missing key {name!r}")
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        raise where.error(_join(path, e.key), str(e)) from e
     except ValueError as e:
         raise where.error(path, str(e)) from e
 

@@ -44,6 +44,11 @@ class Registry:
         if kind not in self._factories:
             raise ConfigError(f"plugin {self.source}: unknown component kind {kind!r}{closest(kind, KINDS)}; "
                               f"kinds are {', '.join(KINDS)}")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"plugin {self.source}: a {kind} needs a name (a non-empty string), not {name!r}")
+        if not callable(factory):  # else the first recipe that names it fails far from the plugin
+            raise ConfigError(f"plugin {self.source}: {kind} {name!r}: the factory must be a class or function, "
+                              f"not {type(factory).__name__}")
         if name in self._factories[kind]:
             raise ConfigError(f"plugin {self.source}: {kind} {name!r} is already registered by "
                               f"{self._sources[kind][name]}")
@@ -84,6 +89,7 @@ class Registry:
         except Exception as e:  # the plugin's own bug: its author needs the traceback
             raise PluginError(f"{at}: {kind} {name!r} from {self.source_of(kind, name)} failed while being built: "
                               f"{type(e).__name__}: {e}") from e
+        check_hook_names(component, f"{self.source_of(kind, name)} ({at}: {kind} {name!r})")
         missing = contracts.missing_members(kind, component)
         if missing:
             needs = (f"the {contracts.PROTOCOLS[kind].__name__} contract (core/contracts.py)"
@@ -112,6 +118,9 @@ class Registry:
                 if key not in accepted:
                     raise ConfigError(f"{at}.{key}: {kind} {name!r} takes no argument {key!r}"
                                       f"{closest(key, accepted)}; it takes: {', '.join(accepted)}")
+        for key, value in kwargs.items():  # the recipe's values against the defaults' types, where they tell
+            if key in params and key not in (context or {}):
+                _check_type(params[key].default, value, f"{at}.{key}")
         missing = [n for n, p in params.items()
                    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                    and n not in kwargs]
@@ -129,6 +138,16 @@ class Registry:
         return [(kind, name, self._sources[kind][name]) for kind in KINDS for name in self.names(kind)]
 
 
+def _check_type(default, value, where):
+    """A string where the default is a number, or a non-bool where it is a bool, fails at load naming the key,
+    not inside torch at the first forward (``eps: "1e-5"``) or silently (``allow_pickle: "no"`` is true)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
+    elif isinstance(default, (int, float)) and isinstance(value, str):
+        raise ConfigError(f"{where}: expected a number, got the string {value!r}")
+
+
 # ---- hooks: every vlmkit_* name must be a known, marked hook
 
 def new_plugin_manager():
@@ -138,8 +157,12 @@ def new_plugin_manager():
 
 
 def check_hook_names(plugin, label):
-    """A ConfigError naming ``label`` and the attribute when a ``vlmkit_*`` callable of ``plugin`` is not a
-    known hook (a misspelling would otherwise never be called) or is not marked ``@hookimpl``."""
+    """Check the ``vlmkit_*`` callables of ``plugin`` (a module or a component object) before pluggy sees them.
+
+    A name that is not a known hook (a misspelling would never be called) or a function not marked
+    ``@hookimpl`` is a ConfigError naming ``label`` and the name. A hook whose required arguments the
+    hook does not pass (``def vlmkit_register(registy)``) is a fault in the plugin's code: a PluginError
+    naming the plugin, the function's file and line, and the arguments the hook gives."""
     for attr in dir(plugin):
         if not attr.startswith(HOOK_PREFIX):
             continue
@@ -152,6 +175,28 @@ def check_hook_names(plugin, label):
         if getattr(value, hookspecs.PROJECT + "_impl", None) is None:
             raise ConfigError(f"plugin {label}: {attr} is not marked @hookimpl (from core import hookimpl), "
                               f"so vlmkit would never call it")
+        _check_arguments(value, attr, label)
+
+
+def _check_arguments(function, hook, label):
+    spec = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return  # a callable without a signature: pluggy's own check decides
+    unknown = [n for n, p in params.items() if p.default is p.empty and n not in spec
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if unknown:
+        at = _defined_at(function)
+        raise PluginError(f"plugin {label}: {hook}({', '.join(params)}){at} takes {', '.join(unknown)}, which the "
+                          f"hook does not pass{closest(unknown[0], spec)}; the hook is {hook}({', '.join(spec)}) "
+                          f"(core/hookspecs.py)")
+
+
+def _defined_at(function):
+    """' at FILE:LINE' of a function or bound method, for messages that have no traceback to show."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    return f" at {code.co_filename}:{code.co_firstlineno}" if code else ""
 
 
 def register(pm, plugin, label):
@@ -159,21 +204,23 @@ def register(pm, plugin, label):
     check_hook_names(plugin, label)
     try:
         pm.register(plugin, name=label)
-        pm.check_pending()
-    except pluggy.PluginValidationError as e:  # e.g. a hookimpl argument the hookspec does not have
-        with contextlib.suppress(ValueError):
-            pm.unregister(plugin)
+    except pluggy.PluginValidationError as e:  # pluggy validates before it changes anything
+        raise PluginError(f"plugin {label}: {' '.join(str(e).split())}") from e
+    try:
+        pm.check_pending()  # a @hookimpl under a name that is not a hook (with specname, say)
+    except pluggy.PluginValidationError as e:
+        pm.unregister(plugin)
         raise ConfigError(f"plugin {label}: {' '.join(str(e).split())}") from e
 
 
 @contextlib.contextmanager
 def attached(pm, objects, where):
     """The behaviour ``objects`` (a stage's freeze policies or regularisers, metrics, loggers) answer their
-    hooks inside the block; pluggy calls the last registered first, so callers reverse the answers."""
+    hooks inside the block (``call_in_order``)."""
     done = []
     try:
         for i, obj in enumerate(objects):
-            register(pm, obj, f"{where}.{i} ({type(obj).__name__})")
+            register(pm, obj, f"{where}.{i} ({type(obj).__name__} from {type(obj).__module__})")
             done.append(obj)
         yield pm.hook
     finally:
@@ -181,9 +228,59 @@ def attached(pm, objects, where):
             pm.unregister(obj)
 
 
+def _mapping_of(check, what):
+    def answer_ok(answer):
+        return isinstance(answer, dict) and all(isinstance(k, str) and check(v) for k, v in answer.items())
+    return answer_ok, what
+
+
+ANSWERS = {  # what each hook's implementations must return (None is always allowed): core/hookspecs.py
+    "vlmkit_regulariser_loss": _mapping_of(lambda v: hasattr(v, "backward") and v.numel() == 1,
+                                           "{name: scalar tensor}"),
+    "vlmkit_freeze": _mapping_of(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                 "{parameter name: lr multiplier}"),
+    "vlmkit_metric_score": _mapping_of(lambda v: True, "{value name: value}"),
+    "vlmkit_metric_aggregate": _mapping_of(lambda v: True, "{name: value}"),
+}
+
+
 def call_in_order(hook, **kwargs):
-    """A hook's answers in registration order (pluggy answers last-registered first), None answers dropped."""
-    return [a for a in reversed(hook(**kwargs)) if a is not None]
+    """A hook's answers in registration order, None answers dropped.
+
+    Each implementation is called on its own (pluggy would call them last-registered first and let an
+    exception out without saying whose it is): an exception from plugin code becomes a PluginError naming
+    the plugin and the hook, with the plugin's traceback; a ConfigError (a recipe mistake it reports) passes.
+    An answer of the wrong shape (ANSWERS) is a PluginError naming the plugin too, not a crash later in
+    code that is not the plugin's."""
+    answers = []
+    answer_ok, shape = ANSWERS.get(hook.name, (lambda answer: True, ""))
+    for impl in hook.get_hookimpls():
+        try:
+            answer = impl.function(**{name: kwargs[name] for name in impl.argnames})
+        except (ConfigError, PluginError):
+            raise
+        except Exception as e:
+            raise PluginError(f"plugin {impl.plugin_name}: {hook.name} failed: {type(e).__name__}: {e}") from e
+        if answer is None:
+            continue
+        if not answer_ok(answer):
+            text = repr(answer)
+            raise PluginError(f"plugin {impl.plugin_name}: {hook.name}{_defined_at(impl.function)} returned {text[:80]}"
+                              f"{'...' if len(text) > 80 else ''}; it must return {shape} or None (core/hookspecs.py)")
+        answers.append(answer)
+    return answers
+
+
+def plugin_call(where, function, *args, **kwargs):
+    """``function(*args, **kwargs)`` of a plugin's component (a dataset's ``shards``, say): an exception from
+    its code becomes a PluginError naming ``where`` and the method, with the traceback; a ConfigError passes."""
+    try:
+        return function(*args, **kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as e:
+        name = getattr(function, "__qualname__", repr(function))
+        raise PluginError(f"{where}: {name} failed: {type(e).__name__}: {e}") from e
 
 
 # ---- discovery

@@ -16,11 +16,11 @@ from core.errors import cli_main
 
 PLOTS = {  # file -> (title, event, value keys or None for "every numeric key except these")
     "loss.png": ("training loss per stage", "train", None),
-    "lr.png": ("learning rate", "train", ["lr"]),
+    "lr.png": ("learning rate", "train", ["lr", "muon_lr"]),
     "collapse.png": ("collapse monitor: mean cosine similarity of different images' features", "collapse", None),
     "probe.png": ("held-out probe: exact-match rate", "probe", ["exact"]),
 }
-NOT_PLOTTED = {"step", "time", "lr", "samples_per_s", "threads", "event", "stage"}
+NOT_PLOTTED = {"step", "time", "lr", "muon_lr", "samples_per_s", "threads", "event", "stage"}
 
 
 def parameter_table(model, extra_modules=None):
@@ -54,8 +54,14 @@ def format_parameter_table(rows, title=""):
 
 def read_log(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # half a line from a killed run (the resumed run starts a new line)
+    return [e for e in events if isinstance(e, dict)]
 
 
 def _series(events, event, keys):

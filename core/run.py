@@ -1,10 +1,17 @@
 """python -m core.run RECIPE [key.path=value ...] [--list-plugins] [--dry-run]
 
 Runs the recipe's stages in order, then evaluates the last stage's model on the
-held-out split. Bad input (recipe, override, plugin, data path) prints one
-``error:`` line and exits with code 2.
+held-out split. Before anything trains every stage is built on the meta device with its
+freeze policies and regularisers (``check_stages``), so a broken recipe or plugin of the
+last stage fails at once, not hours in. A stage with ``steps: 0`` is skipped.
+
+Exit codes: 0 done; 1 a non-finite loss; 2 bad input (recipe, override, plugin name, data
+path, a plugin that breaks the hook contract): one ``error:`` line; 3 an exception raised
+by a plugin's own code: its traceback, then one ``error:`` line naming the plugin.
 """
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
@@ -12,12 +19,15 @@ import time
 import torch
 
 from core import checkpoint, distributed
-from core import resume as resume_state
 from core import registry as plugin_registry
+from core import resume as resume_state
+from core.data import prompt_prefix
 from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
-from core.model import build_model
+from core.metrics import score_pairs
+from core.model import build_model, checkpoint_activations
 from core.recipe import load_recipe
+from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
 from core.train import TrainingError, apply_freeze, run_stage
@@ -44,7 +54,7 @@ class RunContext:
         if self._eval_samples is None:
             limit = self.recipe.eval.samples if self.recipe.eval else None
             data = self.recipe.data
-            self._eval_samples = eval_samples(self.dataset.shards("eval"), limit=limit,
+            self._eval_samples = eval_samples(plugin_call("data.dataset", self.dataset.shards, "eval"), limit=limit,
                                               on_bad_sample=data.on_bad_sample, max_image_pixels=data.max_image_pixels)
             if self._eval_samples.report:
                 self.log({"event": "data_report", "stage": "eval", "report": self._eval_samples.report})
@@ -58,8 +68,8 @@ class RunContext:
         distributed.print0(text)
 
     def log(self, record):
-        if self.main:
-            self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
+        if self.main:  # each logger on its own: a failing one is named (core.registry.call_in_order)
+            call_in_order(self.pm.hook.vlmkit_log, record={"time": round(time.time(), 3), **record})
 
 
 def list_plugins(registry):
@@ -69,22 +79,145 @@ def list_plugins(registry):
         print(f"{kind + ' ' + name:<{width}}  {source}")
 
 
-def dry_run(recipe, pm, registry):
-    """Build the model on the meta device (no memory, no weights, no data) and describe each stage."""
+def check_stages(recipe, pm, registry, show=False):
+    """Build every stage on the meta device (no memory, no weights, no data): its model, freeze policies and
+    regularisers, whose hooks are checked as training would attach them, and its init_from file; then the
+    eval metrics. ``show`` prints each stage's parameter table, regulariser heads included, as training
+    does. Returns the last stage's (model, tokenizer)."""
+    model = tokenizer = None
     for i, stage in enumerate(recipe.stages):
+        where, title = f"stages.{i}", f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"
+        if stage.steps == 0:
+            if show:
+                print(f"{title}: steps 0, skipped\n")
+            continue
         with torch.device("meta"):
             model, tokenizer = build_model(recipe.model, registry)
-        apply_freeze(registry, pm, model, stage, f"stages.{i}")
-        print(format_parameter_table(parameter_table(model), title=f"stage {i + 1}/{len(recipe.stages)} "
-                                     f"{stage.name!r}: parameters (meta device)"), end="\n\n")
+            apply_freeze(registry, pm, model, stage, where)
+            regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
+                                              context={"model": model, "tokenizer": tokenizer})
+        with attached(pm, regularisers, f"{where}.regularisers"):
+            pass  # registering checks their hook names and arguments
+            checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
+        if stage.init_from is not None:
+            check_init_from(recipe, i, stage.init_from)
+        if show:
+            heads = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
+                     if isinstance(r, torch.nn.Module)}
+            print(format_parameter_table(parameter_table(model, heads), title=f"{title}: parameters (meta device)"),
+                  end="\n\n")
+    if recipe.eval is not None:  # scored once on a made-up pair: a metric that fails fails now, not after training
+        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")])
+    check_lengths(recipe, model, tokenizer)
+    return model, tokenizer
+
+
+def check_init_from(recipe, index, init_from):
+    """A stage's init_from before anything trains: known parts; a file that exists; ``stage:NAME`` an earlier
+    stage this run trains, or a folder an earlier run left in run.dir (a stage skipped with steps: 0)."""
+    where = f"stages.{index}.init_from"
+    unknown = [p for p in init_from.parts if p not in checkpoint.PARTS]
+    if unknown:
+        raise ConfigError(f"{where}.parts: unknown part {unknown[0]!r}; parts are {', '.join(checkpoint.PARTS)}")
+    if not init_from.path.startswith("stage:"):
+        checkpoint.resolve(init_from.path, None, init_from.parts)
+        return
+    name = init_from.path[len("stage:"):]
+    earlier = [s.name for s in recipe.stages[:index] if s.steps]
+    folder = os.path.join(os.path.abspath(os.path.expanduser(recipe.run.dir)), name)
+    if name not in earlier and not os.path.isdir(folder):
+        raise ConfigError(f"{where}.path: {init_from.path!r} names no earlier stage this run trains "
+                          f"({', '.join(earlier) or 'none'}), and {folder} does not exist")
+
+
+def check_lengths(recipe, model, tokenizer):
+    """The decoder must take the longest sequence the recipe asks of it: data.max_len in training, the prompt
+    with its vision tokens plus eval.max_new_tokens in the probe and evaluation. Run it on the meta device
+    (shapes only, no compute) so a decoder that refuses (nanochat's rotary table) says so now, not after
+    training."""
+    needs = [("data.max_len", recipe.data.max_len, "")]
+    if recipe.eval is not None:
+        vision = max([model.num_image_tokens()] + [model.num_image_tokens(g) for g in
+                                                   (model.tiling.grids() if model.tiling else ())])
+        try:
+            prompt = len(prompt_prefix(tokenizer, recipe.data.prompt, vision, 10 ** 9))
+        except ConfigError:  # a bad prompt is named when the stage starts; a dry run may lack the tokenizer file
+            prompt = None
+        if prompt is not None:
+            needs.append(("eval.max_new_tokens", prompt + recipe.eval.max_new_tokens,
+                          f" (the prompt with {vision} vision tokens is {prompt}, + {recipe.eval.max_new_tokens} new)"))
+    for key, length, detail in needs:
+        with torch.device("meta"):
+            embeds = torch.zeros(1, length, model.decoder.n_embd)
+        try:
+            model.decoder(embeds)
+        except ValueError as e:
+            raise ConfigError(f"{key}: sequences of {length} tokens{detail} do not fit the decoder: {e}") from e
+        except Exception:  # noqa: BLE001 - an operation meta tensors lack: this check cannot tell, training will
+            pass
+
+
+def make_run_dir(path):
+    """run.dir created (or there) and writable, or one line: before anything is built or trained."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.dir: cannot create {path} ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir: {path} is not writable")
+
+
+def check_device(name):
+    """run.device names a device this torch can use; one line instead of torch's assertion deep inside."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"run.device: {name!r} is not a torch device ({e})") from e
+    available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+    if device.type in available and not available[device.type]():
+        raise ConfigError(f"run.device: {name} is not available to this torch ({torch.__version__}); "
+                          f"use run.device=cpu, or install a torch build for it")
+
+
+def dry_run(recipe, pm, registry):
+    """Describe each stage as check_stages builds it, then the token layout."""
+    model, tokenizer = check_stages(recipe, pm, registry, show=True)
     n = model.num_image_tokens()
     h, w = model.encoder.grid_size(model.image_size, model.image_size)
     print(f"image {model.image_size}x{model.image_size} -> grid {h}x{w} -> {n} vision tokens "
           f"({h} rows of {w} + newline, + 1 separator)")
-    if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/tiles.py)
+    if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/images.py)
         print(model.tiling.describe(n))
     print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
+
+
+def resume_point(ctx, index, stage):
+    """The checkpoint a ``run.resume=auto`` stage continues from, or None (the stage starts afresh).
+
+    Only what ``latest.json`` names counts: the leftovers of a write that was cut off are removed first.
+    A resumable point is checked against this run (world size, sharding, changed stage settings)."""
+    stage_dir = os.path.join(ctx.run_dir, stage.name)
+    if ctx.main:
+        removed = checkpoint.discard_incomplete(stage_dir)
+        if removed:
+            ctx.say(f"stage {stage.name}: removed {len(removed)} file(s) of a checkpoint write that did not finish: "
+                    + ", ".join(removed[:6]) + (" ..." if len(removed) > 6 else ""))
+    point = checkpoint.resume_point(stage_dir)
+    if point is None or point[1].get("complete"):
+        return point
+    if point[2] is None or "train_state" not in point[1]:
+        raise ConfigError(f"run.resume: {point[0]} has no training state (train_XXXXXX.safetensors) to resume from")
+    state = point[1]["train_state"]
+    # every rank reads the files: the run folder must be shared between nodes
+    resume_state.check_world_size(state, ctx.world_size, point[0],
+                                  sharded=ctx.recipe.run.parallel == "fsdp" and ctx.world_size > 1)
+    changed = resume_state.check_stage(state, stage, f"stages.{index}", point[0])
+    if changed:
+        ctx.say(f"stage {stage.name}: resuming with the recipe's "
+                + ", ".join(f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
+        ctx.log({"event": "resume_changes", "stage": stage.name, "changed": {k: v[1] for k, v in changed.items()}})
+    return point
 
 
 def run(recipe, dry=False):
@@ -92,40 +225,54 @@ def run(recipe, dry=False):
     if dry:
         dry_run(recipe, pm, registry)
         return None
+    check_device(recipe.run.device)
+    make_run_dir(os.path.abspath(os.path.expanduser(recipe.run.dir)))
+    with contextlib.redirect_stdout(io.StringIO()):  # the real builds below say what matters
+        check_stages(recipe, pm, registry)
+    resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
-    os.makedirs(ctx.run_dir, exist_ok=True)
-    for logger in registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir}):
-        pm.register(logger)
+    loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})
+    for j, logger in enumerate(loggers):
+        plugin_registry.register(pm, logger, f"loggers.{j} ({type(logger).__name__} from {type(logger).__module__})")
     if ctx.world_size > 1:
         ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})"
                 + (", model sharded (FSDP2)" if recipe.run.parallel == "fsdp" else ""))
     ctx.say(f"run folder {ctx.run_dir}; {ctx.threads.threads} CPU thread(s) "
             f"({'fixed' if recipe.run.threads else 'the idle cores, re-checked while training'}); device {ctx.device}")
+    if recipe.run.resume == "never" and ctx.main:
+        # this run trains these stages afresh: an older run's pointers must not make a later
+        # run.resume=auto trust that run's checkpoints next to this one's (stages with steps 0 keep theirs)
+        for stage in recipe.stages:
+            if stage.steps:
+                checkpoint.forget(os.path.join(ctx.run_dir, stage.name))
     with torch.device("meta"):  # a recipe whose model cannot be built stops here, before any data is read
         build_model(recipe.model, registry)
     if recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages):
         ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
     summaries, model = [], None
     for i, stage in enumerate(recipe.stages):
-        point = checkpoint.resume_point(os.path.join(ctx.run_dir, stage.name)) if recipe.run.resume == "auto" else None
+        if stage.steps == 0:
+            ctx.say(f"stage {stage.name}: steps 0, skipped (not built, trained or saved)")
+            continue
+        point = resume_point(ctx, i, stage) if recipe.run.resume == "auto" else None
         if point is not None and point[1].get("complete"):
-            ctx.say(f"stage {stage.name}: complete in {point[0]}; not trained again (run.resume=auto)")
+            changed = resume_state.changed_settings(point[1].get("train_state", {}), stage)
+            ctx.say(f"stage {stage.name}: complete in {point[0]}; not trained again (run.resume=auto)"
+                    + ("; the recipe changed " + ", ".join(f"stages.{i}.{k}" for k in changed)
+                       + " since, which a complete stage does not take up (a new run.dir with init_from does)"
+                       if changed else ""))
             model, tokenizer = build_model(recipe.model, registry)
             checkpoint.load_parts(model.to(ctx.device), point[0], list(checkpoint.PARTS))
             summaries.append(point[1]["summary"])
             continue
-        if point is not None and point[2] is None:
-            raise ConfigError(f"run.resume: {point[0]} has no training state (train_XXXXXX.safetensors) to resume from")
-        if point is not None:  # every rank reads the files: the run folder must be shared between nodes
-            resume_state.check_world_size(point[1]["train_state"], ctx.world_size, point[0],
-                                          sharded=recipe.run.parallel == "fsdp" and ctx.world_size > 1)
         model, tokenizer, summary = run_stage(ctx, i, stage, resume=point)
         summaries.append(summary)
     ctx.say("\nstages:")
     for s in summaries:
         collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}" for k, v in s.items() if k.startswith("collapse_"))
+        loss = f"{s['loss']:.4f}" if "loss" in s else "-"  # a stage resumed at its end trained no step here
         ctx.say(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
-                f"{s['samples_per_s']:>7.1f} samples/s  final loss {s['loss']:.4f}"
+                f"{s['samples_per_s']:>7.1f} samples/s  final loss {loss}"
                 + (f"  collapse monitor: {collapse}" if collapse else ""))
     result = {"stages": summaries}
     if recipe.eval is not None and ctx.main:

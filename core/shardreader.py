@@ -209,22 +209,37 @@ def tar_members(tar, state):
                                     "(a damaged member header, or a second archive appended)")
 
 
+def _duplicate(sample, detail):
+    """Mark a sample whose members repeat a name (or whose key repeats) bad: neither copy is the sample."""
+    if "__bad__" not in sample:
+        for ext in [k for k in sample if not k.startswith("__")]:
+            del sample[ext]
+        sample.update(__bad__="duplicate_key", __detail__=detail)
+
+
 def group_samples(members, url):
     """Consecutive members sharing a key -> {__key__, __url__, ext: bytes} (WebDataset's grouping).
 
     The key is ``webdataset.tariterators.base_plus_ext``'s (the name up to the first dot of its base name;
     extensions lowercased as WebDataset does); names without one, and WebDataset's ``__*__`` members, are
-    skipped. A check on how members make samples goes here."""
-    sample = None
+    skipped. A sample whose member names repeat (``d1.png d1.txt d1.png``), or whose key comes back after
+    other samples, is one {__key__, __url__, __bad__: "duplicate_key", __detail__} item, its members not kept."""
+    sample, seen = None, set()
     for name, read in members:
         key, ext = base_plus_ext(name)
-        if key is None or key.rpartition("/")[2].startswith("__"):
-            continue
+        if key is None or key.rpartition("/")[2].startswith("__") or ext.startswith("__"):
+            continue  # "__" names are WebDataset's (and this reader's) own keys: no member may set them
         if sample is None or sample["__key__"] != key:
             if sample is not None:
                 yield sample  # complete: a break in the next member's bytes does not take it along
             sample = {"__key__": key, "__url__": url}
-        sample[ext.lower()] = read()
+            if key in seen:  # WebDataset would yield a second sample under the same key
+                _duplicate(sample, f"key {key!r} appears again after other samples")
+            seen.add(key)
+        if ext.lower() in sample:  # d1.png d1.txt d1.png d1.txt: the second would overwrite the first
+            _duplicate(sample, f"member {name.rpartition('/')[2]!r} appears twice in the sample")
+        if "__bad__" not in sample:
+            sample[ext.lower()] = read()
     if sample is not None:
         yield sample
 

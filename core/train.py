@@ -24,7 +24,7 @@ from core.evaluate import decode_samples
 from core.model import build_model, checkpoint_activations
 from core.monitor import collapse_scores, probe_images
 from core.muon import MuonAdamW, muon_matrices
-from core.registry import attached, call_in_order
+from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table
 from core.textdist import ned
 
@@ -133,7 +133,7 @@ def prepare_stage(recipe, registry, pm, index, device, run_dir=None, resume=None
     init_from, freeze, regularisers, resumed weights, activation checkpointing, FSDP, optimizer, DDP.
     ``init_from=False`` skips the stage's init_from weights (a benchmark times the step, not the weights)."""
     stage, where = recipe.stages[index], f"stages.{index}"
-    torch.manual_seed(recipe.run.seed + 1000 * index)
+    resume_state.seed_all(recipe.run.seed + 1000 * index)  # python's and numpy's RNGs too: plugins draw from them
     model, tokenizer = build_model(recipe.model, registry)
     model.to(device)
     if stage.init_from is not None and resume is None and init_from:
@@ -180,6 +180,10 @@ def loss_terms(prep, batch):
                           tiles=batch.get("tiles"), grids=batch.get("grids"))
         terms = {"loss": out["loss"]}
         for result in call_in_order(prep.hook.vlmkit_regulariser_loss, model=prep.model, batch=batch, outputs=out):
+            clash = sorted(set(result) & set(terms))
+            if clash:  # one term would replace the other (the next-token loss, even) without a word
+                raise ConfigError(f"{prep.where}.regularisers: two loss terms are named {clash[0]!r} "
+                                  f"('loss' is the next-token loss); each regulariser must name its own")
             terms.update(result)
     return terms
 
@@ -227,7 +231,8 @@ def run_stage(ctx, index, stage, resume=None):
 
     def open_stream(dataset, text_only, seed):
         d = recipe.data
-        return stream.open_batches(dataset.shards("train"), sample_encoding(d, model, tokenizer, text_only),
+        shards = plugin_call("data.text_dataset" if text_only else "data.dataset", dataset.shards, "train")
+        return stream.open_batches(shards, sample_encoding(d, model, tokenizer, text_only),
                                    batch_size, seed, d.shuffle_buffer, d.num_workers, resample=d.resample,
                                    on_bad_sample=d.on_bad_sample)
     batches = open_stream(ctx.dataset, False, recipe.run.seed + index)
@@ -236,7 +241,9 @@ def run_stage(ctx, index, stage, resume=None):
     text_steps, first_step = 0, 0
     if resume is not None:
         first_step = resume_state.restore(prep.optimizer, prep.scheduler, streams, resume[2], resume[1]["train_state"])
-        ctx.say(f"stage {stage.name}: resumed at step {first_step} from {resume[0]}")
+        resume_state.apply_stage(prep.optimizer, prep.scheduler, stage)  # the recipe's lr etc. (run.py said which changed)
+        ctx.say(f"stage {stage.name}: resumed at step {first_step} from {resume[0]}"
+                + (f"; the recipe's {stage.steps} steps are done" if first_step >= stage.steps else ""))
     probe = ctx.eval_samples[:recipe.eval.probe_samples] if stage.probe_every and recipe.eval else None
     monitor_pixels = probe_images(ctx.eval_samples, model.image_size).to(device) if stage.monitor_every else None
     collapse = {}
@@ -245,7 +252,8 @@ def run_stage(ctx, index, stage, resume=None):
     ctx.log({"event": "stage_start", "stage": stage.name, "trainable": sum(p.numel() for p in prep.trainable),
              "parameters": prep.table})
     start = time.perf_counter()
-    last_good, losses, step = (resume[0] if resume else None), {}, first_step - 1
+    # the checkpoint's losses stand until a step runs (a stage resumed at its end trains none)
+    last_good, losses, step = (resume[0] if resume else None), dict(resume[1].get("losses", {})) if resume else {}, first_step - 1
     progress = tqdm(range(first_step, stage.steps), desc=f"{stage.name}", unit="step", dynamic_ncols=True,
                     mininterval=1.0, initial=first_step, total=stage.steps, disable=not ctx.main)
 
@@ -257,7 +265,7 @@ def run_stage(ctx, index, stage, resume=None):
         return distributed.plain_copy(model, lambda: build_model(recipe.model, ctx.registry)[0].to(device))
 
     def save(step, summary=None):
-        state = resume_state.capture(prep.optimizer, prep.scheduler, streams, step, prep.sharded)
+        state = resume_state.capture(prep.optimizer, prep.scheduler, streams, step, prep.sharded, stage)
         return _save(ctx, stage_dir, step, prep, state, losses, summary)
 
     try:
@@ -277,6 +285,7 @@ def run_stage(ctx, index, stage, resume=None):
                     raise TrainingError(f"stage {stage.name} step {step}: loss is {total.item()} "
                                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
                                         f"last good checkpoint: {last_good or 'none in this stage'}")
+            lr = resume_state.used_lr(prep.optimizer)  # what this step's update uses, as the log shows it
             terms = train_step(prep, next_batch, check)
             text_steps += sum(text_this_step)
             losses = {k: v.item() for k, v in terms.items()}
@@ -284,7 +293,7 @@ def run_stage(ctx, index, stage, resume=None):
             progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}",
                                   "threads": ctx.threads.threads}, refresh=False)
             if step % recipe.run.log_every == 0 or step == stage.steps - 1:
-                ctx.log({"event": "train", "stage": stage.name, "step": step, "lr": stage.lr * lr_factor(stage, step),
+                ctx.log({"event": "train", "stage": stage.name, "step": step, **lr,
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
                 last_good = save(step + 1)

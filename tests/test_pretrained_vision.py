@@ -274,10 +274,14 @@ def test_load_state_non_strict_report_and_meta(tmp_path):
     # {"state_dict": sd} is unwrapped
     torch.save({"state_dict": lin.state_dict(), "epoch": 3}, tmp_path / "w.pt")
     assert set(read_state_dict(tmp_path / "w.pt")) == {"0.weight", "0.bias", "1.weight", "1.bias"}
-    # a module on the meta device (a dry run) is not loaded into, and the file is not read
+    # a module on the meta device (a dry run) is not loaded into, and the file is not read (these bytes are no
+    # safetensors file); but it must exist, as a decoder checkpoint must (issue 15)
+    (tmp_path / "unread.safetensors").write_bytes(b"not read on meta")
     with torch.device("meta"):
-        meta = SAMEncoder(**VLM_SAM, weights=str(tmp_path / "absent.safetensors"))
+        meta = SAMEncoder(**VLM_SAM, weights=str(tmp_path / "unread.safetensors"))
         assert load_state(torch.nn.Linear(2, 2), {}, "x")["loaded"] == []
+        with pytest.raises(ConfigError, match="absent.safetensors: weight file does not exist"):
+            SAMEncoder(**VLM_SAM, weights=str(tmp_path / "absent.safetensors"))
     assert meta.pretrained_report == {"loaded": [], "fresh": [], "missing": [], "unexpected": [], "mismatched": []}
 
 
@@ -322,7 +326,7 @@ def test_deepencoder_from_deepseek_ocr_round_trip(tmp_path, registry, capsys):
 
 # ---- real sizes, on the meta device (no memory): the mapped layouts fit vlmkit's ViT-B / ViT-L ----------
 
-def test_real_size_layouts_fit_on_meta(capsys):
+def test_real_size_layouts_fit_on_meta(capsys, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SamVisionConfig, SamVisionModel
     from plugins.encoders.pretrained import sam_from_deepseek_ocr2
 
@@ -332,7 +336,8 @@ def test_real_size_layouts_fit_on_meta(capsys):
         hf_sam = SamVisionModel(SamVisionConfig())  # facebook/sam-vit-base's sizes (docs/architecture.md §3.1)
         hf_clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                    num_attention_heads=16, patch_size=14, image_size=224))
-        enc = DeepEncoder(weights="/not/read/on/meta.safetensors")  # a dry run: the file is not touched
+        (tmp_path / "dso.safetensors").write_bytes(b"not read on meta")
+        enc = DeepEncoder(weights=str(tmp_path / "dso.safetensors"))  # a dry run: the file is not read
     assert "built on the meta device" in capsys.readouterr().out
     sam_keys = shapes(enc.sam.state_dict())
     assert shapes(sam_from_hf(hf_sam.state_dict())) == {k: v for k, v in sam_keys.items()

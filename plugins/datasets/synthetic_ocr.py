@@ -206,8 +206,11 @@ class SyntheticOCR:
 
     def _write(self, split, final):
         # write into a private temp dir and rename it into place: readers never see half a split
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_partial_dir(final.parent, split)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = fresh_partial_dir(final.parent, split)
+        except OSError as e:  # a cache_dir the user cannot write is their setting, not a fault of this code
+            raise ConfigError(f"data.dataset.cache_dir: cannot write {final.parent} ({e.strerror or e})") from e
         n = self.samples[split]
         writer, buf = ShardWriter(tmp, split, self.samples_per_shard, max_size=None), io.BytesIO()
         for i, (text, lines) in enumerate(tqdm(self._pages(split), total=n, desc=f"synthetic_ocr {split}",

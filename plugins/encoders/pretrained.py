@@ -25,7 +25,7 @@ import torch
 
 from core.distributed import print0
 from core.errors import ConfigError
-from core.weights import empty_report, first_keys, load_state, on_meta, read_state_dict
+from core.weights import empty_report, first_keys, load_state, on_meta, read_state_dict, resolve_weights_path
 
 SAM_FORMATS = ("hf", "segment_anything", "deepseek_ocr2", "deepseek_ocr", "vlmkit")
 CLIP_FORMATS = ("hf", "deepseek_ocr", "vlmkit")
@@ -290,8 +290,8 @@ def _fresh_note(report):
 def _load_layout(module, path, fmt, who, kind, formats, detect, mappers, skip_for=lambda fmt: ()):
     """Read a weight file, pick its layout (given or detected), map the names and load all-or-nothing."""
     _check_format(who, fmt, formats)
-    if on_meta(module):
-        print0(f"{who}: built on the meta device, weights {path} not read")
+    if on_meta(module):  # a dry run: the file is not read, but it must be there (as a decoder checkpoint must)
+        print0(f"{who}: built on the meta device, weights {resolve_weights_path(path)} not read")
         return empty_report()
     sd = read_state_dict(path)
     if fmt == "auto":
@@ -326,7 +326,7 @@ def load_deepencoder(module, path, who="deepencoder"):
     Only the vision tensors are read (a safetensors checkpoint's language model stays on disk).
     """
     if on_meta(module):
-        print0(f"{who}: built on the meta device, weights {path} not read")
+        print0(f"{who}: built on the meta device, weights {resolve_weights_path(path)} not read")
         return empty_report(), {}
     sd = read_state_dict(path, keep=lambda k: not _is_dso_lm_key(k))
     if not any(k.startswith(_DSO_SAM_PREFIXES) for k in sd):

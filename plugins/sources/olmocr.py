@@ -213,8 +213,8 @@ def _records(path, images_root):
         if isinstance(response, str) and response.lstrip().startswith("{"):
             try:
                 response = json.loads(response)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: response is a string but not valid JSON ({e.msg})") from e
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ConfigError(f"{where}: response is a string but not valid JSON ({type(e).__name__}: {e})") from e
         if isinstance(response, dict) and "natural_text" in response:
             response = dict(response)
             value = string(response.pop("natural_text"), where, "response.natural_text")

@@ -109,12 +109,29 @@ def _read_export(path):
         raise ConfigError(f"tokenizer nanochat_bpe: {path} is not a readable vlmkit tokenizer export ({e})") from e
 
 
-class NanochatBPETokenizer:
-    """nanochat's tiktoken BPE with ``<|image|>`` appended; see the module docstring."""
+def _building_on_meta():
+    """True inside ``with torch.device("meta")``: a dry run, or core.generate rebuilding a checkpoint's model."""
+    import torch
+    return torch.empty(()).is_meta
 
-    def __init__(self, path, allow_pickle=False):
-        tiktoken = _tiktoken()
+
+class NanochatBPETokenizer:
+    """nanochat's tiktoken BPE with ``<|image|>`` appended; see the module docstring.
+
+    ``vocab_size``: the base vocabulary's size (65536 for d20), optional. It is checked against the file;
+    and while the model is built on the meta device (``--dry-run``) a missing file is then no error: the
+    tokenizer takes its ids from the size (nanochat's 9 specials are the last 9 ids, ``<|image|>`` the
+    next), so the dry run shows the real decoder; encoding or decoding text says the file is missing.
+    """
+
+    def __init__(self, path, allow_pickle=False, vocab_size=None):
         path = os.path.expanduser(str(path))
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= len(NANOCHAT_SPECIALS)):
+            raise ConfigError(f"vocab_size: expected the base vocabulary's size (65536 for d20), not {vocab_size!r}")
+        if vocab_size is not None and not os.path.exists(path) and _building_on_meta():
+            self._sized(path, vocab_size)
+            return
+        tiktoken = _tiktoken()
         if os.path.isdir(path):
             export, pkl = os.path.join(path, EXPORT_NAME), os.path.join(path, PICKLE_NAME)
             if os.path.isfile(export):
@@ -142,6 +159,8 @@ class NanochatBPETokenizer:
         except Exception as e:
             raise ConfigError(f"tokenizer nanochat_bpe: {path}: tiktoken refused the encoding ({e})") from e
         self.base_vocab_size = self._enc.n_vocab  # 65536 for d20: what the checkpoint was trained with
+        if vocab_size is not None and vocab_size != self.base_vocab_size:
+            raise ConfigError(f"vocab_size: {vocab_size} in the recipe but {path} has {self.base_vocab_size}")
         self._special = dict(base_specials)
         if IMAGE_TOKEN not in self._special:
             self._special[IMAGE_TOKEN] = self.base_vocab_size
@@ -156,15 +175,37 @@ class NanochatBPETokenizer:
         self.image_id = self._special[IMAGE_TOKEN]
         self.pad_id = self.eos_id  # nanochat's SFT pads with <|assistant_end|> (§1.10)
 
+    def _sized(self, path, vocab_size):
+        """A dry run's tokenizer without its file: ids from the size alone (see the class docstring)."""
+        from core.distributed import print0
+        print0(f"tokenizer nanochat_bpe: {path} does not exist; the dry run takes the vocabulary from vocab_size "
+               f"{vocab_size} (+ <|image|>); training and reading need the file")
+        self.path, self._enc, self.base_vocab_size = path, None, vocab_size
+        first = vocab_size - len(NANOCHAT_SPECIALS)
+        self._special = {name: first + i for i, name in enumerate(NANOCHAT_SPECIALS)}
+        self._special[IMAGE_TOKEN] = vocab_size
+        self.vocab_size = vocab_size + 1
+        self._special_ids = frozenset(self._special.values())
+        self.bos_id, self.eos_id = self._special["<|bos|>"], self._special["<|assistant_end|>"]
+        self.image_id, self.pad_id = vocab_size, self.eos_id
+
+    def _missing(self):
+        return ConfigError(f"tokenizer nanochat_bpe: {self.path} does not exist (the dry run sized the vocabulary "
+                           f"from vocab_size {self.base_vocab_size}); text needs the tokenizer file")
+
     def special_id(self, name):
         if name not in self._special:
             raise KeyError(f"unknown special token {name!r}; known: {', '.join(self._special)}")
         return self._special[name]
 
     def encode(self, text):
+        if self._enc is None:
+            raise self._missing()
         return self._enc.encode_ordinary(text)  # "<|bos|>" in the text is ordinary text
 
     def decode(self, ids):
+        if self._enc is None:
+            raise self._missing()
         keep = []
         for i in ids:
             i = int(i)
