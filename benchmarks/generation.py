@@ -21,6 +21,7 @@ from rapidfuzz.distance import Levenshtein
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 
 from benchmarks import RECIPE  # noqa: E402
+from core import data  # noqa: E402
 from core.generate import generate, image_prompt_ids  # noqa: E402
 from core.model import build_model  # noqa: E402
 from core.recipe import load_recipe  # noqa: E402
@@ -50,7 +51,7 @@ def default_model():
 def tokens_per_s(model, tokenizer, prompt, batch, new_tokens, use_cache, repeats=1):
     positions = model.decoder.cos.size(1)  # nanochat's rotary table: 10 x sequence_len
     assert len(prompt) + new_tokens <= positions, f"{len(prompt)} + {new_tokens} > {positions} positions"
-    pixels = torch.randn(batch, 3, model.image_size, model.image_size)
+    pixels = torch.randn(batch, 3, *data.image_hw(model.image_size))
     seconds = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -60,22 +60,34 @@ def upright_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def image_hw(image_size):
+    """An encoder's ``image_size`` -> (height, width): an int is DeepSeek-OCR's square global view,
+    [height, width] a rectangle (a text strip; plugins/encoders/deepencoder.py)."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
 def _normalised(image):
-    """A square RGB PIL image -> (3, S, S) in [-1, 1]."""
+    """An RGB PIL image (W x H) -> (3, H, W) in [-1, 1]."""
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     x = x.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float()
     return (x / 255 - 0.5) / 0.5  # written as torchvision's ToTensor + Normalize(0.5, 0.5) to match it exactly
 
 
 def _global_view(image, image_size):
-    if image.size != (image_size, image_size):  # fast path: synthetic images are already S x S
-        image = ImageOps.pad(image, (image_size, image_size), method=Image.Resampling.BICUBIC,
+    height, width = image_hw(image_size)
+    if image.size != (width, height):  # fast path: synthetic images are already the view's size
+        # DeepSeek-OCR pads to a square; an [h, w] image_size pads to that aspect ratio the same way
+        image = ImageOps.pad(image, (width, height), method=Image.Resampling.BICUBIC,
                              color=PAD_COLOR, centering=(0.5, 0.5))
     return _normalised(image)
 
 
 def preprocess(image, image_size):
-    """PIL image -> float tensor (3, S, S) in [-1, 1]: upright, RGB, padded to square, resized."""
+    """PIL image -> float tensor (3, H, W) in [-1, 1]: upright, RGB, padded to the view's aspect ratio
+    (a square for an int ``image_size``, DeepSeek-OCR's global view), resized."""
     return _global_view(upright_rgb(image), image_size)
 
 

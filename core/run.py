@@ -14,6 +14,7 @@ import torch
 from core import checkpoint, distributed
 from core import resume as resume_state
 from core import registry as plugin_registry
+from core.data import image_hw
 from core.errors import ConfigError
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.model import build_model, format_parameter_table, parameter_table
@@ -75,8 +76,9 @@ def dry_run(recipe, pm, registry):
         print(format_parameter_table(parameter_table(model), title=f"stage {i + 1}/{len(recipe.stages)} "
                                      f"{stage.name!r}: parameters (meta device)"), end="\n\n")
     n = model.num_image_tokens()
-    h, w = model.encoder.grid_size(model.image_size, model.image_size)
-    print(f"image {model.image_size}x{model.image_size} -> grid {h}x{w} -> {n} vision tokens "
+    height, width = image_hw(model.image_size)
+    h, w = model.encoder.grid_size(height, width)
+    print(f"image {height}x{width} -> grid {h}x{w} -> {n} vision tokens "
           f"({h} rows of {w} + newline, + 1 separator)")
     if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/tiles.py)
         print(model.tiling.describe(n))

@@ -106,6 +106,8 @@ class Tiling:
         if crops is None:
             return None
         t, size = crops.tile_size, encoder.image_size
+        if not isinstance(size, int):  # an [h, w] global view (a text strip): DSO's crops assume a square
+            raise ConfigError(f"{where}: crops need a square global view; model.encoder.image_size is {list(size)}")
         h, w = encoder.grid_size(size, size)
         h2, w2 = encoder.grid_size(t, t)
         if h2 < 1 or w2 < 1 or h2 * size != h * t or w2 * size != w * t:
