@@ -147,7 +147,7 @@ class Block(nn.Module):
         super().__init__()
         self.window_size = window_size  # int or (wh, ww); 0: global attention over the (gh, gw) grid
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, rel_size=window_size if window_size > 0 else grid)
+        self.attn = Attention(dim, heads, rel_size=window_size if window_size else grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
