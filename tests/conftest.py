@@ -7,6 +7,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
+# the grid task (the default before issue 14): square 32 px images, cell_reading; the plumbing tests use
+# it because it is the smallest recipe that trains end to end and has a square view (crops need one)
+GRID_RECIPE = os.path.join(ROOT, "recipes", "grid.yaml")
 
 
 def run_cli(*args, env_extra=None, cwd=None, timeout=600):

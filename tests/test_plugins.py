@@ -5,7 +5,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.registry import Registry, load_plugins
-from tests.conftest import DEFAULT_RECIPE
+from tests.conftest import GRID_RECIPE
 
 ENCODER_PLUGIN = '''
 import torch
@@ -81,7 +81,7 @@ def test_duplicate_registration_names_the_first_source():
 def test_entry_point_encoder_is_used_by_a_recipe(tmp_path, cli):
     site = make_installed_package(tmp_path / "site")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(_recipe_with_encoder(DEFAULT_RECIPE))
+    recipe.write_text(_recipe_with_encoder(GRID_RECIPE))
     env = {"PYTHONPATH": str(site)}
     listed = cli("core.run", "--list-plugins", env_extra=dict(env))
     assert listed.returncode == 0, listed.stderr
