@@ -220,3 +220,44 @@ def test_shards_cached_by_arguments(lines, tmp_path):
     first = eval_samples(paths, limit=1)[0]
     assert first["image"].size == (256, 32)
     assert SyntheticLines(cache_dir=str(tmp_path), fonts=FONTS, seed=1).cache_key() != lines.cache_key()
+
+
+# ---- ctc on a strip: several sources, blank bias
+
+def strip_model():
+    from core.model import VisionLanguageModel
+    from plugins.decoders.nanochat import GPT
+    from plugins.projectors.linear import LinearProjector
+    from plugins.tokenizers.bytes import ByteTokenizer
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    enc = DeepEncoder(image_size=[32, 256], sam=STRIP_SAM, clip=STRIP_CLIP)
+    decoder = GPT(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    return VisionLanguageModel(enc, LinearProjector(enc.out_dim, 32), decoder, tok.image_id), tok
+
+
+def test_ctc_on_the_neck_and_the_tokens():
+    from plugins.regularisers.ctc import CTCRegulariser
+    model, tok = strip_model()
+    reg = CTCRegulariser(model, tok, frames_per_token=[2, 3], source=["encoder.sam.neck", "vision_tokens"],
+                         blank_bias=5.0)
+    assert reg.terms == ["ctc_neck", "ctc"] and len(reg.heads) == 2
+    assert reg.heads[0].in_features == 16 and reg.heads[1].in_features == 32  # the neck's channels, n_embd
+    n = model.num_image_tokens()
+    ids = torch.tensor([[tok.bos_id] + [tok.image_id] * n] * 2)
+    out = model(torch.randn(2, 3, 32, 256), ids)
+    batch = {"texts": ["Hello, world", "(42)"]}
+    losses = reg.vlmkit_regulariser_loss(model, batch, out)
+    assert set(losses) == {"ctc_neck", "ctc"} and all(torch.isfinite(v) for v in losses.values())
+    # the blank starts ahead: every frame's first choice is the blank
+    frames = model.encoder.sam.forward_neck(torch.randn(2, 3, 32, 256)).flatten(2).transpose(1, 2)
+    assert (reg.heads[0](frames).view(2, -1, tok.vocab_size + 1).argmax(-1) == reg.blank).all()
+    sum(losses.values()).backward()
+    assert model.encoder.sam.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.encoder.clip.transformer.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
+    single = CTCRegulariser(model, tok)  # the default: one head on the vision tokens, keys as before
+    assert single.terms == ["ctc"] and set(single.state_dict()) == {"head.weight", "head.bias"}
+    with pytest.raises(ValueError, match="no module"):
+        CTCRegulariser(model, tok, source="encoder.sam.nek")
+    with pytest.raises(ValueError, match="frames_per_token"):
+        CTCRegulariser(model, tok, frames_per_token=[2], source=["encoder.sam.neck", "vision_tokens"])
