@@ -2,7 +2,8 @@
 
 What a reader of real text meets, at a size a CPU trains on in minutes (README, "What the default run does"):
 - fonts: Pillow's bundled default (Aileron, ``ImageFont.load_default(size=...)``, no system font needed)
-  and fonts that pip packages ship (``source_sans_pro``, ``lato``), or any .ttf/.otf path, each at a
+  and fonts that pip packages ship (``source_sans_pro``, a dependency; ``lato`` after
+  ``pip install font-lato``), or any .ttf/.otf path, each at a
   range of sizes; every size is checked at construction to draw each asked character distinguishably
   (Aileron draws ``I`` and ``l`` as the same glyph below 14 px, so its sizes start there);
 - words: the English word lists that the ``wonderwords`` package ships (nouns, adjectives, verbs;
