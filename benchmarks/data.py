@@ -30,7 +30,6 @@ from core.recipe import load_recipe  # noqa: E402
 from core.registry import load_plugins  # noqa: E402
 from benchmarks import RECIPE  # noqa: E402
 from benchmarks.train_step import TrainStep  # noqa: E402
-from plugins.datasets.synthetic_ocr import SyntheticOCR  # noqa: E402
 
 BASE_TOKENS, SMALL_TOKENS = 273, 111  # DeepEncoder vision tokens at 1024 px (base) and 640 px (small)
 
@@ -41,8 +40,10 @@ def bytes_tokenizer():
 
 
 def synthetic_shards(folder, samples):
-    args = dict(load_recipe(RECIPE).data.dataset.args, train_samples=samples, samples_per_shard=max(samples // 4, 1))
-    return SyntheticOCR(cache_dir=folder, **args).shards("train")
+    """``samples`` training images of the default recipe's dataset (whichever plugin it names) in ``folder``."""
+    dataset = load_recipe(RECIPE).data.dataset
+    args = dict(dataset.args, train_samples=samples, samples_per_shard=max(samples // 4, 1), cache_dir=folder)
+    return load_plugins()[1].build("dataset", dataset.name, where="data.dataset", **args).shards("train")
 
 
 def page_shards(folder, pages, per_shard=100, seed=0):

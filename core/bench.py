@@ -86,7 +86,7 @@ def data_section(shards, step, count):
     finally:
         torch.set_num_threads(threads)
     return ["## 4. Data pipeline vs training", "",
-            "| synthetic 32 px, per worker (1 thread) | training step consumes | ratio |", "|---:|---:|---:|",
+            "| default recipe's synthetic images, per worker (1 thread) | training step consumes | ratio |", "|---:|---:|---:|",
             f"| {rate:,.0f} samples/s | {step['samples_per_s']:,.0f} samples/s | "
             f"**{rate / step['samples_per_s']:.1f}x** |"]
 
