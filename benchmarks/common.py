@@ -3,7 +3,6 @@ import os
 
 from core.recipe import load_recipe
 from core.registry import load_plugins
-from plugins.datasets.synthetic_ocr import SyntheticOCR
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "two_stage.yaml")
 
@@ -14,5 +13,7 @@ def bytes_tokenizer():
 
 
 def synthetic_shards(folder, samples):
-    args = dict(load_recipe(RECIPE).data.dataset.args, train_samples=samples, samples_per_shard=max(samples // 4, 1))
-    return SyntheticOCR(cache_dir=folder, **args).shards("train")
+    """``samples`` training images of the default recipe's dataset (whichever plugin it names) in ``folder``."""
+    dataset = load_recipe(RECIPE).data.dataset
+    args = dict(dataset.args, train_samples=samples, samples_per_shard=max(samples // 4, 1), cache_dir=folder)
+    return load_plugins()[1].build("dataset", dataset.name, where="data.dataset", **args).shards("train")

@@ -18,6 +18,7 @@ from rapidfuzz.distance import Levenshtein
 
 from benchmarks.common import RECIPE
 from core.generate import generate, image_prompt_ids
+from core.images import image_hw
 from core.model import build_model
 from core.recipe import load_recipe
 from core.registry import load_plugins
@@ -46,7 +47,7 @@ def default_model():
 def tokens_per_s(model, tokenizer, prompt, batch, new_tokens, use_cache, repeats=1):
     positions = model.decoder.cos.size(1)  # nanochat's rotary table: 10 x sequence_len
     assert len(prompt) + new_tokens <= positions, f"{len(prompt)} + {new_tokens} > {positions} positions"
-    pixels = torch.randn(batch, 3, model.image_size, model.image_size)
+    pixels = torch.randn(batch, 3, *image_hw(model.image_size))
     seconds = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

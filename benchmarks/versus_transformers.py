@@ -31,7 +31,8 @@ def scale_sizes(scale):
     if scale == "default":
         recipe = load_recipe(RECIPE)
         enc, dec = recipe.model.encoder.args, recipe.model.decoder.args
-        return dict(sam=dict(enc["sam"]), clip=dict(enc["clip"]), image_size=enc["image_size"],
+        sam, image_size = _square(dict(enc["sam"]), enc["image_size"])
+        return dict(sam=sam, clip=dict(enc["clip"]), image_size=image_size,
                     decoder={k: dec[k] for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "sequence_len")},
                     vocab_size=260, batch=recipe.data.batch_size, seq=recipe.data.max_len)
     # docs/architecture.md §2.1 (SAM ViT-B: 768, 12 heads, window 14), §2.2 (CLIP-L: 1024, 16 heads, 4096),
@@ -41,6 +42,20 @@ def scale_sizes(scale):
                 clip=dict(dim=1024, depth=2, heads=16, mlp_dim=4096),
                 decoder=dict(n_layer=2, n_head=10, n_kv_head=10, n_embd=1280, sequence_len=256),
                 image_size=256, vocab_size=65536, batch=4, seq=256)
+
+
+def _square(sam, image_size):
+    """transformers' SAM is square only: a strip recipe (an [h, w] image, rectangular patches, windows or
+    strides) is compared at the same widths and depths on a square of as many patches (4 px patches)."""
+    if isinstance(image_size, int) and all(isinstance(sam.get(k, 0), int) for k in ("patch_size", "window_size")) \
+            and all(isinstance(x, int) for x in sam.get("downsample_strides", [])):
+        return sam, image_size
+    from plugins.encoders.sam import pair
+    (h, w), (ph, pw) = pair(image_size), pair(sam["patch_size"])
+    side = max(1, round(((h // ph) * (w // pw)) ** 0.5))
+    window = pair(sam.get("window_size", 0))
+    return dict(sam, patch_size=4, window_size=max(window) if min(window) > 0 else 0,
+                downsample_strides=[max(pair(x)) for x in sam.get("downsample_strides", [])]), side * 4
 
 
 def randomize(module, seed):

@@ -6,10 +6,10 @@
 * **Pixels** (``preprocess``, ``image_views``): upright (EXIF), RGB as the page would look on paper
   (``rgb``: transparency composited on white, 16-bit and float modes scaled to 8 bits; the rules are
   in docs/data.md §5), padded to a square of the encoder's ``image_size`` with DeepSeek-OCR's grey
-  and resized (architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
+  and resized (docs/architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
 * **Crops** (``Tiling``, ``choose_grid``, ``cut_tiles``): DeepSeek-OCR's "gundam" mode, a grid of
   local tiles beside the padded global view, chosen and cut as its ``dynamic_preprocess`` does
-  (architecture.md §2.4):
+  (docs/architecture.md §2.4):
 
   * candidate grids ``(i, j)`` = (tiles across, tiles down) with ``min_tiles <= i*j <= max_tiles``
     (DeepSeek-OCR: min_num 2; max_num 9 in HF ``infer``, MAX_CROPS 6 in vLLM), ordered by ``i*j``;
@@ -130,30 +130,42 @@ def _eight_bit(image):
     return image.point(lambda v: (v - low) * scale).convert("L")  # a linear map: Pillow applies it in C
 
 
+def image_hw(image_size):
+    """An encoder's ``image_size`` -> (height, width): an int is DeepSeek-OCR's square global view,
+    [height, width] a rectangle (a text strip; plugins/encoders/deepencoder.py)."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
 def normalised(image):
-    """An RGB PIL image -> (3, H, W) in [-1, 1]."""
+    """An RGB PIL image (W x H) -> (3, H, W) in [-1, 1]."""
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     x = x.view(image.size[1], image.size[0], 3).permute(2, 0, 1).float()
     return (x / 255 - 0.5) / 0.5  # written as torchvision's ToTensor + Normalize(0.5, 0.5) to match it exactly
 
 
 def global_view(image, image_size):
-    """An upright RGB image padded to a square and resized to ``image_size``, normalised (architecture.md §2.5)."""
-    if image.size != (image_size, image_size):  # fast path: synthetic images are already S x S
-        image = ImageOps.pad(image, (image_size, image_size), method=Image.Resampling.BICUBIC,
+    """An upright RGB image padded to the view's aspect ratio and resized to ``image_size``, normalised
+    (docs/architecture.md §2.5). An int is DeepSeek-OCR's square; [h, w] pads to that aspect the same way."""
+    height, width = image_hw(image_size)
+    if image.size != (width, height):  # fast path: synthetic images are already the view's size
+        image = ImageOps.pad(image, (width, height), method=Image.Resampling.BICUBIC,
                              color=PAD_COLOR, centering=(0.5, 0.5))
     return normalised(image)
 
 
 def preprocess(image, image_size):
-    """PIL image -> float tensor (3, S, S) in [-1, 1]: upright, RGB, padded to square, resized."""
+    """PIL image -> float tensor (3, H, W) in [-1, 1]: upright, RGB, padded to the view's aspect ratio
+    (a square for an int ``image_size``, DeepSeek-OCR's global view), resized."""
     return global_view(upright_rgb(image), image_size)
 
 
 def image_views(image, image_size, tiling=None):
     """PIL image -> (global view (3, S, S), tiles (n, 3, t, t) or None, grid (across, down) or None).
 
-    The global view is always the padded square (architecture.md §2.5); with a ``tiling``
+    The global view is always the padded square (docs/architecture.md §2.5); with a ``tiling``
     (a Tiling) an image larger than a tile also gets DeepSeek-OCR's crops (§2.4), which are
     resized and cut, not padded.
     """
@@ -248,6 +260,8 @@ class Tiling:
         if crops is None:
             return None
         t, size = crops.tile_size, encoder.image_size
+        if not isinstance(size, int):  # an [h, w] global view (a text strip): DeepSeek-OCR's crops assume a square
+            raise ConfigError(f"{where}: crops need a square global view; model.encoder.image_size is {list(size)}")
         h, w = encoder.grid_size(size, size)
         h2, w2 = encoder.grid_size(t, t)
         if h2 < 1 or w2 < 1 or h2 * size != h * t or w2 * size != w * t:

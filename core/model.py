@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from core.images import Tiling
+from core.images import Tiling, image_hw
 from core.distributed import print0
 from core.errors import ConfigError
 from core.weights import load_state, on_meta
@@ -44,7 +44,7 @@ class VisionLanguageModel(nn.Module):
 
     def num_image_tokens(self, grid=None):
         """Placeholders for an image with crop grid ``grid`` (across, down), or None: the global view alone."""
-        h, w = self.encoder.grid_size(self.image_size, self.image_size)
+        h, w = self.encoder.grid_size(*image_hw(self.image_size))
         if grid is None:
             return h * (w + 1) + 1
         if self.tiling is None:
@@ -52,7 +52,7 @@ class VisionLanguageModel(nn.Module):
         return h * (w + 1) + 1 + self.tiling.local_tokens(tuple(grid))
 
     def encode_images(self, pixel_values):
-        """(B,3,S,S) -> (vision features (B,h,w,C_enc), vision tokens (B, h*(w+1)+1, n_embd))."""
+        """(B,3,H,W) -> (vision features (B,h,w,C_enc), vision tokens (B, h*(w+1)+1, n_embd))."""
         features = self.encoder(pixel_values)
         grid = self.projector(features)
         b, h, w, c = grid.shape

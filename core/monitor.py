@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.images import preprocess
+from core.images import image_hw, preprocess
 from core.model import evaluating
 
 
 def probe_images(samples, image_size, count=16, seed=0):
-    """The first ``count`` held-out images plus noise, white and black, preprocessed: (N, 3, S, S)."""
+    """The first ``count`` held-out images plus noise, white and black, preprocessed: (N, 3, H, W)."""
     images = [s["image"] for s in samples[:count]]
+    height, width = image_hw(image_size)
     generator = torch.Generator().manual_seed(seed)
-    noise = (torch.rand(image_size, image_size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-    images += [Image.fromarray(noise), Image.new("RGB", (image_size, image_size), "white"),
-               Image.new("RGB", (image_size, image_size), "black")]
+    noise = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    images += [Image.fromarray(noise), Image.new("RGB", (width, height), "white"),
+               Image.new("RGB", (width, height), "black")]
     return torch.stack([preprocess(im, image_size) for im in images])
 
 

@@ -23,6 +23,7 @@ from core import registry as plugin_registry
 from core import resume as resume_state
 from core.data import prompt_prefix
 from core.errors import ConfigError, cli_main
+from core.images import image_hw
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.metrics import score_pairs
 from core.model import build_model, checkpoint_activations
@@ -183,8 +184,9 @@ def dry_run(recipe, pm, registry):
     """Describe each stage as check_stages builds it, then the token layout."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
     n = model.num_image_tokens()
-    h, w = model.encoder.grid_size(model.image_size, model.image_size)
-    print(f"image {model.image_size}x{model.image_size} -> grid {h}x{w} -> {n} vision tokens "
+    height, width = image_hw(model.image_size)
+    h, w = model.encoder.grid_size(height, width)
+    print(f"image {height}x{width} -> grid {h}x{w} -> {n} vision tokens "
           f"({h} rows of {w} + newline, + 1 separator)")
     if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/images.py)
         print(model.tiling.describe(n))

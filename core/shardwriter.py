@@ -17,10 +17,11 @@ BLOCK = tarfile.BLOCKSIZE  # 512: headers and data are padded to blocks
 
 class ShardWriter:
     """Tars of at most max_count samples and max_size bytes (exact: headers, padding and the end blocks);
-    ``max_size`` None: no size limit."""
+    ``max_size`` None: no size limit. ``first``: the number of the first shard (writers in parallel
+    processes each write their own)."""
 
-    def __init__(self, folder, name, max_count, max_size):
-        self.folder, self.name, self.max_count = folder, name, max_count
+    def __init__(self, folder, name, max_count, max_size, first=0):
+        self.folder, self.name, self.max_count, self.first = folder, name, max_count, first
         self.max_size = float("inf") if max_size is None else max_size
         self.tar, self.count, self.paths, self.oversize = None, 0, [], 0
 
@@ -44,7 +45,7 @@ class ShardWriter:
         if self.tar and (self.count >= self.max_count or self._final_size(offset + size) > self.max_size):
             self.close()
         if self.tar is None:
-            path = os.path.join(self.folder, f"{self.name}-{len(self.paths):06d}.tar")
+            path = os.path.join(self.folder, f"{self.name}-{self.first + len(self.paths):06d}.tar")
             self.tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8")
             self.paths.append(path)
             if self._final_size(size) > self.max_size:

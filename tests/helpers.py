@@ -13,6 +13,9 @@ from core.recipe import Component, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
+# the grid task (the default before the realistic one): square 32 px images, cell_reading; plumbing tests use
+# it because it is the smallest recipe that trains end to end and has a square view (crops need one)
+GRID_RECIPE = os.path.join(ROOT, "recipes", "grid.yaml")
 
 TINY = ModelConfig(
     encoder=Component("deepencoder", {"image_size": 32, "sam": dict(patch_size=8, dim=32, depth=2, heads=2,

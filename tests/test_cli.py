@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 
 SMALL_DATA = ["data.dataset.train_samples=512", "data.dataset.samples_per_shard=256",
               "data.dataset.eval_samples=16", "eval.samples=16", "eval.probe_samples=8"]
@@ -29,7 +29,7 @@ def one_error_line(result):
     (["model.decoder.n_layers=3"], "model.decoder.n_layers: decoder 'nanochat' takes no argument 'n_layers'"),
 ], ids=["unknown-key", "unknown-plugin", "wrong-type", "missing-shards", "bad-override", "bad-component-arg"])
 def test_broken_recipes_give_one_line_and_exit_2(cli, tmp_path, overrides, expected):
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={tmp_path}", "data.dataset.cache_dir=" + str(tmp_path),
+    result = cli("core.run", GRID_RECIPE, f"run.dir={tmp_path}", "data.dataset.cache_dir=" + str(tmp_path),
                  *overrides)
     assert expected in one_error_line(result)
 
@@ -47,7 +47,7 @@ def test_list_plugins_names_sources(cli):
 
 def test_short_two_stage_run_writes_everything(cli, tmp_path):
     run_dir = tmp_path / "run"
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
                  "stages.0.steps=4", "stages.1.steps=4", "stages.0.probe_every=2", "stages.1.probe_every=0",
                  "data.batch_size=4", *SMALL_DATA)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -75,7 +75,7 @@ def test_short_two_stage_run_writes_everything(cli, tmp_path):
 
 
 def test_dry_run_describes_the_model(cli):
-    result = cli("core.run", DEFAULT_RECIPE, "--dry-run")
+    result = cli("core.run", GRID_RECIPE, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "grid 4x4 -> 21 vision tokens" in result.stdout
     assert "prompt layout: <|bos|> + '<|image|>x21\\nFree OCR.' + answer + eos" in result.stdout
@@ -83,7 +83,7 @@ def test_dry_run_describes_the_model(cli):
 
 def test_overfit10_reproduces_every_sample(cli, tmp_path):
     """The tier-1 check: recipes/overfit10.yaml memorises its 10 fixed samples exactly."""
-    recipe = os.path.join(os.path.dirname(DEFAULT_RECIPE), "overfit10.yaml")
+    recipe = os.path.join(os.path.dirname(GRID_RECIPE), "overfit10.yaml")
     result = cli("core.run", recipe, f"run.dir={tmp_path}", f"data.dataset.cache_dir={tmp_path / 'cache'}")
     assert result.returncode == 0, result.stderr[-2000:]
     probes = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()
@@ -98,7 +98,7 @@ def test_report_with_plots(cli, tmp_path):
     pytest.importorskip("matplotlib")
     from PIL import Image
     run_dir = tmp_path / "run"
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
                  "stages.0.steps=6", "stages.1.steps=4", "stages.0.probe_every=3", "stages.0.monitor_every=3",
                  "stages.1.monitor_every=2", "run.log_every=1", "data.batch_size=4", *SMALL_DATA)
     assert result.returncode == 0, result.stderr[-2000:]

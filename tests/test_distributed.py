@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from core import resume as resume_state
 from core.errors import ConfigError
-from tests.helpers import DEFAULT_RECIPE, ROOT
+from tests.helpers import GRID_RECIPE, ROOT
 
 # Every shard holds exactly one rank batch (2 samples) and every text has the same length, so one
 # process with batch 4 sees, step by step, the union of the two ranks' batches of 2, and the mean
@@ -28,7 +28,7 @@ def _one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
     cache = f"data.dataset.cache_dir={tmp_path / 'cache'}"
-    single = subprocess.run([sys.executable, "-m", "core.run", DEFAULT_RECIPE, f"run.dir={tmp_path / 'one'}", cache,
+    single = subprocess.run([sys.executable, "-m", "core.run", GRID_RECIPE, f"run.dir={tmp_path / 'one'}", cache,
                              "data.batch_size=4", *COMMON], env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     return env, cache
@@ -37,7 +37,7 @@ def _one_process(tmp_path):
 def test_two_gloo_ranks_match_one_process(tmp_path):
     env, cache = _one_process(tmp_path)
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                            "-m", "core.run", DEFAULT_RECIPE, f"run.dir={tmp_path / 'two'}", cache,
+                            "-m", "core.run", GRID_RECIPE, f"run.dir={tmp_path / 'two'}", cache,
                             "data.batch_size=2", *COMMON], env=env, capture_output=True, text=True, timeout=600)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert "distributed: 2 processes (gloo)" in ranks.stdout
@@ -64,7 +64,7 @@ def test_two_gloo_ranks_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
 
     def torchrun(run_dir, *extra):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "core.run",
-                DEFAULT_RECIPE, f"run.dir={run_dir}", cache, *COMMON, *steps, *extra]
+                GRID_RECIPE, f"run.dir={run_dir}", cache, *COMMON, *steps, *extra]
     straight = subprocess.run(torchrun(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -101,7 +101,7 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path):
 
     def fsdp(run_dir, *extra):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", cache, "data.batch_size=2",
+                               "-m", "core.run", GRID_RECIPE, f"run.dir={run_dir}", cache, "data.batch_size=2",
                                "run.parallel=fsdp", "stages.0.checkpoint_every=3", *COMMON, *extra],
                               env=env, capture_output=True, text=True, timeout=600)
     ranks = fsdp(tmp_path / "two")
@@ -137,9 +137,9 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path):
 
 def test_fsdp_refuses_muon_and_compile():
     from core.recipe import load_recipe
-    with pytest.raises(ConfigError, match=r"two_stage.yaml.*stages.1.optimizer: muon needs whole matrices"):
-        load_recipe(DEFAULT_RECIPE, ["run.parallel=fsdp", "stages.1.optimizer=muon"])
+    with pytest.raises(ConfigError, match=r"grid.yaml.*stages.1.optimizer: muon needs whole matrices"):
+        load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "stages.1.optimizer=muon"])
     with pytest.raises(ConfigError, match=r"run.compile: not supported with run.parallel: fsdp"):
-        load_recipe(DEFAULT_RECIPE, ["run.parallel=fsdp", "run.compile=true"])
-    with pytest.raises(ConfigError, match=r"two_stage.yaml:\d+: run: parallel must be ddp or fsdp"):
-        load_recipe(DEFAULT_RECIPE, ["run.parallel=zero"])
+        load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "run.compile=true"])
+    with pytest.raises(ConfigError, match=r"grid.yaml:\d+: run: parallel must be ddp or fsdp"):
+        load_recipe(GRID_RECIPE, ["run.parallel=zero"])

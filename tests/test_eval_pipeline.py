@@ -6,7 +6,7 @@ import shutil
 
 from PIL import Image
 
-from tests.helpers import DEFAULT_RECIPE, ROOT
+from tests.helpers import GRID_RECIPE, ROOT
 
 ODB = os.path.join(ROOT, "tests", "data", "omnidocbench")
 TINY_RUN = ["run.threads=1", "stages.0.steps=2", "stages.1.steps=1", "stages.0.probe_every=0", "stages.1.probe_every=0",
@@ -40,7 +40,7 @@ def test_generate_output_is_scored_directly_by_image_stem(tmp_path, cli):
     """The README's pipeline: generate's JSONL (ids are image paths) and its .md folder both find every page."""
     pages, gt = odb_pages(tmp_path)
     run = tmp_path / "run"
-    assert cli("core.run", DEFAULT_RECIPE, f"run.dir={run}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+    assert cli("core.run", GRID_RECIPE, f"run.dir={run}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
                *TINY_RUN).returncode == 0
     images = [str(tmp_path / p["page_info"]["image_path"]) for p in pages]
     stage = run / "vis_mid"
@@ -70,7 +70,7 @@ def test_an_eval_split_without_usable_samples_stops_before_training(tmp_path, cl
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     shutil.copy(folder / "eval-000000.tar", folder / "train-000000.tar")
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={tmp_path / 'run'}", "run.threads=1",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={tmp_path / 'run'}", "run.threads=1",
                  f"data.dataset={{name: shards, train: '{folder}/train-000000.tar', eval: '{folder}/eval-000000.tar'}}")
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert result.returncode == 2 and len(lines) == 1 and "eval split has no usable sample" in lines[0]
@@ -90,7 +90,7 @@ def test_a_training_run_scores_an_omnidocbench_split_as_the_metrics_command_does
     assert cli("core.shards", "omnidocbench", gt, "--out", shards, "--name", "train", "--quiet").returncode == 0
     run = tmp_path / "run"
     dataset = f"{{name: shards, train: '{shards}/train-000000.tar', eval: '{shards}/eval-000000.tar'}}"
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run}", f"data.dataset={dataset}", "data.max_len=96",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={run}", f"data.dataset={dataset}", "data.max_len=96",
                  "eval.metrics=[omnidocbench]", "eval.max_new_tokens=8",
                  *[o for o in TINY_RUN if not o.startswith("data.dataset.")])
     assert result.returncode == 0, result.stderr[-3000:]

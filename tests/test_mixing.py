@@ -9,7 +9,7 @@ from PIL import Image
 from core.badsamples import BadSample
 from core.data import encode_raw, prompt_prefix
 from plugins.tokenizers.bytes import ByteTokenizer
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 
 TOK = ByteTokenizer()
 
@@ -50,7 +50,7 @@ def test_a_stage_mixes_text_only_batches(cli, tmp_path):
         for i in range(40):
             sink.write({"__key__": f"t{i:03d}", "txt": f"some plain text number {i}"})
     run_dir = tmp_path / "run"
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
                  "data.dataset.train_samples=256", "data.dataset.eval_samples=8", "eval.samples=8",
                  f"data.text_dataset={{name: shards, train: '{text_shard}'}}", "stages.0.text_ratio=0.5",
                  "stages.0.steps=12", "stages.1.steps=2", "stages.0.probe_every=0", "stages.1.probe_every=0",
@@ -62,5 +62,5 @@ def test_a_stage_mixes_text_only_batches(cli, tmp_path):
 
 
 def test_text_ratio_needs_a_text_dataset(cli, tmp_path):
-    result = cli("core.run", DEFAULT_RECIPE, "stages.0.text_ratio=0.1", f"run.dir={tmp_path}")
+    result = cli("core.run", GRID_RECIPE, "stages.0.text_ratio=0.1", f"run.dir={tmp_path}")
     assert result.returncode == 2 and "stages.0.text_ratio: text-only steps need data.text_dataset" in result.stderr

@@ -2,7 +2,7 @@
 from core import checkpoint
 from core.model import build_model
 from core.recipe import load_recipe
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 
 POISON = '''
 import torch
@@ -30,7 +30,7 @@ def vlmkit_register(registry):
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(cli, tmp_path, registry):  # noqa: F811
     (tmp_path / "poison_plugin.py").write_text(POISON)
     run_dir = tmp_path / "run"
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
                  "plugins=[poison_plugin]", "stages.0.regularisers=[{name: poison, at: 3}]",
                  "stages.0.checkpoint_every=2", "stages.0.steps=10", "data.batch_size=4",
                  "data.dataset.train_samples=128", "data.dataset.eval_samples=8", "eval.samples=8",
@@ -41,5 +41,5 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(cli, tmp_path, re
     good = run_dir / "vis_tok" / "model_000002.safetensors"
     assert message.endswith(f"last good checkpoint: {good}")
     assert checkpoint.latest(str(run_dir / "vis_tok")) == str(good)
-    model, _ = build_model(load_recipe(DEFAULT_RECIPE).model, registry)
+    model, _ = build_model(load_recipe(GRID_RECIPE).model, registry)
     assert checkpoint.load_parts(model, str(good), list(checkpoint.PARTS))  # whole and loadable

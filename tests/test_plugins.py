@@ -5,7 +5,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.registry import Registry, load_plugins
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 
 ENCODER_PLUGIN = '''
 import torch
@@ -81,7 +81,7 @@ def test_duplicate_registration_names_the_first_source():
 def test_entry_point_encoder_is_used_by_a_recipe(tmp_path, cli, monkeypatch):
     site = make_installed_package(tmp_path / "site")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(_recipe_with_encoder(DEFAULT_RECIPE))
+    recipe.write_text(_recipe_with_encoder(GRID_RECIPE))
     short = [f"run.dir={tmp_path / 'run'}", f"data.dataset.cache_dir={tmp_path / 'cache'}", "run.threads=1",
              "stages.0.steps=2", "stages.1.steps=2", "stages.0.probe_every=0", "stages.1.probe_every=0",
              "stages.0.monitor_every=0", "stages.1.monitor_every=0", "stages.1.freeze=[]", "stages.0.regularisers=[]",

@@ -4,7 +4,7 @@ import pytest
 
 from core.errors import ConfigError
 from core.recipe import apply_override, load_recipe
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 
 
 def write(tmp_path, text):
@@ -29,7 +29,7 @@ stages:
 
 
 def test_default_recipe_loads_with_overrides():
-    recipe = load_recipe(DEFAULT_RECIPE, ["stages.0.steps=7", "run.dir=/tmp/x", "stages.1.betas=[0.8, 0.9]"])
+    recipe = load_recipe(GRID_RECIPE, ["stages.0.steps=7", "run.dir=/tmp/x", "stages.1.betas=[0.8, 0.9]"])
     assert recipe.stages[0].steps == 7
     assert recipe.run.dir == "/tmp/x"
     assert recipe.stages[1].betas == [0.8, 0.9]

@@ -10,7 +10,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import DEFAULT_RECIPE, ROOT
+from tests.helpers import GRID_RECIPE, ROOT
 
 ARGS = ["run.threads=1", "data.batch_size=4", "data.dataset.train_samples=256", "data.dataset.eval_samples=4",
         "eval.samples=4", "eval.max_new_tokens=4", "stages.0.steps=16", "stages.0.checkpoint_every=4",
@@ -19,7 +19,7 @@ ARGS = ["run.threads=1", "data.batch_size=4", "data.dataset.train_samples=256", 
 
 
 def command(run_dir, cache, *extra):
-    return [sys.executable, "-m", "core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={cache}",
+    return [sys.executable, "-m", "core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={cache}",
             *ARGS, *extra]
 
 

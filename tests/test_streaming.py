@@ -19,7 +19,7 @@ from core.stream import train_batches
 from core.errors import ConfigError
 from core.recipe import load_recipe
 from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 
 PROMPT = "<image>\nFree OCR."
 PREFIX = 1 + 4 + len("\nFree OCR.")  # bos, 4 image tokens, the prompt's tail
@@ -207,20 +207,20 @@ def test_nothing_usable_stops_instead_of_hanging(tmp_path):
 
 def test_data_config_keys(tmp_path):
     base = [f"data.dataset.cache_dir={tmp_path}"]
-    data = load_recipe(DEFAULT_RECIPE, base).data
+    data = load_recipe(GRID_RECIPE, base).data
     assert (data.on_bad_sample, data.on_long_target, data.resample) == ("skip", "truncate", False)
     assert data.max_image_pixels == Image.MAX_IMAGE_PIXELS
-    assert load_recipe(DEFAULT_RECIPE, base + ["data.max_image_pixels=null"]).data.max_image_pixels is None
+    assert load_recipe(GRID_RECIPE, base + ["data.max_image_pixels=null"]).data.max_image_pixels is None
     for override, key in (("data.on_bad_sample=warn", "on_bad_sample"), ("data.on_long_target=cut", "on_long_target"),
                           ("data.max_image_pixels=0", "max_image_pixels")):
         with pytest.raises(ConfigError, match=rf"data: .*{key}"):
-            load_recipe(DEFAULT_RECIPE, base + [override])
+            load_recipe(GRID_RECIPE, base + [override])
 
 
 def test_training_prints_and_logs_the_report(tmp_path, capsys):
     from core.run import main
     bad, cut = corrupt_set(tmp_path)
-    rc = main([DEFAULT_RECIPE, f"run.dir={tmp_path / 'run'}", "data.batch_size=4", "data.num_workers=1",
+    rc = main([GRID_RECIPE, f"run.dir={tmp_path / 'run'}", "data.batch_size=4", "data.num_workers=1",
                f"data.dataset={{name: shards, train: ['{bad}', '{cut}'], eval: '{bad}'}}",
                "stages.0.steps=2", "stages.1.steps=1", "stages.0.probe_every=0", "stages.1.probe_every=0",
                "eval.samples=3", "eval.max_new_tokens=2"])

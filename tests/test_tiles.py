@@ -19,7 +19,7 @@ from core.generate import load_checkpoint, main as ocr_main
 from core.recipe import Crops, ModelConfig, load_recipe
 from core.registry import load_plugins
 from core.stream import train_batches
-from tests.helpers import DEFAULT_RECIPE
+from tests.helpers import GRID_RECIPE
 from tests.helpers import REAL, TINY
 
 CROPS = Crops(tile_size=16, min_tiles=2, max_tiles=4)  # TINY: 32 px global (4x4 grid), 16 px tiles (2x2 each)
@@ -110,18 +110,18 @@ def test_tiles_are_row_major_and_global_view_is_padded():
 
 
 def test_recipe_keys_and_tile_fit(tmp_path, registry):
-    recipe = load_recipe(DEFAULT_RECIPE, ["model.crops={tile_size: 16, max_tiles: 4}"])
+    recipe = load_recipe(GRID_RECIPE, ["model.crops={tile_size: 16, max_tiles: 4}"])
     assert recipe.model.crops == Crops(16, 2, 4)
-    assert load_recipe(DEFAULT_RECIPE).model.crops is None  # off by default
+    assert load_recipe(GRID_RECIPE).model.crops is None  # off by default
     bad = tmp_path / "bad.yaml"
     crops = "  crops: {min_tiles: 5, max_tiles: 3}"
-    bad.write_text(open(DEFAULT_RECIPE).read().replace("  tokenizer: {name: bytes}\n",
+    bad.write_text(open(GRID_RECIPE).read().replace("  tokenizer: {name: bytes}\n",
                                                        f"  tokenizer: {{name: bytes}}\n{crops}\n"))
     line = open(bad).read().splitlines().index(crops) + 1
     with pytest.raises(ConfigError, match=f"bad.yaml:{line}: model.crops: need 1 <= min_tiles <= max_tiles"):
         load_recipe(str(bad))
     with pytest.raises(ConfigError, match=r"model.crops.tile_sise: unknown key \(did you mean 'tile_size'\?\)"):
-        load_recipe(DEFAULT_RECIPE, ["model.crops={tile_sise: 16}"])
+        load_recipe(GRID_RECIPE, ["model.crops={tile_sise: 16}"])
     with pytest.raises(ConfigError, match="model.crops.tile_size: 20 px gives the encoder a 2x2 grid.*multiple of 8"):
         build_model(ModelConfig(TINY.encoder, TINY.projector, TINY.decoder, TINY.tokenizer, Crops(20)), registry)
 
@@ -130,7 +130,7 @@ def test_recipe_keys_and_tile_fit(tmp_path, registry):
 
 def test_dry_run_prints_each_grids_count(capsys):
     from core.run import main
-    assert main([DEFAULT_RECIPE, "--dry-run", "model.crops={tile_size: 16, max_tiles: 3}"]) == 0
+    assert main([GRID_RECIPE, "--dry-run", "model.crops={tile_size: 16, max_tiles: 3}"]) == 0
     out = capsys.readouterr().out
     # 21 global + (2*across + 1) * (2*down): 1x2 -> 21 + 3*4, 2x1 -> 21 + 5*2, 3x1 -> 21 + 7*2, 1x3 -> 21 + 3*6
     assert "vision tokens by grid (across x down): 1x2: 33, 2x1: 31, 3x1: 35, 1x3: 39" in out
@@ -276,7 +276,7 @@ def test_tiny_run_with_crops_and_the_cli_uses_them(cli, tmp_path):
     run_dir = tmp_path / "run"
     stage = ("[{name: s1, steps: 3, probe_every: 2, monitor_every: 2, "
              "regularisers: [{name: cell_reading, weight: 1.0}]}]")
-    result = cli("core.run", DEFAULT_RECIPE, f"run.dir={run_dir}", "run.threads=1", f"stages={stage}",
+    result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", "run.threads=1", f"stages={stage}",
                  f"data.dataset={{name: shards, train: '{train}', eval: '{eval_}'}}", "data.batch_size=5",
                  "model.crops={tile_size: 16, min_tiles: 2, max_tiles: 4}", "eval.samples=5", "eval.max_new_tokens=4")
     assert result.returncode == 0, result.stderr[-2000:]

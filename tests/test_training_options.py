@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from core.errors import ConfigError
 from core.model import checkpoint_activations
-from tests.helpers import DEFAULT_RECIPE, ROOT
+from tests.helpers import GRID_RECIPE, ROOT
 from tests.helpers import tiny
 
 # equal-length texts, so the mean of two batch means is the mean over both batches
@@ -23,7 +23,7 @@ SAME_LENGTH = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,
 
 def run(tmp_path, name, *overrides):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, "-m", "core.run", DEFAULT_RECIPE, f"run.dir={tmp_path / name}",
+    result = subprocess.run([sys.executable, "-m", "core.run", GRID_RECIPE, f"run.dir={tmp_path / name}",
                              f"data.dataset.cache_dir={tmp_path / 'cache'}", *SAME_LENGTH, *overrides],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from core import ConfigError, hookimpl
 from plugins.encoders import pretrained
-from plugins.encoders.sam import resize_pos_grid
+from plugins.encoders.sam import pair, resize_pos_grid
 
 
 def quick_gelu(x):
@@ -28,10 +28,13 @@ def quick_gelu(x):
 class Embeddings(nn.Module):
     def __init__(self, image_size, patch_size, dim):
         super().__init__()
-        self.grid = image_size // patch_size
-        n_pos = self.grid * self.grid + 1
+        # (gh, gw): a rectangle when the DeepEncoder reads text strips; CLIP's own grid is square
+        (ih, iw), (ph, pw) = pair(image_size, "clip.image_size"), pair(patch_size, "clip.patch_size")
+        self.grid_hw = (ih // ph, iw // pw)
+        self.grid = self.grid_hw[0] if ih // ph == iw // pw else self.grid_hw  # an int when square, like image_size
+        n_pos = self.grid_hw[0] * self.grid_hw[1] + 1
         self.class_embedding = nn.Parameter(torch.randn(dim) * dim ** -0.5)
-        self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(3, dim, kernel_size=(ph, pw), stride=(ph, pw), bias=False)
         self.position_embedding = nn.Embedding(n_pos, dim)
         nn.init.normal_(self.position_embedding.weight, std=0.02)  # CLIP's small init, not N(0, 1)
         # persistent in DeepSeek-OCR, so checkpoints carry it (docs/architecture.md §3.2)
@@ -41,8 +44,8 @@ class Embeddings(nn.Module):
         """(1 + h*w, dim): CLS slot as is, the grid part resized bicubic+antialias in fp32 (docs/architecture.md §2.2)."""
         pos = self.position_embedding(self.position_ids)[0]
         cls_pos, grid_pos = pos[:1], pos[1:]
-        if (h, w) != (self.grid, self.grid):
-            grid_pos = resize_pos_grid(grid_pos.reshape(1, self.grid, self.grid, -1), h, w).reshape(h * w, -1)
+        if (h, w) != self.grid_hw:
+            grid_pos = resize_pos_grid(grid_pos.reshape(1, *self.grid_hw, -1), h, w).reshape(h * w, -1)
         return torch.cat([cls_pos, grid_pos], dim=0)
 
     def forward(self, pixel_values, patch_embeds=None):
@@ -126,7 +129,8 @@ class CLIPVisionTower(nn.Module):
         return self.pretrained_report
 
     def grid_size(self, height, width):
-        return height // self.patch_size, width // self.patch_size
+        ph, pw = pair(self.patch_size, "clip.patch_size")
+        return height // ph, width // pw
 
     def sequence(self, pixel_values, patch_embeds=None):
         return self.transformer(self.pre_layrnorm(self.embeddings(pixel_values, patch_embeds)))

@@ -18,7 +18,7 @@ from core import hookimpl
 from core.errors import ConfigError
 from plugins.encoders import pretrained
 from plugins.encoders.clip import CLIPVisionTower
-from plugins.encoders.sam import SAMEncoder
+from plugins.encoders.sam import SAMEncoder, pair
 
 
 # DeepSeek-OCR's single-view resolution modes (docs/architecture.md §2.4): 73 / 111 / 273 / 421 vision tokens
@@ -31,6 +31,11 @@ class DeepEncoder(nn.Module):
 
     ``mode`` picks one of DeepSeek-OCR's resolutions and keeps the position tables at 1024 px,
     so pretrained weights load in every mode; ``image_size`` alone sizes them for itself.
+
+    ``image_size`` may be [height, width]: a non-square global view (a text strip, letterboxed to that
+    rectangle by core/data.py) with SAM's patches, windows and strides as rectangles too. The token
+    layout stays DeepSeek-OCR's, h rows of w tokens + newline, then the separator. The modes, and so
+    the real-scale recipes, keep DeepSeek-OCR's padded square.
     """
 
     def __init__(self, image_size=None, mode=None, sam: dict | None = None, clip: dict | None = None,
@@ -44,6 +49,9 @@ class DeepEncoder(nn.Module):
                 raise ConfigError(f"deepencoder: mode {mode!r} is {MODES[mode]} px but image_size is {image_size}")
             image_size, position_image_size = MODES[mode], position_image_size or BASE_SIZE
         image_size = image_size or BASE_SIZE
+        if not isinstance(image_size, int):  # [h, w]; a square pair is the int itself (one code path, one meta)
+            h, w = pair(image_size, "deepencoder.image_size")
+            image_size = h if h == w else (h, w)
         position_image_size = position_image_size or image_size
         if weights is not None and (sam.get("weights") is not None or clip.get("weights") is not None):
             raise ConfigError("deepencoder: weights (a whole DeepSeek-OCR checkpoint) and sam.weights / clip.weights "
@@ -57,8 +65,9 @@ class DeepEncoder(nn.Module):
         # CLIP's position grid defaults to SAM's output grid at position_image_size (224/14 = 16 = 1024/64,
         # docs/architecture.md §2.2); other grids are resized at run time, as DeepSeek-OCR does for 640 px
         if "image_size" not in clip:
-            grid = self.sam.grid_size(position_image_size, position_image_size)[0]
-            clip["image_size"] = grid * clip.get("patch_size", 14)
+            grid = self.sam.grid_size(*pair(position_image_size, "deepencoder.position_image_size"))
+            patch = clip.get("patch_size", 14)
+            clip["image_size"] = grid[0] * patch if grid[0] == grid[1] else [g * patch for g in grid]
         self.clip = CLIPVisionTower(**clip)
         # bypassed by patch_embeds: must not require grad, or DDP fails on an unused parameter (DESIGN.md)
         self.clip.embeddings.patch_embedding.requires_grad_(False)

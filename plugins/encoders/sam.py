@@ -19,6 +19,16 @@ from core import ConfigError, hookimpl
 from plugins.encoders import pretrained
 
 
+def pair(value, name="size"):
+    """An int or an [h, w] pair -> (h, w): image, patch, window and stride sizes may be rectangles
+    (a text-line strip with full-height patches); an int is the square DeepSeek-OCR uses."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or [height, width], not {value!r}")
+
+
 def resize_pos_grid(pos, height, width):
     """(1, G, G', C) -> (1, height, width, C); bicubic, antialias, fp32 (docs/architecture.md §2.1)."""
     if pos.shape[1] == height and pos.shape[2] == width:
@@ -46,20 +56,24 @@ def get_rel_pos(q_size, k_size, rel_pos):
 
 
 def window_partition(x, ws):
-    """(B, H, W, C) -> (B * nWindows, ws, ws, C), zero-padding H and W up to a multiple of ws."""
+    """(B, H, W, C) -> (B * nWindows, wh, ww, C), zero-padding H and W up to a multiple of the window
+    ``ws`` (an int: square, as SAM; or (wh, ww): a one-row grid of a text strip needs wh = 1, where a
+    square window would pad every window to mostly zeros)."""
     B, H, W, C = x.shape
-    pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
+    wh, ww = pair(ws, "window_size")
+    pad_h, pad_w = (wh - H % wh) % wh, (ww - W % ww) % ww
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, ws, ws, C), (Hp, Wp)
+    x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh, ww, C), (Hp, Wp)
 
 
 def window_unpartition(windows, ws, padded_hw, hw):
     """Inverse of window_partition, cropping the padding away."""
     (Hp, Wp), (H, W) = padded_hw, hw
-    B = windows.shape[0] // ((Hp // ws) * (Wp // ws))
-    x = windows.view(B, Hp // ws, Wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+    wh, ww = pair(ws, "window_size")
+    B = windows.shape[0] // ((Hp // wh) * (Wp // ww))
+    x = windows.view(B, Hp // wh, Wp // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(B, Hp, Wp, -1)[:, :H, :W, :]
 
 
@@ -80,7 +94,8 @@ class LayerNorm2d(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size, dim):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)  # with bias
+        patch = pair(patch_size, "patch_size")  # (ph, pw): e.g. full-height strips of a text line
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)  # with bias
 
     def forward(self, x):
         return self.proj(x).permute(0, 2, 3, 1)  # channels-last (B, h, w, dim)
@@ -95,9 +110,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
         head_dim = dim // heads
-        # zero init, one row per offset: 2 * size - 1 (docs/architecture.md §2.1)
-        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
-        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+        rel_h, rel_w = pair(rel_size, "rel_size")  # the window's (or the global grid's) height and width
+        # zero init, one row per offset: 2 * size - 1 per axis (docs/architecture.md §2.1)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_h - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_w - 1, head_dim))
 
     def forward(self, x):
         B, H, W, C = x.shape
@@ -129,15 +145,15 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio, window_size, grid):
         super().__init__()
-        self.window_size = window_size
+        self.window_size = window_size  # int or (wh, ww); 0: global attention over the (gh, gw) grid
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, rel_size=window_size if window_size > 0 else grid)
+        self.attn = Attention(dim, heads, rel_size=window_size if window_size else grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
         h = self.norm1(x)
-        if self.window_size > 0:  # windows become batch entries: one SDPA call for all of them
+        if self.window_size:  # windows become batch entries: one SDPA call for all of them
             H, W = h.shape[1], h.shape[2]
             h, padded = window_partition(h, self.window_size)
             h = window_unpartition(self.attn(h), self.window_size, padded, (H, W))
@@ -148,7 +164,12 @@ class Block(nn.Module):
 
 
 class SAMEncoder(nn.Module):
-    """(B, 3, H, W) pixels -> (B, h, w, out_dim) channels-last grid of the last compressor conv."""
+    """(B, 3, H, W) pixels -> (B, h, w, out_dim) channels-last grid of the last compressor conv.
+
+    ``image_size``, ``patch_size``, ``window_size`` and each of ``downsample_strides`` are an int (square,
+    as DeepSeek-OCR) or [height, width]: a 32 x 256 text strip with 32 x 4 patches is a 1 x 64 grid,
+    one token per few pixels of the line (README, "How the tiny default learns").
+    """
 
     def __init__(self, image_size=1024, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
                  window_size=14, global_attn_indexes=(2, 5, 8, 11), out_chans=256,
@@ -162,14 +183,18 @@ class SAMEncoder(nn.Module):
         if len(downsample_channels) != len(downsample_strides):
             raise ConfigError("sam: downsample_channels and downsample_strides must have the same length")
         self.image_size, self.patch_size = image_size, patch_size
-        self.strides = tuple(downsample_strides)
+        self.patch = pair(patch_size, "sam.patch_size")
+        self.strides = tuple(pair(s, "sam.downsample_strides") for s in downsample_strides)
+        wh, ww = pair(window_size, "sam.window_size")
+        window = wh if wh == ww else (wh, ww)  # an int stays an int: SAM's square window
         # the position tables (pos_embed, global rel-pos) are stored for position_image_size and resized to
         # the input's grid at run time: DeepSeek-OCR keeps 64x64 (1024 px) for every mode (docs/architecture.md §2.1, §2.4)
-        grid = (position_image_size or image_size) // patch_size
-        self.patch_embed = PatchEmbed(patch_size, dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))  # SAM inits it to zeros
+        pos_h, pos_w = pair(position_image_size or image_size, "sam.image_size")
+        grid = (pos_h // self.patch[0], pos_w // self.patch[1])
+        self.patch_embed = PatchEmbed(self.patch, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, *grid, dim))  # SAM inits it to zeros
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, 0 if i in global_attn_indexes else window_size, grid)
+            Block(dim, heads, mlp_ratio, 0 if i in global_attn_indexes else window, grid)
             for i in range(depth))
         self.neck = nn.Sequential(
             nn.Conv2d(dim, out_chans, kernel_size=1, bias=False),
@@ -180,7 +205,7 @@ class SAMEncoder(nn.Module):
         # the compressor: plain strided convs, no norm or activation between (docs/architecture.md §2.1)
         self.compressor = []
         chans = out_chans
-        for i, (c, s) in enumerate(zip(downsample_channels, downsample_strides)):
+        for i, (c, s) in enumerate(zip(downsample_channels, self.strides)):
             name = f"net_{i + 2}"  # DeepSeek-OCR's names: net_2, net_3
             setattr(self, name, nn.Conv2d(chans, c, kernel_size=3, stride=s, padding=1, bias=False))
             self.compressor.append(name)
@@ -200,9 +225,9 @@ class SAMEncoder(nn.Module):
         return self.pretrained_report
 
     def grid_size(self, height, width):
-        h, w = height // self.patch_size, width // self.patch_size
-        for s in self.strides:  # k3 pad1 stride s
-            h, w = (h - 1) // s + 1, (w - 1) // s + 1
+        h, w = height // self.patch[0], width // self.patch[1]
+        for sh, sw in self.strides:  # k3 pad1 stride s
+            h, w = (h - 1) // sh + 1, (w - 1) // sw + 1
         return h, w
 
     def forward_neck(self, pixel_values):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import hookimpl
+from core.images import image_hw
 
 
 class CellReading(nn.Module):
@@ -28,7 +29,7 @@ class CellReading(nn.Module):
         super().__init__()
         self.weight, self.tokenizer = weight, tokenizer
         self.empty = tokenizer.vocab_size  # the class of a cell after the answer's end
-        self.grid = model.encoder.grid_size(model.image_size, model.image_size)
+        self.grid = model.encoder.grid_size(*image_hw(model.image_size))
         self.head = nn.Linear(model.decoder.n_embd, tokenizer.vocab_size + 1)
 
     def targets(self, texts, device):

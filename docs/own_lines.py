@@ -1,0 +1,83 @@
+"""Render text-line images with drawing code of its own (not the training generator), for checking a
+checkpoint with `python -m core.generate` and `python -m core.metrics`:
+
+    python docs/own_lines.py OUT_DIR [--font default|source_sans_pro|PATH.ttf] [--count N] [--seed S]
+    python -m core.generate RUN/vis_mid OUT_DIR/*.png --out OUT_DIR/pred.jsonl
+    python -m core.metrics fox ned exact --pred OUT_DIR/pred.jsonl --gt OUT_DIR/gt.jsonl
+
+Words: a fresh sample of wonderwords' lists drawn with this script's own random stream, keeping only
+words outside the default recipe's training vocabulary (synthetic_lines, seed 0), so every word is
+unseen. Each line: 2-4 words, the first Capitalised, sometimes a number, ending with a period or a
+comma-separated clause. Drawn with ImageDraw at 2x the target size (64 x 512, then the checkpoint's
+preprocessing resizes it), font size 2 x 14-18 px, black on white, left margin and baseline jittered.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from plugins.datasets.synthetic_lines import SyntheticLines, english_words, font_file  # noqa: E402
+
+
+def unseen_words():
+    train = {w.lower() for w in SyntheticLines(fonts=[{"name": "default", "sizes": [14, 14]}]).train_words}
+    return [w for w in english_words() if w.isalpha() and w.islower() and 3 <= len(w) <= 9 and w not in train]
+
+
+def sentence(rng, words):
+    picked = [rng.choice(words) for _ in range(rng.randint(2, 4))]
+    picked[0] = picked[0].capitalize()
+    if rng.random() < 0.3:
+        picked.insert(rng.randint(1, len(picked)), str(rng.randint(2, 99)))
+    if rng.random() < 0.3 and len(picked) > 2:
+        picked[1] += ","
+    text = " ".join(picked) + rng.choice([".", ".", "!", "?"])
+    while len(text) > 30:  # a line the training images could hold
+        picked.pop()
+        text = " ".join(picked) + "."
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--font", default="default")
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--scale", type=int, default=2, help="draw at this multiple of 32 x 256")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rng = random.Random(args.seed)
+    words = unseen_words()
+    path = font_file(args.font)
+    rows = []
+    for i in range(args.count):
+        text = sentence(rng, words)
+        size = rng.randint(14, 18) * args.scale
+        font = ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
+        width, height = 256 * args.scale, 32 * args.scale
+        while font.getbbox(text)[2] > width - 4 * args.scale:  # shrink rather than cut the line
+            size -= 1
+            font = ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
+        image = Image.new("L", (width, height), 255)
+        left, top, right, bottom = font.getbbox(text)
+        x = rng.randint(2 * args.scale, max(2 * args.scale, width - right - 2 * args.scale))
+        y = rng.randint(0, max(0, height - bottom)) - 0
+        y = min(max(y, -top), height - bottom)
+        ImageDraw.Draw(image).text((x, y), text, font=font, fill=0)
+        name = f"line_{i:04d}.png"
+        image.save(os.path.join(args.out, name))
+        rows.append({"id": os.path.join(args.out, name), "text": text})
+    with open(os.path.join(args.out, "gt.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"{len(rows)} lines in {args.out} (font {args.font}); gt.jsonl beside them")
+
+
+if __name__ == "__main__":
+    main()
