@@ -6,11 +6,15 @@ are read-only, owned by nobody, dated 0, so the same samples give the same bytes
 in a private ``fresh_partial_dir`` and rename it (or its files) into place when done, so a
 reader never sees half a shard set. ``python -m core.shards`` and the synthetic dataset use it.
 """
+import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
 from pathlib import Path
+
+from core.errors import ConfigError
 
 BLOCK = tarfile.BLOCKSIZE  # 512: headers and data are padded to blocks
 
@@ -81,3 +85,32 @@ def fresh_partial_dir(parent, stem):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+def cache_key(args):
+    """The folder name of what ``args`` render: a hash of them (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_split(cache_dir, args, split, write):
+    """The shard paths of ``split`` rendered once per ``args`` and cached: ``cache_dir/<hash of args>/split``.
+
+    ``write(folder)`` fills a private temporary folder that is then renamed into place, so readers never see
+    half a split; ``args`` must hold everything that decides the bytes (their hash names the cache).
+    A folder the user cannot write is their setting: a ConfigError naming data.dataset.cache_dir."""
+    final = Path(os.path.expanduser(str(cache_dir))) / cache_key(args) / split
+    if not final.is_dir():
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = fresh_partial_dir(final.parent, split)
+        except OSError as e:
+            raise ConfigError(f"data.dataset.cache_dir: cannot write {final.parent} ({e.strerror or e})") from e
+        write(tmp)
+        (tmp / "meta.json").write_text(json.dumps(dict(args, split=split), indent=1))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: its shards are identical
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():
+                raise
+    return [str(p) for p in sorted(final.glob("*.tar"))]

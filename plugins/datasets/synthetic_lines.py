@@ -19,26 +19,22 @@ Shards are cached in ``cache_dir/<hash of the arguments>/<split>`` as synthetic_
 shard has its own random stream, so shards render in parallel processes (rendering is part of the
 default run's wall time).
 """
-import hashlib
 import io
 import itertools
-import json
 import multiprocessing
 import os
 import random
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
-import PIL
 from PIL import Image, ImageDraw, ImageFont
 
 from core import ConfigError, hookimpl
 from core.distributed import print0
-from core.shardwriter import ShardWriter, fresh_partial_dir
+from core.shardwriter import ShardWriter
+from plugins.datasets.rendered import RenderedDataset
 
 FORMAT_VERSION = 1  # bump when rendering or the shard format changes: it invalidates old caches
-SPLITS = ("train", "eval")
 CHARSET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:'\"!?()-"
 TRAILING = ".,;:!?"
 ENCLOSING = ('""', "()", "''")
@@ -107,7 +103,9 @@ def english_words():
     return sorted(w for w in words if w and w.lower() not in profane)
 
 
-class SyntheticLines:
+class SyntheticLines(RenderedDataset):
+    name, format_version = "synthetic_lines", FORMAT_VERSION
+
     def __init__(self, cache_dir="~/.cache/vlmkit/synthetic_lines", image_size=(32, 256),
                  fonts=({"name": "default", "sizes": [14, 18]},), words_per_line=(1, 4), lines=(1, 1),
                  word_length=(2, 10), max_chars=35, line_spacing=(1.0, 1.3), margin=1,
@@ -272,42 +270,18 @@ class SyntheticLines:
 
     # ---- shards
 
-    def cache_key(self):
-        blob = json.dumps(dict(self.args, version=FORMAT_VERSION, pillow=PIL.__version__), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def shards(self, split):
-        if split not in SPLITS:
-            raise ConfigError(f"data.dataset: synthetic_lines has no split {split!r}; splits are {', '.join(SPLITS)}")
-        if self.fixed_samples:
-            split = "train"
-        final = self.cache_dir / self.cache_key() / split
-        if not final.is_dir():
-            self._write(split, final)
-        return [str(p) for p in sorted(final.glob("*.tar"))]
-
-    def _write(self, split, final):
-        # write into a private temp dir and rename it into place: readers never see half a split
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fresh_partial_dir(final.parent, split)
-        jobs = [(self.args, split, shard, str(tmp)) for shard in range(self._n_shards(split))]
+    def _write(self, split, folder):
+        jobs = [(self.args, split, shard, str(folder)) for shard in range(self._n_shards(split))]
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = min(self.workers or cores, len(jobs))
         print0(f"synthetic_lines: rendering {self.samples[split]} {split} images in {len(jobs)} shard(s), "
-              f"{workers} process(es)")
+               f"{workers} process(es)")
         if workers > 1:
             with multiprocessing.get_context("spawn" if os.name != "posix" else "fork").Pool(workers) as pool:
                 pool.map(_render_shard, jobs, chunksize=1)
         else:
             for job in jobs:
                 _render_shard(job, self)
-        (tmp / "meta.json").write_text(json.dumps(dict(self.args, split=split, samples=self.samples[split]), indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: its shards are identical
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not final.is_dir():
-                raise
 
 
 def _render_shard(job, dataset=None):

@@ -6,27 +6,25 @@ The default recipe trains a tiny model on a CPU in minutes, so the images are sm
 Train and eval draw from disjoint halves of a random vocabulary, so evaluation
 measures reading, not memorising words.
 """
-import hashlib
 import io
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 
-import PIL
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from core import ConfigError, hookimpl
 from core.distributed import is_main
-from core.shardwriter import ShardWriter, fresh_partial_dir
+from core.shardwriter import ShardWriter
+from plugins.datasets.rendered import RenderedDataset
 
 FORMAT_VERSION = 1  # bump when rendering or the shard format changes: it invalidates old caches
-SPLITS = ("train", "eval")
 
 
-class SyntheticOCR:
+class SyntheticOCR(RenderedDataset):
+    name, format_version = "synthetic_ocr", FORMAT_VERSION
+
     def __init__(self, cache_dir="~/.cache/vlmkit/synthetic_ocr", image_size=64, font_size=8, line_height=8,
                  cell_width=8, layout="grid", wrap="words", margin=0, words=(2, 5), word_length=(2, 6),
                  alphabet="abcdefghijklmnopqrstuvwxyz", vocabulary_size=20000, heldout_fraction=0.2,
@@ -190,29 +188,9 @@ class SyntheticOCR:
 
     # ---- shards
 
-    def cache_key(self):
-        blob = json.dumps(dict(self.args, version=FORMAT_VERSION, pillow=PIL.__version__), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def shards(self, split):
-        if split not in SPLITS:
-            raise ConfigError(f"data.dataset: synthetic_ocr has no split {split!r}; splits are {', '.join(SPLITS)}")
-        if self.fixed_samples:
-            split = "train"
-        final = self.cache_dir / self.cache_key() / split
-        if not final.is_dir():
-            self._write(split, final)
-        return [str(p) for p in sorted(final.glob("*.tar"))]
-
-    def _write(self, split, final):
-        # write into a private temp dir and rename it into place: readers never see half a split
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = fresh_partial_dir(final.parent, split)
-        except OSError as e:  # a cache_dir the user cannot write is their setting, not a fault of this code
-            raise ConfigError(f"data.dataset.cache_dir: cannot write {final.parent} ({e.strerror or e})") from e
+    def _write(self, split, folder):
         n = self.samples[split]
-        writer, buf = ShardWriter(tmp, split, self.samples_per_shard, max_size=None), io.BytesIO()
+        writer, buf = ShardWriter(folder, split, self.samples_per_shard, max_size=None), io.BytesIO()
         for i, (text, lines) in enumerate(tqdm(self._pages(split), total=n, desc=f"synthetic_ocr {split}",
                                                unit="img", disable=not is_main())):
             buf.seek(0)
@@ -220,13 +198,6 @@ class SyntheticOCR:
             self._draw(lines).save(buf, format="PNG", compress_level=1)  # lossless; level 1 is 1.5x faster
             writer.write(f"{i:08d}", [("png", buf.getvalue()), ("txt", text.encode())])
         writer.close()
-        (tmp / "meta.json").write_text(json.dumps(dict(self.args, split=split, samples=n), indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: its shards are identical
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not final.is_dir():
-                raise
 
 
 @hookimpl
