@@ -12,7 +12,13 @@ import json
 import attrs
 import torch
 
-from core.badsamples import ON_BAD_SAMPLE, BadSample, check_policy, format_report, handle
+from core.badsamples import (
+    ON_BAD_SAMPLE,
+    BadSample,
+    check_policy,
+    format_report,
+    handle,
+)
 from core.conversation import IGNORE, IMAGE_MARKER, encode_conversation
 from core.distributed import print0
 from core.errors import ConfigError

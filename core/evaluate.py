@@ -7,8 +7,14 @@ import time
 import torch
 
 from core import data
+from core.generate import (
+    generate,
+    grid_batches,
+    image_grid,
+    image_prompt_ids,
+    view_batch,
+)
 from core.images import image_views
-from core.generate import generate, grid_batches, image_grid, image_prompt_ids, view_batch
 from core.metrics import GroundTruth, score_pairs
 from core.model import evaluating
 

@@ -31,9 +31,15 @@ import torch
 from tqdm import tqdm
 
 from core import checkpoint, data
-from core.errors import ConfigError, cli_main
 from core.badsamples import BadSample
-from core.images import DEFAULT_MAX_IMAGE_PIXELS, image_views, load, open_header, upright_size
+from core.errors import ConfigError, cli_main
+from core.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    image_views,
+    load,
+    open_header,
+    upright_size,
+)
 from core.model import build_model
 from core.recipe import COMPONENTS, model_config_from_meta
 from core.registry import load_plugins

@@ -25,8 +25,14 @@ import warnings
 
 from core.errors import ConfigError, cli_main
 from core.jsonfiles import jsonl_records
-from core.recipe import parse_options, resolve_plugin_paths
-from core.registry import attached, call_in_order, load_plugins, new_plugin_manager
+from core.pluginfiles import resolve_plugin_paths
+from core.recipe import parse_options
+from core.registry import (
+    attached,
+    call_in_order,
+    load_plugins,
+    new_plugin_manager,
+)
 from core.sources import sample_id
 
 NATIVE_FORMAT = "jsonl"

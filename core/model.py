@@ -21,9 +21,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from core.images import Tiling, image_hw
 from core.distributed import print0
 from core.errors import ConfigError
+from core.images import Tiling, image_hw
 from core.weights import load_state, on_meta
 
 

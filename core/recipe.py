@@ -6,7 +6,6 @@ Every recipe key is declared here. A component is a mapping with a ``name``
 exists in the file, the YAML line: ``recipes/x.yaml:14: stages.0.lr: ...``.
 """
 import difflib
-import importlib.util
 import math
 import os
 import types
@@ -16,9 +15,10 @@ import attrs
 import PIL.Image
 import yaml
 
-from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET
 from core import yamlfile
+from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET
 from core.errors import ConfigError
+from core.pluginfiles import resolve_plugin_paths
 from core.yamlfile import apply_override, parse_options  # noqa: F401 (parse_options: core.shards, core.metrics)
 
 
@@ -246,42 +246,6 @@ def load_recipe(path, overrides=()):
     recipe.plugins = resolve_plugin_paths(recipe.plugins, os.path.dirname(os.path.abspath(path)), where)
     recipe.source = path
     return recipe
-
-
-def resolve_plugin_paths(entries, base_dir, where=None):
-    """``plugins:`` entries with files made absolute: ``x.py`` (or ``dir/x.py``) relative to ``base_dir`` (the
-    recipe's folder), and a module name that is not importable but is a file beside it (``x`` -> ``x.py``).
-    Absolute paths go into checkpoints, so ``python -m core.generate`` finds the same plugin anywhere.
-    With ``where`` (a recipe), a file or module that cannot be found is an error naming the recipe line."""
-    out = []
-    for i, entry in enumerate(entries):
-        beside = os.path.join(base_dir, *entry.split(".")) + ".py"
-        if entry.endswith(".py"):
-            entry = os.path.normpath(os.path.join(base_dir, os.path.expanduser(entry)))
-            if not os.path.isfile(entry):
-                message = f"plugin file {entry} does not exist"
-                raise where.error(f"plugins.{i}", message) if where else ConfigError(f"--plugin: {message}")
-        else:
-            found = _importable(entry)
-            if not found and os.path.isfile(beside):
-                entry = beside
-            elif found is False and where is not None:
-                raise where.error(f"plugins.{i}", f"cannot import plugin module {entry!r}: it is not installed, not "
-                                  f"on PYTHONPATH and not a file {os.path.relpath(beside, base_dir)} beside the "
-                                  f"recipe; name a .py file (a path relative to the recipe), or install the module "
-                                  f"or put its folder on PYTHONPATH")
-        out.append(entry)
-    return out
-
-
-def _importable(module):
-    """True: importable; False: not found; None: looking raised (import_plugin then reports the fault)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ModuleNotFoundError, ValueError):
-        return False
-    except Exception:
-        return None
 
 
 COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig

@@ -15,14 +15,13 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
-import os
 import pkgutil
-import sys
 
 import pluggy
 
 from core import contracts, hookspecs
 from core.errors import ConfigError, PluginError, closest
+from core.pluginfiles import import_plugin
 
 KINDS = ("encoder", "projector", "decoder", "tokenizer", "dataset", "source", "metric", "metric_input",
          "regulariser", "freeze", "logger")
@@ -302,34 +301,6 @@ def _entry_point_plugins():
             raise PluginError(f"entry point {ep.name!r} of {dist} ({ep.value}) failed to load: "
                               f"{type(e).__name__}: {e}") from e
         yield f"entry point {ep.name} ({dist})", plugin
-
-
-def import_plugin(entry, where):
-    """A recipe's ``plugins:`` entry -> its module: a ``.py`` file path, or an importable module name."""
-    if entry.endswith(".py"):
-        if not os.path.isfile(entry):
-            raise ConfigError(f"{where}: plugin file {entry!r} does not exist")
-        name = "vlmkit_recipe_plugin_" + os.path.splitext(os.path.basename(entry))[0]
-        if name in sys.modules and getattr(sys.modules[name], "__file__", None) == entry:
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, entry)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # DataLoader workers and pickles find it by name
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[name]
-            raise PluginError(f"{where}: plugin file {entry} failed to import: {type(e).__name__}: {e}") from e
-        return module
-    try:
-        return importlib.import_module(entry)
-    except ModuleNotFoundError as e:
-        if e.name and entry.startswith(e.name):
-            raise ConfigError(f"{where}: cannot import plugin module {entry!r} ({e}); name a .py file (a path "
-                              f"relative to the recipe), or install the module or put its folder on PYTHONPATH") from e
-        raise PluginError(f"{where}: plugin module {entry} failed to import: {type(e).__name__}: {e}") from e
-    except Exception as e:
-        raise PluginError(f"{where}: plugin module {entry} failed to import: {type(e).__name__}: {e}") from e
 
 
 def load_plugins(extra_modules=(), entry_points=True):

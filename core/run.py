@@ -23,8 +23,8 @@ from core import registry as plugin_registry
 from core import resume as resume_state
 from core.data import prompt_prefix
 from core.errors import ConfigError, cli_main
-from core.images import image_hw
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
+from core.images import image_hw
 from core.metrics import score_pairs
 from core.model import build_model, checkpoint_activations
 from core.recipe import load_recipe

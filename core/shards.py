@@ -56,8 +56,16 @@ from tqdm import tqdm
 
 from core.data import IMAGE_EXTS
 from core.errors import ConfigError, cli_main
-from core.pdf import DEFAULT_LONGEST_SIDE, PageRange, PdfSkip, Render, as_pdf_page, render_png
-from core.recipe import parse_options, resolve_plugin_paths
+from core.pdf import (
+    DEFAULT_LONGEST_SIDE,
+    PageRange,
+    PdfSkip,
+    Render,
+    as_pdf_page,
+    render_png,
+)
+from core.pluginfiles import resolve_plugin_paths
+from core.recipe import parse_options
 from core.registry import load_plugins
 from core.shardwriter import ShardWriter, fresh_partial_dir
 from core.sources import Skip, clean_key, count_items, split_front_matter

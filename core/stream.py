@@ -31,12 +31,19 @@ import random
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET, BadSample, check_policy, count, handle, merge_reports
+from core.badsamples import (
+    ON_BAD_SAMPLE,
+    ON_LONG_TARGET,
+    BadSample,
+    check_policy,
+    count,
+    handle,
+    merge_reports,
+)
 from core.data import SampleEncoding, collate
 from core.errors import ConfigError
 from core.images import DEFAULT_MAX_IMAGE_PIXELS
 from core.shardreader import check_shards, read_shard
-
 
 # ---- the training stream
 
