@@ -190,11 +190,16 @@ def resolve(path, run_dir, parts):
     return path
 
 
-def load_parts(model, path, parts):
-    """Copy the named parts from a safetensors file into ``model``; all-or-nothing, every key checked."""
+def check_parts(parts, where="init_from.parts"):
+    """A ConfigError naming ``where`` unless every name is a part of PARTS."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        raise ConfigError(f"init_from.parts: unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
+        raise ConfigError(f"{where}: unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
+
+
+def load_parts(model, path, parts):
+    """Copy the named parts from a safetensors file into ``model``; all-or-nothing, every key checked."""
+    check_parts(parts)
     prefixes = tuple(x for p in parts for x in PARTS[p])
     try:
         saved = load_file(path)

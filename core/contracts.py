@@ -11,9 +11,12 @@ Behaviour kinds (freeze, regulariser, metric, logger) are objects whose ``@hooki
 the core calls through pluggy (``core/hookspecs.py`` documents each hook); ``BEHAVIOUR_HOOKS``
 says which hooks each kind must implement.
 """
-from typing import Iterable, Protocol
+from typing import Protocol
+from collections.abc import Iterable
 
 import torch
+
+from core.hookspecs import is_hookimpl
 
 # Objects the core hands a factory, by parameter name, when its signature names them; never from
 # the recipe (a recipe key of the same name is an error).
@@ -143,5 +146,4 @@ def missing_members(kind, obj):
     """The members ``obj`` lacks for its ``kind`` (Protocol members, or the behaviour hooks); [] if none."""
     if kind in PROTOCOLS:
         return [n for n in required_members(PROTOCOLS[kind]) if not hasattr(obj, n)]
-    marker = "vlmkit_impl"  # pluggy's HookimplMarker("vlmkit") marks functions with this attribute
-    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if getattr(getattr(obj, h, None), marker, None) is None]
+    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if not is_hookimpl(getattr(obj, h, None))]

@@ -33,6 +33,11 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+def is_hookimpl(function):
+    """Whether ``function`` is marked ``@hookimpl`` (pluggy sets this attribute on what it marks)."""
+    return getattr(function, PROJECT + "_impl", None) is not None
+
+
 @hookspec
 def vlmkit_register(registry):
     """Add this plugin's components: ``registry.add(kind, name, factory)``.

@@ -188,7 +188,7 @@ def candidate_grids(min_tiles, max_tiles):
     return list(_candidate_grids(min_tiles, max_tiles))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _candidate_grids(min_tiles, max_tiles):
     """candidate_grids as a tuple, built once per setting: choose_grid runs for every sample."""
     grids = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)

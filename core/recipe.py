@@ -55,7 +55,7 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     device: str = "cpu"
-    threads: typing.Optional[int] = None  # None: the idle cores, re-checked while training (core/threads.py)
+    threads: int | None = None  # None: the idle cores, re-checked while training (core/threads.py)
     log_every: int = 20
     resume: str = "never"  # auto: continue an interrupted run in run.dir from its checkpoints (core/resume.py)
     precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (GPUs; works, slowly, on CPUs)
@@ -97,7 +97,7 @@ class ModelConfig:
     projector: Component
     decoder: Component
     tokenizer: Component
-    crops: typing.Optional[Crops] = None  # off: the global view alone
+    crops: Crops | None = None  # off: the global view alone
 
 
 @attrs.define
@@ -111,8 +111,8 @@ class DataConfig:
     resample: bool = False  # false: epochs, each a fresh shard order; true: shards drawn with replacement, endless
     on_bad_sample: str = "skip"  # skip: count by reason and shard (printed per stage) | error: stop, naming shard + key
     on_long_target: str = "truncate"  # a text longer than max_len allows: truncate | skip (counted either way)
-    max_image_pixels: typing.Optional[int] = PIL.Image.MAX_IMAGE_PIXELS  # larger images are bad samples; null: no limit
-    text_dataset: typing.Optional[Component] = None  # text-only samples for a stage's text_ratio
+    max_image_pixels: int | None = PIL.Image.MAX_IMAGE_PIXELS  # larger images are bad samples; null: no limit
+    text_dataset: Component | None = None  # text-only samples for a stage's text_ratio
 
     def __attrs_post_init__(self):
         for key, options in (("on_bad_sample", ON_BAD_SAMPLE), ("on_long_target", ON_LONG_TARGET)):
@@ -139,19 +139,19 @@ class Stage:
     betas: list[float] = attrs.field(factory=lambda: [0.9, 0.95])
     warmup: int = 0
     schedule: str = "constant"  # constant | step | cosine
-    decay_every: typing.Optional[int] = None  # step schedule: multiply by decay_factor every N steps
+    decay_every: int | None = None  # step schedule: multiply by decay_factor every N steps
     decay_factor: float = 0.1
     optimizer: str = "adamw"  # adamw | muon: nanochat's Muon for the decoder's block matrices, AdamW for the rest
     muon_lr: float = 0.02  # docs/architecture.md §1.7
     grad_clip: float = 1.0
     grad_accum: int = 1  # batches per optimizer step (the effective batch is batch_size * grad_accum * ranks)
     activation_checkpointing: list[str] = attrs.field(factory=list)  # components whose blocks recompute in backward
-    batch_size: typing.Optional[int] = None  # default: data.batch_size
+    batch_size: int | None = None  # default: data.batch_size
     freeze: list[Component] = attrs.field(factory=list)
     regularisers: list[Component] = attrs.field(factory=list)
-    init_from: typing.Optional[InitFrom] = None
+    init_from: InitFrom | None = None
     checkpoint_every: int = 0  # 0: only at the end of the stage
-    checkpoint_keep: typing.Optional[int] = None  # keep the newest N checkpoints of the stage (None: all)
+    checkpoint_keep: int | None = None  # keep the newest N checkpoints of the stage (None: all)
     probe_every: int = 0  # >0: every N steps greedy-decode eval.probe_samples held-out samples and log exact/NED
     stop_when_exact: bool = False  # with probe_every: stop the stage once every probe sample is read exactly
     monitor_every: int = 0  # >0: every N steps log the collapse monitor (core/monitor.py)
@@ -196,7 +196,7 @@ class Recipe:
     data: DataConfig
     stages: list[Stage]
     run: RunConfig = attrs.field(factory=RunConfig)
-    eval: typing.Optional[EvalConfig] = attrs.field(factory=EvalConfig)
+    eval: EvalConfig | None = attrs.field(factory=EvalConfig)
     plugins: list[str] = attrs.field(factory=list)
     loggers: list[Component] = attrs.field(factory=lambda: [Component("jsonl")])
     source: str = attrs.field(default="<recipe>", metadata={"internal": True})

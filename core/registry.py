@@ -13,7 +13,6 @@ A component is checked against its kind's contract (core/contracts.py) when it i
 """
 import contextlib
 import importlib
-import importlib.util
 import inspect
 import pkgutil
 
@@ -171,7 +170,7 @@ def check_hook_names(plugin, label):
         if attr not in HOOKS:
             raise ConfigError(f"plugin {label}: {attr} is not a vlmkit hook{closest(attr, HOOKS)}; "
                               f"hooks are {', '.join(HOOKS)} (core/hookspecs.py)")
-        if getattr(value, hookspecs.PROJECT + "_impl", None) is None:
+        if not hookspecs.is_hookimpl(value):
             raise ConfigError(f"plugin {label}: {attr} is not marked @hookimpl (from core import hookimpl), "
                               f"so vlmkit would never call it")
         _check_arguments(value, attr, label)
@@ -212,6 +211,11 @@ def register(pm, plugin, label):
         raise ConfigError(f"plugin {label}: {' '.join(str(e).split())}") from e
 
 
+def behaviour_label(where, index, obj):
+    """How messages name a behaviour object: its recipe place, class and module."""
+    return f"{where}.{index} ({type(obj).__name__} from {type(obj).__module__})"
+
+
 @contextlib.contextmanager
 def attached(pm, objects, where):
     """The behaviour ``objects`` (a stage's freeze policies or regularisers, metrics, loggers) answer their
@@ -219,7 +223,7 @@ def attached(pm, objects, where):
     done = []
     try:
         for i, obj in enumerate(objects):
-            register(pm, obj, f"{where}.{i} ({type(obj).__name__} from {type(obj).__module__})")
+            register(pm, obj, behaviour_label(where, i, obj))
             done.append(obj)
         yield pm.hook
     finally:
@@ -254,12 +258,8 @@ def call_in_order(hook, **kwargs):
     answers = []
     answer_ok, shape = ANSWERS.get(hook.name, (lambda answer: True, ""))
     for impl in hook.get_hookimpls():
-        try:
-            answer = impl.function(**{name: kwargs[name] for name in impl.argnames})
-        except (ConfigError, PluginError):
-            raise
-        except Exception as e:
-            raise PluginError(f"plugin {impl.plugin_name}: {hook.name} failed: {type(e).__name__}: {e}") from e
+        answer = plugin_call(f"plugin {impl.plugin_name}", impl.function, _name=hook.name,
+                             **{name: kwargs[name] for name in impl.argnames})
         if answer is None:
             continue
         if not answer_ok(answer):
@@ -270,15 +270,16 @@ def call_in_order(hook, **kwargs):
     return answers
 
 
-def plugin_call(where, function, *args, **kwargs):
-    """``function(*args, **kwargs)`` of a plugin's component (a dataset's ``shards``, say): an exception from
-    its code becomes a PluginError naming ``where`` and the method, with the traceback; a ConfigError passes."""
+def plugin_call(where, function, *args, _name=None, **kwargs):
+    """``function(*args, **kwargs)`` of a plugin (a dataset's ``shards``, a hook): an exception from its code
+    becomes a PluginError naming ``where`` and the function (``_name``, else its own), with the traceback;
+    a ConfigError (a recipe mistake the plugin reports) passes."""
     try:
         return function(*args, **kwargs)
     except (ConfigError, PluginError):
         raise
     except Exception as e:
-        name = getattr(function, "__qualname__", repr(function))
+        name = _name or getattr(function, "__qualname__", repr(function))
         raise PluginError(f"{where}: {name} failed: {type(e).__name__}: {e}") from e
 
 
@@ -325,11 +326,6 @@ def load_plugins(extra_modules=(), entry_points=True):
         if hook is None:
             continue
         registry.source = label
-        try:
-            hook(registry=registry)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise PluginError(f"plugin {label}: vlmkit_register failed: {type(e).__name__}: {e}") from e
+        plugin_call(f"plugin {label}", hook, _name="vlmkit_register", registry=registry)
     registry.source = "<direct>"
     return pm, registry

@@ -99,7 +99,7 @@ def check_stages(recipe, pm, registry, show=False):
                                               context={"model": model, "tokenizer": tokenizer})
         with attached(pm, regularisers, f"{where}.regularisers"):
             pass  # registering checks their hook names and arguments
-            checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
+        checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
         if stage.init_from is not None:
             check_init_from(recipe, i, stage.init_from)
         if show:
@@ -117,9 +117,7 @@ def check_init_from(recipe, index, init_from):
     """A stage's init_from before anything trains: known parts; a file that exists; ``stage:NAME`` an earlier
     stage this run trains, or a folder an earlier run left in run.dir (a stage skipped with steps: 0)."""
     where = f"stages.{index}.init_from"
-    unknown = [p for p in init_from.parts if p not in checkpoint.PARTS]
-    if unknown:
-        raise ConfigError(f"{where}.parts: unknown part {unknown[0]!r}; parts are {', '.join(checkpoint.PARTS)}")
+    checkpoint.check_parts(init_from.parts, f"{where}.parts")
     if not init_from.path.startswith("stage:"):
         checkpoint.resolve(init_from.path, None, init_from.parts)
         return
@@ -154,7 +152,7 @@ def check_lengths(recipe, model, tokenizer):
             model.decoder(embeds)
         except ValueError as e:
             raise ConfigError(f"{key}: sequences of {length} tokens{detail} do not fit the decoder: {e}") from e
-        except Exception:  # noqa: BLE001 - an operation meta tensors lack: this check cannot tell, training will
+        except Exception:
             pass
 
 
@@ -234,8 +232,8 @@ def run(recipe, dry=False):
     resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
     loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})
-    for j, logger in enumerate(loggers):
-        plugin_registry.register(pm, logger, f"loggers.{j} ({type(logger).__name__} from {type(logger).__module__})")
+    for j, logger in enumerate(loggers):  # for the whole run: its plugin manager goes with it
+        plugin_registry.register(pm, logger, plugin_registry.behaviour_label("loggers", j, logger))
     if ctx.world_size > 1:
         ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})"
                 + (", model sharded (FSDP2)" if recipe.run.parallel == "fsdp" else ""))
@@ -247,8 +245,6 @@ def run(recipe, dry=False):
         for stage in recipe.stages:
             if stage.steps:
                 checkpoint.forget(os.path.join(ctx.run_dir, stage.name))
-    with torch.device("meta"):  # a recipe whose model cannot be built stops here, before any data is read
-        build_model(recipe.model, registry)
     if recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages):
         ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
     summaries, model = [], None

@@ -112,9 +112,10 @@ class Prepared:
     model: torch.nn.Module
     tokenizer: object
     engine: torch.nn.Module  # what the forward runs through: the model, or DDP / torch.compile around it
-    regularisers: list
     extra_modules: dict  # regulariser modules with parameters, by checkpoint prefix
+    extra_params: list  # their parameters: outside DDP, their gradients are averaged by hand
     trainable: list
+    clip: object  # the gradient-clipping function: FSDP's over sharded and plain gradients, else torch's
     optimizer: torch.optim.Optimizer
     scheduler: object
     sharded: bool
@@ -169,7 +170,9 @@ def prepare_stage(recipe, registry, pm, index, device, run_dir=None, resume=None
     exits = contextlib.ExitStack()
     hook = exits.enter_context(attached(pm, regularisers, f"{where}.regularisers"))
     set_train_mode(model)
-    return Prepared(stage, where, model, tokenizer, engine, regularisers, extra_modules, trainable, optimizer,
+    extra_params = [p for m in extra_modules.values() for p in m.parameters()]
+    clip = distributed.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_
+    return Prepared(stage, where, model, tokenizer, engine, extra_modules, extra_params, trainable, clip, optimizer,
                     scheduler, sharded, table, hook, recipe.run.precision, exits)
 
 
@@ -190,7 +193,8 @@ def loss_terms(prep, batch):
 
 def train_step(prep, next_batch, check=None):
     """One optimizer step over ``stage.grad_accum`` micro-batches from ``next_batch(micro)``; returns the
-    mean of each loss term (tensors). ``check(terms)`` sees each micro-batch's terms before backward."""
+    mean of each loss term (tensors). ``check(terms, total)`` sees each micro-batch's terms and their sum
+    before backward."""
     stage = prep.stage
     prep.optimizer.zero_grad(set_to_none=True)
     sums = {}
@@ -198,15 +202,15 @@ def train_step(prep, next_batch, check=None):
         last = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if last else distributed.no_sync(prep.engine):
             terms = loss_terms(prep, next_batch(micro))
+            total = sum(terms.values())
             if check is not None:
-                check(terms)
-            (sum(terms.values()) / stage.grad_accum).backward()
+                check(terms, total)
+            (total / stage.grad_accum).backward()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
-    distributed.average_gradients([p for m in prep.extra_modules.values() for p in m.parameters()])
+    distributed.average_gradients(prep.extra_params)
     if stage.grad_clip > 0:
-        clip = distributed.clip_grad_norm_ if prep.sharded else torch.nn.utils.clip_grad_norm_
-        clip(prep.trainable, stage.grad_clip)
+        prep.clip(prep.trainable, stage.grad_clip)
     prep.optimizer.step()
     prep.scheduler.step()
     return sums
@@ -279,20 +283,20 @@ def run_stage(ctx, index, stage, resume=None):
                 text_this_step.append(text)
                 return _to(next(text_batches if text else batches), device)
 
-            def check(terms):
-                total = sum(terms.values())
+            def check(terms, total):
                 if not torch.isfinite(total):
                     raise TrainingError(f"stage {stage.name} step {step}: loss is {total.item()} "
                                         f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}); "
                                         f"last good checkpoint: {last_good or 'none in this stage'}")
-            lr = resume_state.used_lr(prep.optimizer)  # what this step's update uses, as the log shows it
+            log_now = step % recipe.run.log_every == 0 or step == stage.steps - 1
+            lr = resume_state.used_lr(prep.optimizer) if log_now else None  # what this step's update uses
             terms = train_step(prep, next_batch, check)
             text_steps += sum(text_this_step)
             losses = {k: v.item() for k, v in terms.items()}
             rate = (step + 1 - first_step) * batch_size * stage.grad_accum / (time.perf_counter() - start)
             progress.set_postfix({**{k: f"{v:.3f}" for k, v in losses.items()}, "samples/s": f"{rate:.0f}",
                                   "threads": ctx.threads.threads}, refresh=False)
-            if step % recipe.run.log_every == 0 or step == stage.steps - 1:
+            if log_now:
                 ctx.log({"event": "train", "stage": stage.name, "step": step, **lr,
                          "samples_per_s": rate, "threads": ctx.threads.threads, **losses})
             if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:

@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.data import eval_samples  # noqa: E402
-from core.recipe import load_recipe  # noqa: E402
-from core.registry import load_plugins  # noqa: E402
+from core.data import eval_samples
+from core.recipe import load_recipe
+from core.registry import load_plugins
 
 
 def image_grid(samples, path, title, rows=8, cols=2):

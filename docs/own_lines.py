@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from plugins.datasets.synthetic_lines import SyntheticLines, english_words, font_file  # noqa: E402
+from plugins.datasets.synthetic_lines import SyntheticLines, english_words, font_file
 
 
 def unseen_words():

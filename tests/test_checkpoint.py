@@ -29,7 +29,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, registry):  # noqa: F811
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, registry):
     stage_dir = str(tmp_path / "stage")
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-c", WRITER, stage_dir], stdout=subprocess.PIPE, text=True, env=env)
@@ -44,7 +44,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert checkpoint.resolve(stage_dir, str(tmp_path), ["encoder"]).endswith("encoder_000001.safetensors")
 
 
-def test_keep_last_and_pointer(tmp_path, registry):  # noqa: F811
+def test_keep_last_and_pointer(tmp_path, registry):
     model, _ = tiny(registry)
     stage_dir = str(tmp_path / "s")
     for step in (10, 20, 30):

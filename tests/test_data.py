@@ -42,7 +42,7 @@ def batches(ds, seed=0, n=3, **kw):
 # ---- preprocess
 
 def test_preprocess_shape_and_range():
-    assert GREY == pytest.approx((127 / 255 - 0.5) / 0.5, abs=1e-7)
+    assert pytest.approx((127 / 255 - 0.5) / 0.5, abs=1e-7) == GREY
     image = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
     x = preprocess(image, 64)
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32

@@ -233,7 +233,7 @@ def test_python_and_numpy_random_are_seeded_by_run_seed(tmp_path, cache):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
-def test_checkpoint_files_get_the_umasks_permissions(tmp_path, registry, umask):  # noqa: F811
+def test_checkpoint_files_get_the_umasks_permissions(tmp_path, registry, umask):
     from core import resume as resume_state
     model, _ = tiny(registry)
     optimizer = torch.optim.AdamW(model.parameters())

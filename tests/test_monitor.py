@@ -13,7 +13,7 @@ def test_mean_pairwise_cosine_by_hand():
     assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])) == pytest.approx(2 ** 0.5 / 3)
 
 
-def test_collapse_scores_per_part_and_a_collapsed_encoder(registry):  # noqa: F811
+def test_collapse_scores_per_part_and_a_collapsed_encoder(registry):
     model, _ = tiny(registry)
     from PIL import Image
     samples = [{"image": Image.new("RGB", (32, 32), (i * 40, 0, 255 - i * 40))} for i in range(4)]

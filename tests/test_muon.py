@@ -29,7 +29,7 @@ def test_adamw_groups_match_torch_adamw():
     torch.testing.assert_close(a, b)
 
 
-def test_muon_takes_the_decoder_block_matrices_and_trains(registry):  # noqa: F811
+def test_muon_takes_the_decoder_block_matrices_and_trains(registry):
     model, tok = tiny(registry)
     groups = parameter_groups(model, {}, {}, lr=1e-3, muon_lr=0.02)
     muon = {id(p) for g in groups if g["kind"] == "muon" for p in g["params"]}

@@ -27,7 +27,7 @@ def vlmkit_register(registry):
 '''
 
 
-def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(cli, tmp_path, registry):  # noqa: F811
+def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(cli, tmp_path, registry):
     (tmp_path / "poison_plugin.py").write_text(POISON)
     run_dir = tmp_path / "run"
     result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",

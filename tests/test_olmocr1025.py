@@ -101,7 +101,7 @@ def test_the_folder_source_strips_a_front_matter_the_same_way(tmp_path):
     (folder / "b.md").write_text("---\n\nA page that opens with a rule.\n\n---\nand goes on")  # not YAML: kept
     got = {r["__key__"]: r for p in write_shards("folder", str(folder), str(tmp_path / "out"), progress=False).shards
            for r in read_shard(p)}
-    assert got["a"]["txt"] == "Seite eins".encode()
+    assert got["a"]["txt"] == b"Seite eins"
     assert json.loads(got["a"]["json"])["front_matter"]["is_diagram"] is True
     assert got["b"]["txt"] == b"---\n\nA page that opens with a rule.\n\n---\nand goes on" and "json" not in got["b"]
 

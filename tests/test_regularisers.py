@@ -11,7 +11,7 @@ from plugins.regularisers.contrastive import ContrastiveRegulariser
 from tests.helpers import tiny
 
 
-def test_contrastive_rewards_distinct_images(registry):  # noqa: F811
+def test_contrastive_rewards_distinct_images(registry):
     model, _ = tiny(registry)
     reg = ContrastiveRegulariser(model, weight=1.0)
     b, h, w = 6, 4, 4
@@ -35,7 +35,7 @@ def test_contrastive_rewards_distinct_images(registry):  # noqa: F811
     assert loss_distinct["contrastive"].item() < 0.5 * math.log(b)
 
 
-def test_contrastive_trains_the_encoder_and_skips_text_batches(registry):  # noqa: F811
+def test_contrastive_trains_the_encoder_and_skips_text_batches(registry):
     model, tok = tiny(registry)
     reg = ContrastiveRegulariser(model)
     out = model(torch.randn(4, 3, 32, 32), torch.tensor([[tok.bos_id] + [tok.image_id] * 21] * 4))
@@ -44,7 +44,7 @@ def test_contrastive_trains_the_encoder_and_skips_text_batches(registry):  # noq
     assert reg.vlmkit_regulariser_loss(model, {}, {"vision_features": None, "vision_tokens": None}) is None
 
 
-def test_cell_reading_targets_follow_the_cells(registry):  # noqa: F811
+def test_cell_reading_targets_follow_the_cells(registry):
     model, tok = tiny(registry)
     reg = CellReading(model, tok)
     targets = reg.targets(["ab cd"], "cpu")
@@ -64,7 +64,7 @@ def _pages(b, size=32, seed=0):
     return pixels
 
 
-def test_pooled_mode_lowers_the_monitored_similarity(registry):  # noqa: F811
+def test_pooled_mode_lowers_the_monitored_similarity(registry):
     model, _ = tiny(registry)
     reg = ContrastiveRegulariser(model, weight=1.0, temperature=0.5, mode="pooled", variance=1.0)
     assert not list(reg.parameters())  # no heads: the loss sees the features the monitor scores
@@ -89,7 +89,7 @@ def test_pooled_mode_lowers_the_monitored_similarity(registry):  # noqa: F811
     assert all(after[k] < 0.5 for k in after), (before, after)
 
 
-def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):  # noqa: F811
+def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):
     # Collapse at the tiny scale is a shared offset growing until it drowns the image (README, "Collapse"):
     # the cosine InfoNCE's gradient shrinks as 1 / offset, the variance hinge's (absolute units) does not.
     model, _ = tiny(registry)
@@ -108,7 +108,7 @@ def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):  # no
     assert grad(1.0, 100.0) > 0.5 * grad(1.0, 1.0)
 
 
-def test_contrastive_mode_is_checked(registry):  # noqa: F811
+def test_contrastive_mode_is_checked(registry):
     model, _ = tiny(registry)
     with pytest.raises(ConfigError, match="mode must be one of heads, pooled"):
         ContrastiveRegulariser(model, mode="raw")

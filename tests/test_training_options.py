@@ -45,7 +45,7 @@ def test_bf16_autocast_trains(tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_activation_checkpointing_keeps_the_gradients(registry):  # noqa: F811
+def test_activation_checkpointing_keeps_the_gradients(registry):
     def grads(checkpointed):
         model, tok = tiny(registry, seed=5)
         with torch.no_grad():  # nanochat zero-inits its output layers; give every block a gradient

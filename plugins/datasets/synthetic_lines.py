@@ -24,7 +24,7 @@ import itertools
 import multiprocessing
 import os
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -61,7 +61,7 @@ def font_file(name):
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_font(name, size):
     path = font_file(name)
     return ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
@@ -86,12 +86,12 @@ def confusable_pairs(font, chars=CHARSET, threshold=MIN_GLYPH_DIFFERENCE):
     return pairs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _confusable(name, size):
     return confusable_pairs(load_font(name, size))
 
 
-@lru_cache(maxsize=None)
+@cache
 def english_words():
     """The word lists wonderwords ships (plain text), without its profanity list's words."""
     from importlib.resources import files

@@ -210,7 +210,7 @@ class GPT(nn.Module):
         if self.cos.device != embeds.device:  # built on meta, then load_state_dict(assign=True)
             self._set_rotary(embeds.device)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()  # rotary offset (§1.4)
-        if T0 + T > self.cos.size(1):
+        if self.cos.size(1) < T0 + T:
             raise ValueError(f"sequence end {T0 + T} exceeds the rotary table ({self.cos.size(1)} positions)")
         cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         eps = self.config.norm_eps
