@@ -37,7 +37,10 @@ class Encoder(Protocol):
     Optional: ``feature_parts() -> {name: slice}`` (which output channels come from which
     sub-network; the collapse monitor scores each, parameter tables list each);
     ``pretrained_extras: dict`` (tensors of the whole model that came with the encoder's
-    checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder).
+    checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder);
+    ``token_layout: str`` (how core/model.py lays the projected grids out as decoder tokens:
+    ``"rows"``, the default, DeepSeek-OCR's rows + newline; ``"flat"``, DeepSeek-OCR 2's flattened
+    views without newline; docs/architecture.md §7.4).
     """
     image_size: int
     out_dim: int

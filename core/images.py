@@ -228,14 +228,21 @@ def upright_size(image):
     return width, height
 
 
-def local_tokens(grid, tile_grid):
-    """Vision tokens of the tiles: (h2*down) rows of (w2*across + 1) (a newline per row), §2.3.
+LAYOUTS = ("rows", "flat")  # an encoder's token_layout (core/model.py): DeepSeek-OCR's, DeepSeek-OCR 2's
 
-    DeepSeek-OCR's processor writes it (q2*nw + 1) * (q2*nh) for square tile grids q2 x q2; ``grid`` None -> 0.
+
+def local_tokens(grid, tile_grid, layout="rows"):
+    """Vision tokens of the tiles; ``grid`` None -> 0.
+
+    ``rows`` (DeepSeek-OCR, §2.3): (h2*down) rows of (w2*across + 1), a newline per row; its processor
+    writes it (q2*nw + 1) * (q2*nh) for square tile grids q2 x q2. ``flat`` (DeepSeek-OCR 2, §7.4):
+    h2*w2 per tile, no newline.
     """
     if grid is None:
         return 0
     (across, down), (h2, w2) = grid, tile_grid
+    if layout == "flat":
+        return h2 * w2 * across * down
     return (w2 * across + 1) * (h2 * down)
 
 
@@ -249,6 +256,7 @@ class Tiling:
     min_tiles: int
     max_tiles: int
     tile_grid: tuple  # (h2, w2): the encoder's output grid for one tile
+    layout: str = "rows"  # the encoder's token_layout (core/model.py)
 
     @classmethod
     def for_encoder(cls, encoder, crops, where="model.crops"):
@@ -269,13 +277,13 @@ class Tiling:
             hint = f"; use a multiple of {step} px" if step else ""
             raise ConfigError(f"{where}.tile_size: {t} px gives the encoder a {h2}x{w2} grid, not the "
                               f"{h}x{w} per {size} px of its global view scaled to {t} px{hint}")
-        return cls(t, crops.min_tiles, crops.max_tiles, (h2, w2))
+        return cls(t, crops.min_tiles, crops.max_tiles, (h2, w2), getattr(encoder, "token_layout", "rows"))
 
     def grid(self, width, height):
         return choose_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
 
     def local_tokens(self, grid):
-        return local_tokens(grid, self.tile_grid)
+        return local_tokens(grid, self.tile_grid, self.layout)
 
     def grids(self):
         """Every grid an image can get, in DeepSeek-OCR's candidate order."""
@@ -285,6 +293,7 @@ class Tiling:
         """Lines for --dry-run: the token count of each grid."""
         counts = ", ".join(f"{a}x{d}: {global_tokens + self.local_tokens((a, d))}" for a, d in self.grids())
         h2, w2 = self.tile_grid
+        first = "local rows" if self.layout == "rows" else "the tiles' tokens, tile after tile,"
         return (f"crops: {self.tile_size} px tiles ({h2}x{w2} grid each), {self.min_tiles}-{self.max_tiles} per "
-                f"image, only for images larger than a tile; local rows come first, then the global view.\n"
+                f"image, only for images larger than a tile; {first} come first, then the global view.\n"
                 f"vision tokens by grid (across x down): {counts}")

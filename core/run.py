@@ -24,7 +24,6 @@ from core import resume as resume_state
 from core.data import prompt_prefix
 from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
-from core.images import image_hw
 from core.metrics import score_pairs
 from core.model import build_model, checkpoint_activations
 from core.recipe import load_recipe
@@ -182,10 +181,7 @@ def dry_run(recipe, pm, registry):
     """Describe each stage as check_stages builds it, then the token layout."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
     n = model.num_image_tokens()
-    height, width = image_hw(model.image_size)
-    h, w = model.encoder.grid_size(height, width)
-    print(f"image {height}x{width} -> grid {h}x{w} -> {n} vision tokens "
-          f"({h} rows of {w} + newline, + 1 separator)")
+    print(model.describe_layout())
     if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/images.py)
         print(model.tiling.describe(n))
     print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
