@@ -21,10 +21,11 @@ import re
 
 import torch
 
+from core.distributed import print0
 from core.errors import ConfigError
 from core.hub import resolve
 from core.jsonfiles import read_json
-from core.weights import first_keys, read_state_dict
+from core.weights import first_keys, on_meta, read_state_dict
 from plugins.encoders.pretrained import sam_from_deepseek_ocr2
 
 # (vlmkit prefix, checkpoint prefix), looked up in this order
@@ -142,18 +143,18 @@ def merge_experts(state):
 
 
 def split_experts(state):
-    """The inverse of merge_experts."""
+    """The inverse of merge_experts; the pieces are copies (a file cannot hold views of one tensor)."""
     out = {}
     for key, value in state.items():
         prefix, _, name = key.rpartition(".")
         if not (prefix.endswith(".mlp.experts") and name in ("gate_up_proj", "down_proj")):
             out[key] = value
         elif name == "down_proj":
-            out.update({f"{prefix}.{j}.down_proj.weight": w for j, w in enumerate(value)})
+            out.update({f"{prefix}.{j}.down_proj.weight": w.clone() for j, w in enumerate(value)})
         else:
             for j, w in enumerate(value):
                 gate, up = w.chunk(2)
-                out[f"{prefix}.{j}.gate_proj.weight"], out[f"{prefix}.{j}.up_proj.weight"] = gate, up
+                out[f"{prefix}.{j}.gate_proj.weight"], out[f"{prefix}.{j}.up_proj.weight"] = gate.clone(), up.clone()
     return out
 
 
@@ -169,8 +170,20 @@ def read_part(folder, vision, source):
 # ---- config and sizes
 
 def checkpoint_folder(weights, where):
-    """(local folder, its config.json as a dict) for a recipe's ``weights`` (a folder or a hub name)."""
-    folder = resolve(weights, where)
+    """(local folder, its config.json as a dict) for a recipe's ``weights`` (a folder or a hub name).
+
+    While the model is built on the meta device (a dry run) only the json files are fetched, and a checkpoint
+    that cannot be had gives (None, None): the recipe's sizes, else the release's, stand in."""
+    if on_meta():
+        try:
+            return checkpoint_folder_files(resolve(weights, where, allow_patterns=["*.json"]), weights, where)
+        except ConfigError as e:
+            print0(f"{e}; built on the meta device, so the recipe's (else the release's) sizes stand in")
+            return None, None
+    return checkpoint_folder_files(resolve(weights, where), weights, where)
+
+
+def checkpoint_folder_files(folder, weights, where):
     if not os.path.isdir(folder):
         raise ConfigError(f"{where}: {weights} is not a folder; a DeepSeek-OCR 2 checkpoint is a save_pretrained "
                           f"folder (config.json and its safetensors)")

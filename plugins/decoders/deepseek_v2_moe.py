@@ -41,12 +41,12 @@ class DeepseekV2MoE(nn.Module):
     def __init__(self, vocab_size=None, weights=None, **config):
         super().__init__()
         from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
-        folder = from_file = source = None
+        folder, checkpoint_config = None, None
         if weights is not None:
             folder, checkpoint_config = fmt.checkpoint_folder(weights, "model.decoder.weights")
-            source = f"{folder}/config.json"
-            from_file = checkpoint_config.get("text_config") or {}
-        elif vocab_size is None:
+        from_file = None if folder is None else checkpoint_config.get("text_config") or {}
+        source = None if folder is None else f"{folder}/config.json"
+        if folder is None and vocab_size is None:
             raise ConfigError("needs vocab_size (vlmkit passes the tokenizer's) or weights")
         settings = fmt.settle({**fmt.TEXT_DEFAULTS, "vocab_size": vocab_size}, from_file, config,
                               "model.decoder", source)

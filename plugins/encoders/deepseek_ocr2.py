@@ -39,6 +39,17 @@ def _vision_encoder(settings, given):
         raise ConfigError(f"qwen2: {e}") from e
 
 
+def _from_checkpoint(weights):
+    """(folder, its SAM settings, its Qwen2 encoder config, where they came from); all None without one."""
+    folder, config = (None, None) if weights is None else fmt.checkpoint_folder(weights, "model.encoder.weights")
+    if folder is None:
+        return None, None, None, None
+    source = f"{folder}/config.json"
+    vision = config.get("vision_config") or {}
+    sam = fmt.sam_from_config(vision.get("sam_config") or {}, source)
+    return folder, sam, vision.get("encoder_config") or {}, source
+
+
 class DeepseekOCR2Encoder(nn.Module):
     """(B, 3, S, S) in [-1, 1] -> (B, q, q, qwen2.hidden_size); the defaults are the released sizes."""
 
@@ -48,13 +59,7 @@ class DeepseekOCR2Encoder(nn.Module):
         super().__init__()
         if not isinstance(image_size, int):
             raise ConfigError(f"image_size: DeepSeek-OCR 2's global view is a square; got {image_size!r}")
-        sam_file = qwen2_file = source = None
-        if weights is not None:
-            folder, config = fmt.checkpoint_folder(weights, "model.encoder.weights")
-            source = f"{folder}/config.json"
-            vision = config.get("vision_config") or {}
-            sam_file = fmt.sam_from_config(vision.get("sam_config") or {}, source)
-            qwen2_file = vision.get("encoder_config") or {}
+        folder, sam_file, qwen2_file, source = _from_checkpoint(weights)
         self.sam_settings = fmt.settle(fmt.SAM_DEFAULTS, sam_file, dict(sam or {}), "model.encoder.sam", source)
         qwen2 = dict(qwen2 or {})
         settings = fmt.settle(fmt.QWEN2_DEFAULTS, qwen2_file, qwen2, "model.encoder.qwen2", source)
@@ -70,7 +75,7 @@ class DeepseekOCR2Encoder(nn.Module):
         self.out_dim = width
         self.pretrained_extras = {}
         self.pretrained_report = None
-        if weights is not None:
+        if folder is not None:
             self.load_pretrained(folder)
 
     def load_pretrained(self, folder):
