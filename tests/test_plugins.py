@@ -58,7 +58,7 @@ def test_builtins_are_discovered():
 def test_unknown_name_lists_known_and_closest():
     _, registry = load_plugins()
     with pytest.raises(ConfigError, match=r"model.encoder: unknown encoder 'deepencodr' \(did you mean "
-                                          r"'deepencoder'\?\); known: clip, deepencoder, sam"):
+                                          r"'deepencoder'\?\); known: clip, deepencoder, deepseek_ocr2, sam"):
         registry.get("encoder", "deepencodr", where="model.encoder")
 
 

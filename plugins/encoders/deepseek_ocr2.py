@@ -109,8 +109,10 @@ class DeepseekOCR2Encoder(nn.Module):
         sam_map = self.sam.forward_features(pixel_values)  # (B, C, h, w)
         b, _, h, w = sam_map.shape
         tokens = sam_map.flatten(2).transpose(1, 2)  # row-major, as the release flattens it
-        table = self.query_768 if h * w <= QUERIES["query_768"] else self.query_1024
-        queries = table.weight.to(tokens.dtype).unsqueeze(0).expand(b, -1, -1)
+        table, other = ((self.query_768, self.query_1024) if h * w <= QUERIES["query_768"]
+                        else (self.query_1024, self.query_768))
+        # the other table joins with weight 0: under DDP every parameter must take part in every step
+        queries = (table.weight + other.weight[:0].sum()).to(tokens.dtype).unsqueeze(0).expand(b, -1, -1)
         out = self.qwen2(inputs_embeds=torch.cat([tokens, queries], dim=1), num_patches=h * w).last_hidden_state
         side = math.isqrt(table.num_embeddings)
         return out[:, h * w:].reshape(b, side, side, -1)
