@@ -16,7 +16,7 @@ from core.errors import ConfigError
 from core.generate import generate, image_prompt_ids, load_checkpoint
 from core.images import image_views
 from core.model import build_model
-from core.recipe import Component, Crops, ModelConfig
+from core.recipe import Component, Crops, ModelConfig, load_recipe
 from tests.helpers import ROOT, run_cli
 from tests.tiny_recipe import run
 
@@ -148,6 +148,19 @@ def test_greedy_generation_gives_transformers_tokens(tiny, registry):
     assert len(ours) > 0 and ours == theirs[:stop]
 
 
+def test_router_logits_stay_float32_under_bf16_autocast(tiny, registry):
+    """run.precision bf16 autocasts the forward; the router must still score experts in float32 (§7.3)."""
+    _, folders = tiny
+    decoder = build_model(model_config(folders["original"]), registry)[0].decoder
+    seen = []
+    for module in decoder.modules():
+        if type(module).__name__ == "DeepseekOcr2TextTopkRouter":
+            module.register_forward_hook(lambda m, args, out: seen.append(out[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder(decoder.embed(torch.tensor([[1, 2, 3]])))
+    assert seen == [torch.float32, torch.float32]  # two sparse layers
+
+
 def test_recipe_sizes_must_agree_with_the_checkpoint(tiny, registry, tmp_path):
     _, folders = tiny
     with pytest.raises(ConfigError, match=r"model\.decoder\.hidden_size: 64 in the recipe but 32"):
@@ -191,21 +204,17 @@ def test_export_after_training_loads_in_transformers(tiny, tmp_path):
     assert processor.tokenizer.encode(PROMPT, add_special_tokens=False) == tokenizer.encode(PROMPT)
 
 
-def test_gpu_recipe_dry_run_shows_the_release_without_files(tmp_path):
+def test_gpu_recipe_dry_run_shows_the_release_without_files(tmp_path, registry):
     """No checkpoint anywhere (an empty hub cache, offline): the dry run builds the released sizes on the meta
-    device, and its parameter count is transformers' for that configuration."""
-    from plugins import deepseek_ocr2_format as fmt
-    from plugins.deepseek_ocr2_export import sam_config
-    result = run_cli("core.run", os.path.join(ROOT, "recipes", "deepseek_ocr2.yaml"), "--dry-run",
-                     env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    device, and its parameter count is transformers' for the configuration the export would write."""
+    from plugins.deepseek_ocr2_export import hf_config
+    recipe_path = os.path.join(ROOT, "recipes", "deepseek_ocr2.yaml")
+    result = run_cli("core.run", recipe_path, "--dry-run", env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "-> 257 vision tokens" in result.stdout and "6x1: 1121" in result.stdout
     total = next(line for line in result.stdout.splitlines() if line.startswith("total")).split()[1:]
-    encoder = type("E", (), {"image_size": 1024, "sam_settings": fmt.SAM_DEFAULTS,
-                             "sam": type("S", (), {"strides": ((2, 2), (2, 2))})})
-    text = {**fmt.TEXT_DEFAULTS, "vocab_size": 129280, "mlp_layer_types": ["dense"] + ["sparse"] * 11}
+    overrides = ["model.encoder.weights=null", "model.decoder.weights=null", f"model.tokenizer.path={tmp_path}/none"]
     with torch.device("meta"):
-        release = transformers.DeepseekOcr2ForConditionalGeneration(transformers.DeepseekOcr2Config(
-            vision_config={"sam_config": sam_config(encoder), "encoder_config": fmt.QWEN2_DEFAULTS},
-            text_config=text))
+        model, tokenizer = build_model(load_recipe(recipe_path, overrides).model, registry)
+        release = transformers.DeepseekOcr2ForConditionalGeneration(hf_config(model, tokenizer))
     assert sum(int(n.replace(",", "")) for n in total) == sum(p.numel() for p in release.parameters())

@@ -12,6 +12,7 @@ DeepSeek-OCR 2 checkpoint folder or hub name in either key layout (plugins/deeps
 its text_config sets the sizes (the recipe may only repeat them) and the language model loads
 exactly or not at all. The embedding has the checkpoint's rows; without one, the tokenizer's.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -35,12 +36,24 @@ def text_config(settings, given):
     return fmt.hf_config(DeepseekOcr2TextConfig, settings, given)
 
 
+def _without_autocast(forward):
+    """The router computes its logits in float32 (§7.3); under run.precision bf16's autocast its F.linear would
+    run in bf16 and route differently from the release."""
+    def run(hidden_states):
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return forward(hidden_states)
+    return run
+
+
 class DeepseekV2MoE(nn.Module):
     """Embeddings in, logits out; see the module docstring."""
 
     def __init__(self, vocab_size=None, weights=None, **config):
         super().__init__()
-        from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2TextModel
+        from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+            DeepseekOcr2TextModel,
+            DeepseekOcr2TextTopkRouter,
+        )
         folder, checkpoint_config = None, None
         if weights is not None:
             folder, checkpoint_config = fmt.checkpoint_folder(weights, "model.decoder.weights")
@@ -55,6 +68,9 @@ class DeepseekV2MoE(nn.Module):
                               f"embedding rows ({source}); use the checkpoint's tokenizer")
         self.config = text_config(settings, config)
         self.model = DeepseekOcr2TextModel(self.config)
+        for module in self.model.modules():
+            if isinstance(module, DeepseekOcr2TextTopkRouter):
+                module.forward = _without_autocast(module.forward)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=self.config.initializer_range)  # transformers' init
         if folder is not None:
