@@ -69,6 +69,14 @@ SAM_NAMES = dict(patch_size="patch_size", hidden_size="dim", num_hidden_layers="
 SAM_FIXED = dict(hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, use_abs_pos=True, use_rel_pos=True)
 
 
+def need_transformers(what):
+    """ConfigError unless transformers with DeepSeek-OCR 2 is installed (an optional dependency)."""
+    try:
+        import transformers.models.deepseek_ocr2  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{what} needs transformers 5.23 or newer (pip install 'vlmkit[hf]'): {e}") from e
+
+
 # ---- key names
 
 def layout_of(keys):

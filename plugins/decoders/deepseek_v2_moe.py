@@ -50,6 +50,7 @@ class DeepseekV2MoE(nn.Module):
 
     def __init__(self, vocab_size=None, weights=None, **config):
         super().__init__()
+        fmt.need_transformers("decoder deepseek_v2_moe")
         from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
             DeepseekOcr2TextModel,
             DeepseekOcr2TextTopkRouter,

@@ -57,6 +57,7 @@ class DeepseekOCR2Encoder(nn.Module):
 
     def __init__(self, image_size=1024, sam: dict | None = None, qwen2: dict | None = None, weights=None):
         super().__init__()
+        fmt.need_transformers("encoder deepseek_ocr2")
         if not isinstance(image_size, int):
             raise ConfigError(f"image_size: DeepSeek-OCR 2's global view is a square; got {image_size!r}")
         folder, sam_file, qwen2_file, source = _from_checkpoint(weights)

@@ -30,7 +30,10 @@ class HFTokenizer:
         if dry_run_ids is not None and not os.path.exists(os.path.expanduser(self.path)) and _building_on_meta():
             self._stand_in(dry_run_ids)
             return
-        from transformers import AutoTokenizer
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:
+            raise ConfigError(f"tokenizer hf needs transformers (pip install 'vlmkit[hf]'): {e}") from e
         folder = resolve(self.path, "model.tokenizer.path")
         try:
             self.hf = AutoTokenizer.from_pretrained(folder)
