@@ -80,13 +80,11 @@ def need_transformers(what):
 # ---- key names
 
 def layout_of(keys):
-    """``original``, ``transformers`` or None, from a checkpoint's key names."""
+    """``original``, ``transformers``, ``mixed`` or None, from a checkpoint's key names."""
     keys = list(keys)
-    if any(k.startswith(("model.vision_tower.", "model.language_model.")) for k in keys):
-        return "transformers"
-    if any(k.startswith(("model.sam_model.", "model.qwen2_model.", "model.embed_tokens.")) for k in keys):
-        return "original"
-    return None
+    ours = any(k.startswith(("model.vision_tower.", "model.language_model.")) for k in keys)
+    original = any(k.startswith(("model.sam_model.", "model.qwen2_model.", "model.embed_tokens.")) for k in keys)
+    return {(True, False): "transformers", (False, True): "original", (True, True): "mixed"}.get((ours, original))
 
 
 def _rename(key, table, forward=True):
@@ -105,6 +103,9 @@ def to_vlmkit(state, source):
     if layout is None:
         raise ConfigError(f"{source}: not a DeepSeek-OCR 2 checkpoint: neither model.sam_model.* (the original "
                           f"names) nor model.vision_tower.* (transformers') (keys: {first_keys(sorted(state))})")
+    if layout == "mixed":
+        raise ConfigError(f"{source}: mixes the original key names (model.sam_model.*, model.embed_tokens.*) with "
+                          f"transformers' (model.vision_tower.*, model.language_model.*)")
     table = ORIGINAL if layout == "original" else TRANSFORMERS
     out = {}
     if layout == "transformers":
@@ -172,7 +173,10 @@ def read_part(folder, vision, source):
     theirs = [t for table in (ORIGINAL, TRANSFORMERS) for ours, t in table if ours.startswith(VISION_PARTS)]
     vision_keys = (*theirs, TRANSFORMERS_SAM)
     state = to_vlmkit(read_state_dict(folder, keep=lambda k: k.startswith(vision_keys) == vision), source)
-    return {k: v for k, v in state.items() if k.startswith(VISION_PARTS) == vision}
+    # a key under no known name stays in the part that read it, whose load then reports it
+    if vision:
+        return {k: v for k, v in state.items() if not k.startswith("decoder.")}
+    return {k: v for k, v in state.items() if not k.startswith(VISION_PARTS)}
 
 
 # ---- config and sizes

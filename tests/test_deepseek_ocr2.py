@@ -172,6 +172,21 @@ def test_recipe_sizes_must_agree_with_the_checkpoint(tiny, registry, tmp_path):
         build_model(model_config(str(tmp_path), tokenizer=folders["original"]), registry)
 
 
+@pytest.mark.parametrize("layout, stray, words", [
+    ("transformers", "model.vision_tower.stray", "unexpected 1: model.vision_tower.stray"),
+    ("original", "model.sam_model.stray", "unexpected 1: sam.stray"),
+    ("original", "model.language_model.stray", "mixes the original key names"),
+])
+def test_a_tensor_under_no_known_name_is_reported(tiny, registry, tmp_path, layout, stray, words):
+    from safetensors.torch import load_file, save_file
+    _, folders = tiny
+    state = load_file(os.path.join(folders[layout], "model.safetensors"))
+    save_file({**state, stray: torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(open(os.path.join(folders[layout], "config.json")).read())
+    with pytest.raises(ConfigError, match=words):
+        build_model(model_config(str(tmp_path), tokenizer=folders[layout]), registry)
+
+
 def test_tiny_recipe_trains_from_scratch(tmp_path, cli):
     result = cli("core.run", TINY_RECIPE, f"run.dir={tmp_path / 'run'}", f"data.dataset.cache_dir={tmp_path}",
                  "eval=null")

@@ -73,6 +73,7 @@ class DeepseekOCR2Encoder(nn.Module):
                               f"({width}): SAM's map is the Qwen2 encoder's input")
         for name, count in QUERIES.items():
             setattr(self, name, nn.Embedding(count, width))
+            nn.init.normal_(getattr(self, name).weight, std=self.qwen2.config.initializer_range)  # transformers' init
         self.out_dim = width
         self.pretrained_extras = {}
         self.pretrained_report = None
