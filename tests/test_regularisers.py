@@ -24,7 +24,8 @@ def test_contrastive_rewards_distinct_images(registry):
     assert loss_collapsed["contrastive"].item() == pytest.approx(math.log(b), abs=1e-5)
     # with the heads aligned on distinct features, the right image wins and the loss drops below log(batch)
     with torch.no_grad():
-        reg.head_a.weight.zero_(); reg.head_b.weight.zero_()
+        reg.head_a.weight.zero_()
+        reg.head_b.weight.zero_()
         reg.head_a.weight[:, :8] = torch.eye(64, 8)[:, :8] * 1.0
         reg.head_b.weight[:, :8] = torch.eye(64, 8)[:, :8] * 1.0
     same = torch.randn(b, 1, 1, 8).expand(b, h, w, 8)  # both views carry the same per-image code
