@@ -13,9 +13,9 @@ KEY=VALUE`` (or ``--option KEY`` for true) passes an argument to that format's r
 ``--option corrected`` for OmniDocBench without its evaluator's bugs. Ids (strings or integers) are
 matched by their string form. Every ground-truth id is scored: a missing prediction is scored as
 the empty string "" and reported on stderr; predictions whose id is not in the ground truth are
-reported and ignored. The aggregate is printed as one JSON object on the last line of stdout; ``--per-sample`` writes one JSON row per
-sample (``id``, ``page`` if known, and the values). Bad input prints one ``error: ...`` line to
-stderr and exits 2.
+reported and ignored. The aggregate is printed as one JSON object on the last line of stdout;
+``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and the values). Bad
+input prints one ``error: ...`` line to stderr and exits 2.
 """
 import argparse
 import json
