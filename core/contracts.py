@@ -94,7 +94,7 @@ class Dataset(Protocol):
     """Where the samples are: ``shards(split)`` -> the shard paths of ``"train"`` or ``"eval"``.
 
     A shard is a WebDataset tar: per sample an image (png/jpg/jpeg/webp) and its text (txt), or a
-    LLaVA-style ``json`` conversation (README, "Your own data"). A dataset may write its shards
+    LLaVA-style ``json`` conversation (docs/data.md, "Your own data"). A dataset may write its shards
     on first use (``synthetic_ocr`` renders and caches them).
     """
 

@@ -86,7 +86,8 @@ def image_ext(raw):
 
 
 def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=False):
-    """A raw sample -> (inputs, targets, cut, text, image member or None), by its schema (README, "Your own data"):
+    """A raw sample -> (inputs, targets, cut, text, image member or None), by its schema (docs/data.md,
+    "How training reads a sample"):
 
     - ``json`` with ``conversations`` (LLaVA style): rendered by core.conversation, the image (if any)
       in place of the first turn's <image>;

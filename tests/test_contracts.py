@@ -1,5 +1,5 @@
 """One test per component kind: a minimal third-party implementation (tests/third_party_plugin.py, written
-from README "Writing a plugin") builds and runs through a recipe, the shard writer or the metrics command,
+from docs/plugins.md) builds and runs through a recipe, the shard writer or the metrics command,
 in place of the built-in; and a component that breaks its contract is one error line naming it."""
 import json
 import os

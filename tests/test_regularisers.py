@@ -91,7 +91,7 @@ def test_pooled_mode_lowers_the_monitored_similarity(registry):
 
 
 def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):
-    # Collapse at the tiny scale is a shared offset growing until it drowns the image (README, "Collapse"):
+    # Collapse at the tiny scale is a shared offset growing until it drowns the image (docs/results.md, "Collapse"):
     # the cosine InfoNCE's gradient shrinks as 1 / offset, the variance hinge's (absolute units) does not.
     model, _ = tiny(registry)
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""A third-party plugin written only from README "Writing a plugin" and core/contracts.py: one minimal
+"""A third-party plugin written only from docs/plugins.md and core/contracts.py: one minimal
 component of every kind, registered under names of its own. tests/test_contracts.py builds each one
 into a recipe (or the shard writer, or the metrics command) in place of the built-in.
 

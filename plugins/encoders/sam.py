@@ -168,7 +168,7 @@ class SAMEncoder(nn.Module):
 
     ``image_size``, ``patch_size``, ``window_size`` and each of ``downsample_strides`` are an int (square,
     as DeepSeek-OCR) or [height, width]: a 32 x 256 text strip with 32 x 4 patches is a 1 x 64 grid,
-    one token per few pixels of the line (README, "How the tiny default learns").
+    one token per few pixels of the line (docs/results.md, "How the tiny default learns").
     """
 
     def __init__(self, image_size=1024, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,

@@ -23,7 +23,7 @@ what is contrasted (symmetric loss, temperature from the recipe):
 each channel's std over the batch must reach 1. At the tiny scale, collapse is
 a shared offset growing at every layer until the LayerNorms see nothing else;
 a cosine's gradient shrinks as that offset grows, the hinge's (absolute units)
-does not. What each mode does on recipes/collapse.yaml: README, "Collapse".
+does not. What each mode does on recipes/collapse.yaml: docs/results.md, "Collapse".
 """
 import torch
 import torch.nn.functional as F
