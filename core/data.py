@@ -8,6 +8,7 @@ samples with an image under png/jpg/jpeg/webp and the target text under txt, or 
 """
 import itertools
 import json
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -194,7 +195,7 @@ class SampleEncoding:
     """
     tokenizer: object
     prompt: str
-    image_size: int
+    image_size: int | Sequence[int]  # the encoder's: a square's side or [height, width] (core.images.image_hw)
     num_image_tokens: int
     max_len: int
     tiling: object = None
