@@ -138,7 +138,7 @@ def time_pair(ours_run, theirs_run, ours, theirs, repeats, iterations):
     """(ours ms, theirs ms) per forward + backward: alternating rounds, the fastest round of each."""
     best = {"ours": float("inf"), "theirs": float("inf")}
     runs = {"ours": (ours_run, ours), "theirs": (theirs_run, theirs)}
-    for name, (run, module) in runs.items():
+    for run, module in runs.values():
         _step(run, module)  # warm-up: allocator, kernels
     for _ in range(repeats):
         for name, (run, module) in runs.items():

@@ -11,12 +11,12 @@ Behaviour kinds (freeze, regulariser, metric, logger) are objects whose ``@hooki
 the core calls through pluggy (``core/hookspecs.py`` documents each hook); ``BEHAVIOUR_HOOKS``
 says which hooks each kind must implement.
 """
+from collections.abc import Iterable, Sequence
 from typing import Protocol
-from collections.abc import Iterable
 
 import torch
 
-from core.hookspecs import is_hookimpl
+from core.hookspecs import impl_options
 
 # Objects the core hands a factory, by parameter name, when its signature names them; never from
 # the recipe (a recipe key of the same name is an error).
@@ -32,8 +32,10 @@ CONTEXT = {
 class Encoder(Protocol):
     """Images -> a grid of features. An ``nn.Module``.
 
-    ``forward(pixel_values)``: (B, 3, S, S) in [-1, 1] -> (B, h, w, out_dim), rows top to bottom.
-    ``grid_size(height, width)`` -> (h, w), the grid an image of that size gives.
+    ``image_size``: the global view, an int S (a square S x S, DeepSeek-OCR's) or [height, width] (a
+    rectangle, e.g. a text strip; other images are padded to its aspect): core.images.image_hw reads both.
+    ``forward(pixel_values)``: (B, 3, H, W) in [-1, 1], (H, W) the view's size -> (B, h, w, out_dim),
+    rows top to bottom. ``grid_size(height, width)`` -> (h, w), the grid an image of that size gives.
     Optional: ``feature_parts() -> {name: slice}`` (which output channels come from which
     sub-network; the collapse monitor scores each, parameter tables list each);
     ``pretrained_extras: dict`` (tensors of the whole model that came with the encoder's
@@ -42,7 +44,7 @@ class Encoder(Protocol):
     ``"rows"``, the default, DeepSeek-OCR's rows + newline; ``"flat"``, DeepSeek-OCR 2's flattened
     views without newline; docs/architecture.md §7.4).
     """
-    image_size: int
+    image_size: int | Sequence[int]
     out_dim: int
 
     def grid_size(self, height: int, width: int) -> tuple: ...
@@ -97,7 +99,7 @@ class Dataset(Protocol):
     """Where the samples are: ``shards(split)`` -> the shard paths of ``"train"`` or ``"eval"``.
 
     A shard is a WebDataset tar: per sample an image (png/jpg/jpeg/webp) and its text (txt), or a
-    LLaVA-style ``json`` conversation (README, "Your own data"). A dataset may write its shards
+    LLaVA-style ``json`` conversation (docs/data.md, "Your own data"). A dataset may write its shards
     on first use (``synthetic_ocr`` renders and caches them).
     """
 
@@ -145,8 +147,15 @@ def required_members(protocol):
     return sorted(names)
 
 
+def implemented_hooks(obj):
+    """The hooks ``obj``'s ``@hookimpl`` members implement: each one's name, or the hook its ``specname`` names."""
+    names = dir(obj)
+    marks = [impl_options(getattr(obj, n, None)) for n in names]
+    return {(m.get("specname") or n) for n, m in zip(names, marks) if m is not None}
+
+
 def missing_members(kind, obj):
     """The members ``obj`` lacks for its ``kind`` (Protocol members, or the behaviour hooks); [] if none."""
     if kind in PROTOCOLS:
         return [n for n in required_members(PROTOCOLS[kind]) if not hasattr(obj, n)]
-    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if not is_hookimpl(getattr(obj, h, None))]
+    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if h not in implemented_hooks(obj)]

@@ -8,6 +8,7 @@ samples with an image under png/jpg/jpeg/webp and the target text under txt, or 
 """
 import itertools
 import json
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -86,7 +87,8 @@ def image_ext(raw):
 
 
 def encode_raw(raw, tokenizer, prefix, num_image_tokens, max_len, text_only=False):
-    """A raw sample -> (inputs, targets, cut, text, image member or None), by its schema (README, "Your own data"):
+    """A raw sample -> (inputs, targets, cut, text, image member or None), by its schema (docs/data.md,
+    "How training reads a sample"):
 
     - ``json`` with ``conversations`` (LLaVA style): rendered by core.conversation, the image (if any)
       in place of the first turn's <image>;
@@ -193,7 +195,7 @@ class SampleEncoding:
     """
     tokenizer: object
     prompt: str
-    image_size: int
+    image_size: int | Sequence[int]  # the encoder's: a square's side or [height, width] (core.images.image_hw)
     num_image_tokens: int
     max_len: int
     tiling: object = None

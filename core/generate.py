@@ -285,7 +285,7 @@ def command(argv=None):
         except OSError as e:
             raise ConfigError(f"--out {args.out or args.out_dir!r}: {e}") from e
         n = 0
-        for n, (path, text) in enumerate(read_images(model, tokenizer, prompt, args), 1):
+        for n, (path, text) in enumerate(read_images(model, tokenizer, prompt, args), 1):  # noqa: B007 (n: the count after)
             if out:
                 out.write(json.dumps({"id": path, "text": text}, ensure_ascii=False) + "\n")
             elif stems:

@@ -5,8 +5,9 @@
   raise ``BadSample`` with their reason. Training and ``python -m core.generate`` use the same guard.
 * **Pixels** (``preprocess``, ``image_views``): upright (EXIF), RGB as the page would look on paper
   (``rgb``: transparency composited on white, 16-bit and float modes scaled to 8 bits; the rules are
-  in docs/data.md §5), padded to a square of the encoder's ``image_size`` with DeepSeek-OCR's grey
-  and resized (docs/architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
+  in docs/data.md §5), padded to the aspect of the encoder's ``image_size`` (an int: DeepSeek-OCR's
+  square; [height, width]: that rectangle) with DeepSeek-OCR's grey and resized to it
+  (docs/architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
 * **Crops** (``Tiling``, ``choose_grid``, ``cut_tiles``): DeepSeek-OCR's "gundam" mode, a grid of
   local tiles beside the padded global view, chosen and cut as its ``dynamic_preprocess`` does
   (docs/architecture.md §2.4):
@@ -163,11 +164,11 @@ def preprocess(image, image_size):
 
 
 def image_views(image, image_size, tiling=None):
-    """PIL image -> (global view (3, S, S), tiles (n, 3, t, t) or None, grid (across, down) or None).
+    """PIL image -> (global view (3, H, W), tiles (n, 3, t, t) or None, grid (across, down) or None).
 
-    The global view is always the padded square (docs/architecture.md §2.5); with a ``tiling``
-    (a Tiling) an image larger than a tile also gets DeepSeek-OCR's crops (§2.4), which are
-    resized and cut, not padded.
+    The global view is the image padded to the aspect of ``image_size`` and resized to it (H x W, a square
+    for an int; docs/architecture.md §2.5); with a ``tiling`` (a Tiling; crops need the square view) an image
+    larger than a tile also gets DeepSeek-OCR's crops (§2.4), which are resized and cut, not padded.
     """
     image = upright_rgb(image)
     grid = tiling.grid(*image.size) if tiling is not None else None

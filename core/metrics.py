@@ -10,12 +10,12 @@ samples for page averages), or any registered ``metric_input`` plugin (core/cont
 ``MetricInput``; built in: ``fox``, Fox's result JSON, and ``omnidocbench``, OmniDocBench.json +
 a folder of ``<image stem>.md``, scored as the official end-to-end evaluator scores it). ``--option
 KEY=VALUE`` (or ``--option KEY`` for true) passes an argument to that format's reader, e.g.
-``--option corrected`` for OmniDocBench without its evaluator's bugs. Ids (strings or integers) are matched by their string form. Every ground-truth id is
-scored: a missing prediction is scored as the empty string "" and reported on stderr;
-predictions whose id is not in the ground truth are reported and ignored. The aggregate is
-printed as one JSON object on the last line of stdout; ``--per-sample`` writes one JSON row per
-sample (``id``, ``page`` if known, and the values). Bad input prints one ``error: ...`` line to
-stderr and exits 2.
+``--option corrected`` for OmniDocBench without its evaluator's bugs. Ids (strings or integers) are
+matched by their string form. Every ground-truth id is scored: a missing prediction is scored as
+the empty string "" and reported on stderr; predictions whose id is not in the ground truth are
+reported and ignored. The aggregate is printed as one JSON object on the last line of stdout;
+``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and the values). Bad
+input prints one ``error: ...`` line to stderr and exits 2.
 """
 import argparse
 import json
@@ -27,12 +27,8 @@ from core.errors import ConfigError, cli_main
 from core.jsonfiles import jsonl_records
 from core.pluginfiles import resolve_plugin_paths
 from core.recipe import parse_options
-from core.registry import (
-    attached,
-    call_in_order,
-    load_plugins,
-    new_plugin_manager,
-)
+from core.hooks import attach, new_plugin_manager
+from core.registry import load_plugins
 from core.sources import sample_id
 
 NATIVE_FORMAT = "jsonl"
@@ -109,28 +105,30 @@ def load_pairs(registry, fmt, pred_path, gt_path=None, options=None):
 
 # ---- scoring
 
-def score_pairs(metrics, pairs, progress=False):
+def score_pairs(metrics, pairs, progress=False, pm=None):
     """Score ``pairs`` of ``(id, pred, gt)`` or ``(id, pred, gt, page)`` with metric objects.
 
     Returns ``(rows, aggregate)``. Each row is ``{"id": id, **values}`` merged over all metrics,
     with ``"page": page`` after the id when a pair has a page that is not None (metrics that
     average per page read it, e.g. ``omnidocbench``); the aggregate merges every metric's
     ``vlmkit_metric_aggregate(rows)``. Two metrics that produce the same value name (or
-    ``id``/``page``) raise ConfigError.
+    ``id``/``page``) raise ConfigError. The metrics are attached to ``pm`` (the loaded plugins'
+    manager: a run's, or this command's) while they score; None: a manager of their own.
     """
     if progress and len(pairs) > PROGRESS_MIN:
         from tqdm import tqdm
         pairs = tqdm(pairs, desc="scoring", unit="pair", file=sys.stderr)
+    pm = new_plugin_manager() if pm is None else pm
     rows, aggregate = [], {}
-    with attached(new_plugin_manager(), metrics, "metrics") as hook:
+    with attach(pm, metrics, "metrics"):
         for sample_id_, pred, gt, *page in pairs:
             row = {"id": sample_id_}
             if page and page[0] is not None:
                 row["page"] = page[0]
-            for values in call_in_order(hook.vlmkit_metric_score, pred=pred, gt=gt):
+            for values in pm.hook.vlmkit_metric_score(pred=pred, gt=gt):
                 _merge(row, values, "per-sample value")
             rows.append(row)
-        for values in call_in_order(hook.vlmkit_metric_aggregate, rows=rows):
+        for values in pm.hook.vlmkit_metric_aggregate(rows=rows):
             _merge(aggregate, values, "aggregate value")
     return rows, aggregate
 
@@ -156,10 +154,10 @@ def command(argv=None):
                         help="load this plugin too (a module name or a .py file), as a recipe's plugins: do")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source frame
-    _, registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))
+    pm, registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))
     metrics = [registry.build("metric", name, where=f"metric {name!r}") for name in args.metrics]
     pairs = load_pairs(registry, args.format, args.pred, args.gt, parse_options(args.option))
-    rows, aggregate = score_pairs(metrics, pairs, progress=True)
+    rows, aggregate = score_pairs(metrics, pairs, progress=True, pm=pm)
     if args.per_sample:
         try:
             with open(args.per_sample, "w", encoding="utf-8") as f:

@@ -235,7 +235,8 @@ def load_recipe(path, overrides=()):
             raise where.error(f"stages.{i}.regularisers", f"{twice[0]!r} is listed twice; a stage takes each "
                                                           f"regulariser once (give one a larger weight instead)")
         if stage.optimizer == "muon" and recipe.run.parallel == "fsdp":  # Muon orthogonalises whole matrices
-            raise where.error(f"stages.{i}.optimizer", "muon needs whole matrices; it does not work with run.parallel: fsdp")
+            raise where.error(f"stages.{i}.optimizer",
+                              "muon needs whole matrices; it does not work with run.parallel: fsdp")
     if recipe.run.compile and recipe.run.parallel == "fsdp":
         raise where.error("run.compile", "not supported with run.parallel: fsdp (untested together); use ddp")
     if all(stage.steps == 0 for stage in recipe.stages):

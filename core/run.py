@@ -22,12 +22,12 @@ from core import checkpoint, distributed
 from core import registry as plugin_registry
 from core import resume as resume_state
 from core.data import prompt_prefix
-from core.errors import ConfigError, cli_main
+from core.errors import ConfigError, cli_main, plugin_call
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
+from core.hooks import attach
 from core.metrics import score_pairs
 from core.model import build_model, checkpoint_activations
 from core.recipe import load_recipe
-from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
 from core.train import TrainingError, apply_freeze, run_stage
@@ -68,8 +68,8 @@ class RunContext:
         distributed.print0(text)
 
     def log(self, record):
-        if self.main:  # each logger on its own: a failing one is named (core.registry.call_in_order)
-            call_in_order(self.pm.hook.vlmkit_log, record={"time": round(time.time(), 3), **record})
+        if self.main:  # a failing logger is named (core/hooks.py)
+            self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
 
 
 def list_plugins(registry):
@@ -81,7 +81,7 @@ def list_plugins(registry):
 
 def check_stages(recipe, pm, registry, show=False):
     """Build every stage on the meta device (no memory, no weights, no data): its model, freeze policies and
-    regularisers, whose hooks are checked as training would attach them, and its init_from file; then the
+    regularisers (building checks their hooks: core.hooks.check_plugin), and its init_from file; then the
     eval metrics. ``show`` prints each stage's parameter table, regulariser heads included, as training
     does. Returns the last stage's (model, tokenizer)."""
     model = tokenizer = None
@@ -96,8 +96,6 @@ def check_stages(recipe, pm, registry, show=False):
             apply_freeze(registry, pm, model, stage, where)
             regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
                                               context={"model": model, "tokenizer": tokenizer})
-        with attached(pm, regularisers, f"{where}.regularisers"):
-            pass  # registering checks their hook names and arguments
         checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
         if stage.init_from is not None:
             check_init_from(recipe, i, stage.init_from)
@@ -107,7 +105,8 @@ def check_stages(recipe, pm, registry, show=False):
             print(format_parameter_table(parameter_table(model, heads), title=f"{title}: parameters (meta device)"),
                   end="\n\n")
     if recipe.eval is not None:  # scored once on a made-up pair: a metric that fails fails now, not after training
-        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")])
+        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")],
+                    pm=pm)
     check_lengths(recipe, model, tokenizer)
     return model, tokenizer
 
@@ -228,8 +227,13 @@ def run(recipe, dry=False):
     resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
     loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})
-    for j, logger in enumerate(loggers):  # for the whole run: its plugin manager goes with it
-        plugin_registry.register(pm, logger, plugin_registry.behaviour_label("loggers", j, logger))
+    with attach(pm, loggers, "loggers"):  # the run's loggers answer vlmkit_log until it ends
+        return train_and_evaluate(ctx)
+
+
+def train_and_evaluate(ctx):
+    """Train the recipe's stages in order, then evaluate the last stage's model; returns {"stages", "eval"}."""
+    recipe, registry = ctx.recipe, ctx.registry
     if ctx.world_size > 1:
         ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})"
                 + (", model sharded (FSDP2)" if recipe.run.parallel == "fsdp" else ""))
@@ -242,7 +246,7 @@ def run(recipe, dry=False):
             if stage.steps:
                 checkpoint.forget(os.path.join(ctx.run_dir, stage.name))
     if recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages):
-        ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
+        _ = ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
     summaries, model = [], None
     for i, stage in enumerate(recipe.stages):
         if stage.steps == 0:
@@ -263,7 +267,8 @@ def run(recipe, dry=False):
         summaries.append(summary)
     ctx.say("\nstages:")
     for s in summaries:
-        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}" for k, v in s.items() if k.startswith("collapse_"))
+        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}" for k, v in s.items()
+                             if k.startswith("collapse_"))
         loss = f"{s['loss']:.4f}" if "loss" in s else "-"  # a stage resumed at its end trained no step here
         ctx.say(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
                 f"{s['samples_per_s']:>7.1f} samples/s  final loss {loss}"
@@ -272,10 +277,11 @@ def run(recipe, dry=False):
     if recipe.eval is not None and ctx.main:
         metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics")
         rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
-                                   recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size)
+                                   recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size, pm=ctx.pm)
         write_eval(ctx.run_dir, rows, aggregate, summaries)
         ctx.log({"event": "eval", **aggregate})
-        ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n{format_samples(rows, recipe.eval.show_samples)}\n")
+        ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n"
+                f"{format_samples(rows, recipe.eval.show_samples)}\n")
         ctx.say(format_summary(aggregate))
         result["eval"] = aggregate
     if ctx.main:

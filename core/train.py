@@ -19,12 +19,12 @@ from core import checkpoint, distributed, stream
 from core import resume as resume_state
 from core.badsamples import format_report
 from core.data import SampleEncoding
-from core.errors import ConfigError
+from core.errors import ConfigError, plugin_call
 from core.evaluate import decode_samples
+from core.hooks import attach
 from core.model import build_model, checkpoint_activations
 from core.monitor import collapse_scores, probe_images
 from core.muon import MuonAdamW, muon_matrices
-from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table
 from core.textdist import ned
 
@@ -58,8 +58,8 @@ def apply_freeze(registry, pm, model, stage, where):
     """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``; return {name: lr multiplier}."""
     policies = registry.build_all("freeze", stage.freeze, f"{where}.freeze")
     frozen_by_design = [p for p in model.parameters() if not p.requires_grad]  # e.g. CLIP's bypassed patch conv
-    with attached(pm, policies, f"{where}.freeze") as hook:
-        answers = call_in_order(hook.vlmkit_freeze, model=model, stage=stage)
+    with attach(pm, policies, f"{where}.freeze"):
+        answers = pm.hook.vlmkit_freeze(model=model, stage=stage)
     for p in frozen_by_design:  # a broad "trainable" glob must not wake them (DDP fails on unused parameters)
         p.requires_grad_(False)
     multipliers = {}
@@ -106,7 +106,8 @@ def sample_encoding(data_config, model, tokenizer, text_only=False):
 
 @attrs.define
 class Prepared:
-    """A stage ready to train: the model and what trains it. ``close()`` detaches its regularisers."""
+    """A stage ready to train: the model and what trains it. Its regularisers answer their hook from
+    ``prepare_stage`` until ``close()``."""
     stage: object
     where: str
     model: torch.nn.Module
@@ -120,12 +121,12 @@ class Prepared:
     scheduler: object
     sharded: bool
     table: list  # parameter table rows (component, trainable, frozen)
-    hook: object  # the plugin manager's hooks, with the regularisers attached
+    pm: object  # the plugin manager: loss_terms calls its vlmkit_regulariser_loss
     precision: str
-    exits: contextlib.ExitStack
+    attached: object  # the regularisers' core.hooks.Attachment
 
     def close(self):
-        self.exits.close()
+        self.attached.close()
 
 
 def prepare_stage(recipe, registry, pm, index, device, run_dir=None, resume=None, say=distributed.print0,
@@ -167,13 +168,12 @@ def prepare_stage(recipe, registry, pm, index, device, run_dir=None, resume=None
     engine = model if sharded else distributed.wrap(model, find_unused_parameters=stage.text_ratio > 0)
     if recipe.run.compile:
         engine = torch.compile(engine)
-    exits = contextlib.ExitStack()
-    hook = exits.enter_context(attached(pm, regularisers, f"{where}.regularisers"))
     set_train_mode(model)
     extra_params = [p for m in extra_modules.values() for p in m.parameters()]
     clip = distributed.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_
+    attached = attach(pm, regularisers, f"{where}.regularisers")  # until Prepared.close()
     return Prepared(stage, where, model, tokenizer, engine, extra_modules, extra_params, trainable, clip, optimizer,
-                    scheduler, sharded, table, hook, recipe.run.precision, exits)
+                    scheduler, sharded, table, pm, recipe.run.precision, attached)
 
 
 def loss_terms(prep, batch):
@@ -182,7 +182,7 @@ def loss_terms(prep, batch):
         out = prep.engine(batch["pixel_values"], batch["input_ids"], batch["targets"],
                           tiles=batch.get("tiles"), grids=batch.get("grids"))
         terms = {"loss": out["loss"]}
-        for result in call_in_order(prep.hook.vlmkit_regulariser_loss, model=prep.model, batch=batch, outputs=out):
+        for result in prep.pm.hook.vlmkit_regulariser_loss(model=prep.model, batch=batch, outputs=out):
             clash = sorted(set(result) & set(terms))
             if clash:  # one term would replace the other (the next-token loss, even) without a word
                 raise ConfigError(f"{prep.where}.regularisers: two loss terms are named {clash[0]!r} "

@@ -58,7 +58,7 @@ def graph():
 
 def test_core_imports_only_core():
     bad = [f"{name} imports {target} (line {line})" for name, targets in graph().items() if name.startswith("core")
-           for target, line in targets.items() if not target.split(".")[0] == "core"]
+           for target, line in targets.items() if target.split(".")[0] != "core"]
     assert not bad, "\n".join(bad)
 
 

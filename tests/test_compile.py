@@ -1,6 +1,6 @@
 """run.compile=true: the compiled training forward trains the same weights as eager mode.
 
-Inductor needs minutes to compile even the tiny model on a 2-core CPU (README), so the test swaps
+Inductor needs minutes to compile even the tiny model on a 2-core CPU (docs/training.md), so the test swaps
 torch.compile's backend for aot_eager: the same call site in core/train.py, Dynamo's graph capture
 and AOTAutograd's joint forward/backward graphs, without Inductor's code generation.
 """

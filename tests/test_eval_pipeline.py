@@ -37,7 +37,8 @@ def test_ids_that_match_no_ground_truth_are_an_error_not_a_score(tmp_path, cli):
 
 
 def test_generate_output_is_scored_directly_by_image_stem(tmp_path, cli):
-    """The README's pipeline: generate's JSONL (ids are image paths) and its .md folder both find every page."""
+    """The pipeline of docs/reading-and-scoring.md: generate's JSONL (ids are image paths) and its .md folder both
+    find every page."""
     pages, gt = odb_pages(tmp_path)
     run = tmp_path / "run"
     assert cli("core.run", GRID_RECIPE, f"run.dir={run}", f"data.dataset.cache_dir={tmp_path / 'cache'}",

@@ -121,11 +121,11 @@ def test_empty_text_is_skipped_in_the_text_stream_and_kept_for_evaluation(tmp_pa
     assert [s["text"] for s in held] == ["p0", ""] and held.report == {}  # a blank benchmark page still scores
 
 
-def test_readme_lists_every_bad_sample_reason():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def test_the_data_docs_list_every_bad_sample_reason():
+    with open(os.path.join(ROOT, "docs", "data.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text[text.index("While training, bad samples"):]
-    section = section[:section.index("\n## ")]
+    section = text[text.index("### Bad samples"):]
+    section = section[:section.index("\n### ", 1)]
     missing = [reason for reason in REASONS if not re.search(rf"`{reason}`", section)]
     assert not missing, missing
 

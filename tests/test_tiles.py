@@ -41,9 +41,8 @@ def dso_grid(width, height, image_size=640, min_num=2, max_num=9):
         ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
         if ratio_diff < best_ratio_diff:
             best_ratio_diff, best_ratio = ratio_diff, ratio
-        elif ratio_diff == best_ratio_diff:
-            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-                best_ratio = ratio
+        elif ratio_diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best_ratio = ratio
     return best_ratio
 
 

@@ -117,7 +117,8 @@ def _gpt(vocab_size, kwargs, config_source):
     try:
         return GPT(vocab_size, **kwargs)
     except ConfigError as e:
-        raise ConfigError(f"decoder nanochat: the checkpoint's config ({config_source}) is not a nanochat GPT: {e}")
+        raise ConfigError(f"decoder nanochat: the checkpoint's config ({config_source}) is not a nanochat GPT: {e}") \
+            from None
 
 
 # ---------------------------------------------------------------- finding the files and the config

@@ -92,7 +92,8 @@ def sam_from_hf(sd):
 
 
 def sam_from_segment_anything(sd):
-    """segment-anything's ``sam_vit_b_01ec64.pth``: strip ``image_encoder.``, drop the prompt encoder and mask decoder."""
+    """segment-anything's ``sam_vit_b_01ec64.pth``: strip ``image_encoder.``, drop the prompt encoder and mask
+    decoder."""
     out = {}
     for key, value in sd.items():
         if key.startswith(("prompt_encoder.", "mask_decoder.")):
@@ -176,7 +177,8 @@ _HF_CLIP_DROP = ("text_model.", "visual_projection.", "text_projection.", "logit
 
 
 def _fill_position_ids(out, prefix=""):
-    """DeepSeek-OCR keeps ``position_ids`` as a persistent buffer; files that lack it get arange (docs/architecture.md §3.2).
+    """DeepSeek-OCR keeps ``position_ids`` as a persistent buffer; files that lack it get arange
+    (docs/architecture.md §3.2).
     ``prefix``: where the CLIP tower's keys sit (``clip.`` in a whole DeepEncoder)."""
     pos = out.get(f"{prefix}embeddings.position_embedding.weight")
     if pos is not None and f"{prefix}embeddings.position_ids" not in out:
@@ -297,7 +299,8 @@ def _load_layout(module, path, fmt, who, kind, formats, detect, mappers, skip_fo
     if fmt == "auto":
         fmt = detect(sd)
         if fmt is None:
-            raise ConfigError(f"{path}: cannot tell which {kind} weight layout this is (keys: {first_keys(sorted(sd))}); "
+            raise ConfigError(f"{path}: cannot tell which {kind} weight layout this is "
+                              f"(keys: {first_keys(sorted(sd))}); "
                               f"set {who}.weights_format to one of {', '.join(formats)}")
     report = load_state(module, mappers[fmt](sd), f"{path} ({fmt} layout)", skip_prefixes=skip_for(fmt),
                         name=f"{who} ({type(module).__name__})")

@@ -94,7 +94,8 @@ def split_pred_arrays(pieces):
             at = body.find(line, cursor)
             at = cursor if at == -1 else at
             cursor = at + len(line)
-            out.append({**piece, "content": f"\\[{line.strip()}\\]", "start": piece["start"] + match.start("body") + at})
+            start = piece["start"] + match.start("body") + at
+            out.append({**piece, "content": f"\\[{line.strip()}\\]", "start": start})
     return out
 
 
