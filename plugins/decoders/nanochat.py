@@ -185,7 +185,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the caller."""
+        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the
+        caller."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -241,6 +242,12 @@ class GPT(nn.Module):
         """An empty cache shaped for this model, as nanochat's Engine builds it (§1.8)."""
         c = self.config
         return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+
+    def export_hf(self, out_dir, tokenizer):
+        """This model as transformers' NanoChatForCausalLM folder (``python -m core.export``; core/contracts.py)."""
+        # imported here: nanochat_pretrained, which holds the HF layout (key map, config), imports this module
+        from plugins.decoders.nanochat_pretrained import export_hf
+        return export_hf(self, out_dir, tokenizer)
 
     @torch.no_grad()
     def grow_vocab(self, new_vocab_size):
