@@ -15,7 +15,6 @@ offline is one ConfigError naming the recipe key. Needs huggingface_hub (``pip i
 import os
 import re
 
-from core.distributed import print0
 from core.errors import ConfigError
 
 # owner/name, an optional @revision (no slash: a branch, tag or commit), an optional /path inside the repository
@@ -79,7 +78,6 @@ def resolve(spec, where, allow_patterns=None):
         what = repo + (f"@{revision}" if revision else "")
         what = f"{filename} of {what}" if filename is not None else what
         raise ConfigError(f"{where}: {spec!r} is not a local path, and on the hub: {_reason(e, what, kwargs)}") from e
-    print0(f"hub: {spec} -> {found}")
     return found
 
 

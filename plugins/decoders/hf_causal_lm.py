@@ -76,11 +76,12 @@ def hf_causal_lm(vocab_size=None, model=None, config=None, dtype="float32", attn
         raise ConfigError(f"{'config' if fresh else 'model'}: transformers cannot build a causal language model "
                           f"from {model or cfg.model_type} ({_one_line(e)})") from e
     decoder = HFCausalLM(lm)
-    what = "meta device, no weights" if on_meta() else "random weights" if fresh else f"weights from {folder}"
-    print0(f"decoder: {type(lm).__name__} ({cfg.model_type}, {decoder.n_layer} layers, hidden {decoder.n_embd}, "
-           f"vocab {decoder.vocab_size}), {what}")
-    if vocab_size is not None and vocab_size > decoder.vocab_size:
-        print0(f"decoder: vocab grown {decoder.vocab_size} -> {vocab_size} for the tokenizer")
+    grow = vocab_size is not None and vocab_size > decoder.vocab_size
+    if not on_meta():  # on meta (a dry run, core.generate's rebuild) stdout is the parameter table, or the answers
+        print0(f"decoder: {type(lm).__name__} ({cfg.model_type}, {decoder.n_layer} layers, hidden {decoder.n_embd}, "
+               f"vocab {decoder.vocab_size}{f' -> {vocab_size} for the tokenizer' if grow else ''}), "
+               f"{'random weights' if fresh else f'weights from {folder}'}")
+    if grow:
         lm.resize_token_embeddings(vocab_size, mean_resizing=not on_meta())
     return decoder
 

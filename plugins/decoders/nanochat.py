@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.weights import on_meta
+from plugins.decoders import nanochat_hf
 
 
 @dataclass
@@ -245,9 +246,7 @@ class GPT(nn.Module):
 
     def export_hf(self, out_dir, tokenizer):
         """This model as transformers' NanoChatForCausalLM folder (``python -m core.export``; core/contracts.py)."""
-        # imported here: nanochat_pretrained, which holds the HF layout (key map, config), imports this module
-        from plugins.decoders.nanochat_pretrained import export_hf
-        return export_hf(self, out_dir, tokenizer)
+        return nanochat_hf.export_hf(self, out_dir, tokenizer)
 
     @torch.no_grad()
     def grow_vocab(self, new_vocab_size):
