@@ -136,7 +136,8 @@ def test_bad_decoder_settings_are_one_line(tmp_path, registry):
         assert "\n" not in str(e.value)
         return str(e.value)
     assert "config: hiden_size is not a key of Qwen3Config" in build(config={**qwen, "hiden_size": 3})
-    assert "config.model_type: model_type 'qwen9' is unknown" in build(config={**qwen, "model_type": "qwen9"})
+    unknown_type = build(config={**qwen, "model_type": "qwen9"})
+    assert "config.model_type: 'qwen9' is not a model type transformers" in unknown_type
     assert "needs model (a hub name or a folder) or config" in build()
     assert f"model: {tmp_path / 'absent'} is not a folder" in build(model=str(tmp_path / "absent"))
     assert "dtype: 'float64' is not one of" in build(config=qwen, dtype="float64")

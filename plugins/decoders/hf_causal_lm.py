@@ -100,8 +100,10 @@ def build_config(transformers, folder, overrides, vocab_size):
         else:
             base = auto.for_model(model_type)
     except (OSError, ValueError, KeyError) as e:  # no config.json, or a model_type transformers does not know
-        first = f"{folder} has no config transformers reads" if folder else f"model_type {model_type!r} is unknown"
-        raise ConfigError(f"{'model' if folder else 'config.model_type'}: {first} ({_one_line(e)[:200]})") from e
+        if folder is not None:
+            raise ConfigError(f"model: {folder} has no config transformers reads ({_one_line(e)})") from e
+        raise ConfigError(f"config.model_type: {model_type!r} is not a model type transformers "
+                          f"{transformers.__version__} knows") from e
     if folder is None and vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
     values = base.to_dict()

@@ -75,7 +75,7 @@ class HFTokenizer:
 
     def decode(self, ids):
         keep = [i for i in map(int, ids) if 0 <= i < self.vocab_size and i not in self._special_ids]
-        return self._tok.decode(keep)
+        return self._tok.decode(keep, clean_up_tokenization_spaces=False)  # the text as read, spaces untouched
 
     def export_hf(self, out_dir):
         """The tokenizer files, ``<|image|>`` included, where transformers' AutoTokenizer reads them."""
