@@ -42,7 +42,11 @@ class Encoder(Protocol):
     checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder);
     ``token_layout: str`` (how core/model.py lays the projected grids out as decoder tokens:
     ``"rows"``, the default, DeepSeek-OCR's rows + newline; ``"flat"``, DeepSeek-OCR 2's flattened
-    views without newline; docs/architecture.md §7.4).
+    views without newline; docs/architecture.md §7.4);
+    ``export_hf(out_dir, model, tokenizer) -> str``: write the whole vision-language ``model`` as a
+    folder transformers' ``from_pretrained`` loads (config, safetensors, tokenizer and processor files),
+    for an architecture transformers has; return one line saying what was written. ``python -m
+    core.export`` asks the encoder first (a model is named by its vision side), then the decoder.
     """
     image_size: int | Sequence[int]
     out_dim: int
@@ -67,7 +71,9 @@ class Decoder(Protocol):
     that ``forward`` fills and reads one chunk after another (generation).
     Optional: ``muon_matrices() -> iterable of parameter names`` (relative to the decoder) that
     ``optimizer: muon`` orthogonalises; without it every 2-D weight of the decoder's
-    ``nn.ModuleList`` blocks is taken.
+    ``nn.ModuleList`` blocks is taken. ``export_hf(out_dir, tokenizer) -> str``: write the language
+    model as a folder transformers' ``from_pretrained`` loads (its special ids from ``tokenizer``);
+    return one line saying what was written (``python -m core.export``).
     """
     n_embd: int
 
@@ -83,6 +89,8 @@ class Tokenizer(Protocol):
 
     ``image_id`` is the ``<|image|>`` placeholder; ``eos_id`` ends an answer (generation stops
     there); ``pad_id`` fills short rows (never a target). ``decode`` skips special ids.
+    Optional: ``export_hf(out_dir) -> str``: write the tokenizer files transformers' ``AutoTokenizer``
+    reads, with the same ids; return one line saying what was written.
     """
     vocab_size: int
     bos_id: int

@@ -37,8 +37,10 @@ def hf_config(model, tokenizer):
                               architectures=["DeepseekOcr2ForConditionalGeneration"])
 
 
-def processor(model, tokenizer):
-    """transformers' DeepseekOcr2Processor for the model's global view, crops (model.crops) and tokenizer."""
+def processor(model, tokenizer, out_dir):
+    """transformers' DeepseekOcr2Processor for the model's global view, crops (model.crops) and the tokenizer
+    files already written to ``out_dir``."""
+    from transformers import AutoTokenizer
     from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
     from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekOcr2Processor
     size, tiling = model.encoder.image_size, model.tiling
@@ -48,7 +50,7 @@ def processor(model, tokenizer):
         tile_size=tiling.tile_size if tiling else size,
         min_patches=tiling.min_tiles if tiling else 2, max_patches=tiling.max_tiles if tiling else 6)
     downsample = 2 ** len(model.encoder.sam.strides)
-    out = DeepseekOcr2Processor(image_processor=images, tokenizer=tokenizer.hf,
+    out = DeepseekOcr2Processor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(out_dir),
                                 patch_size=model.encoder.sam.patch_size, downsample_ratio=downsample)
     if out.image_token_id != tokenizer.image_id:
         raise ConfigError(f"export: transformers' processor takes {out.image_token!r} (id {out.image_token_id}) for "
@@ -56,22 +58,26 @@ def processor(model, tokenizer):
     return out
 
 
-def export_hf(model, tokenizer, out_dir):
+def export_hf(out_dir, model, tokenizer):
     """Write ``model`` (a VisionLanguageModel with the deepseek_ocr2 encoder, a linear projector and the
-    deepseek_v2_moe decoder) and ``tokenizer`` (the ``hf`` tokenizer) to ``out_dir``; returns ``out_dir``."""
-    if type(model.projector).__name__ != "LinearProjector" or not hasattr(model.decoder.config, "n_routed_experts"):
+    deepseek_v2_moe decoder) and ``tokenizer`` (one with ``export_hf``: the ``hf`` tokenizer) to ``out_dir``;
+    returns the line python -m core.export prints."""
+    decoder_config = getattr(model.decoder, "config", None)
+    if type(model.projector).__name__ != "LinearProjector" or not hasattr(decoder_config, "n_routed_experts"):
         raise ConfigError("export: DeepSeek-OCR 2's layout needs the linear projector and the deepseek_v2_moe decoder")
-    if getattr(tokenizer, "hf", None) is None:
-        raise ConfigError("export: needs the hf tokenizer with its files (transformers saves them with the model)")
+    if not hasattr(tokenizer, "export_hf"):
+        raise ConfigError(f"export: the tokenizer {type(tokenizer).__name__} has no transformers form; "
+                          f"DeepSeek-OCR 2 is exported with its own (tokenizer: {{name: hf}})")
     config = hf_config(model, tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     state = fmt.to_original({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    save_file(state, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out_dir)
     _generation_config(config).save_pretrained(out_dir)
-    processor(model, tokenizer).save_pretrained(out_dir)
-    return out_dir
+    tokenizer.export_hf(out_dir)
+    processor(model, tokenizer, out_dir).save_pretrained(out_dir)
+    return (f"DeepSeek-OCR 2 for transformers' DeepseekOcr2ForConditionalGeneration: config, {len(state)} tensors "
+            f"in the original key names, tokenizer and processor")
 
 
 def _generation_config(config):

@@ -72,7 +72,8 @@ def model_config(folder, image_size=32, crops=None, tokenizer=None, **decoder):
     return ModelConfig(encoder=Component("deepseek_ocr2", {"image_size": image_size, "weights": folder}),
                        projector=Component("linear"),
                        decoder=Component("deepseek_v2_moe", {"weights": folder, **decoder}),
-                       tokenizer=Component("hf", {"path": tokenizer or folder}), crops=crops)
+                       tokenizer=Component("hf", {"model": tokenizer or folder, "image_token": "<image>"}),
+                       crops=crops)
 
 
 def page(width, height, seed=0):
@@ -196,17 +197,19 @@ def test_tiny_recipe_trains_from_scratch(tmp_path, cli):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_export_after_training_loads_in_transformers(tiny, tmp_path):
+def test_export_after_training_loads_in_transformers(tiny, tmp_path, cli):
     """Start from the checkpoint with its tokenizer, train a few steps, export: transformers' from_pretrained
     gives vlmkit's logits, and the weights are the trained ones (not the checkpoint's)."""
     reference, folders = tiny
     folder, run_dir = folders["original"], tmp_path / "run"
     code = run(TINY_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path}", "eval=null",
                f"model.encoder.weights={folder}", f"model.decoder.weights={folder}",
-               "model.tokenizer={name: hf, path: " + folder + "}")
+               "model.tokenizer={name: hf, image_token: <image>, model: " + folder + "}")
     assert code == 0
+    out = tmp_path / "export"
+    result = cli("core.export", run_dir / "train", out)
+    assert result.returncode == 0 and "DeepseekOcr2ForConditionalGeneration" in result.stdout, result.stderr
     model, tokenizer, _ = load_checkpoint(str(run_dir / "train"))
-    out = model.encoder.export_hf(model, tokenizer, str(tmp_path / "export"))
     exported = transformers.DeepseekOcr2ForConditionalGeneration.from_pretrained(out).eval()
     ids = prompt_ids(model, tokenizer)
     pixels = torch.randn(1, 3, 32, 32)
@@ -228,7 +231,7 @@ def test_gpu_recipe_dry_run_shows_the_release_without_files(tmp_path, registry):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "-> 257 vision tokens" in result.stdout and "6x1: 1121" in result.stdout
     total = next(line for line in result.stdout.splitlines() if line.startswith("total")).split()[1:]
-    overrides = ["model.encoder.weights=null", "model.decoder.weights=null", f"model.tokenizer.path={tmp_path}/none"]
+    overrides = ["model.encoder.weights=null", "model.decoder.weights=null", f"model.tokenizer.model={tmp_path}/none"]
     with torch.device("meta"):
         model, tokenizer = build_model(load_recipe(recipe_path, overrides).model, registry)
         release = transformers.DeepseekOcr2ForConditionalGeneration(hf_config(model, tokenizer))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.weights import on_meta
+from plugins.decoders import nanochat_hf
 
 
 @dataclass
@@ -185,7 +186,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; dtypes are the caller's."""
+        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the
+        caller."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -241,6 +243,10 @@ class GPT(nn.Module):
         """An empty cache shaped for this model, as nanochat's Engine builds it (§1.8)."""
         c = self.config
         return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+
+    def export_hf(self, out_dir, tokenizer):
+        """This model as transformers' NanoChatForCausalLM folder (``python -m core.export``; core/contracts.py)."""
+        return nanochat_hf.export_hf(self, out_dir, tokenizer)
 
     @torch.no_grad()
     def grow_vocab(self, new_vocab_size):

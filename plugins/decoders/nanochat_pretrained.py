@@ -27,9 +27,11 @@ import torch
 from core import hookimpl
 from core.distributed import print0
 from core.errors import ConfigError
+from core.hub import resolve
 from core.jsonfiles import read_json
 from core.weights import FOLDER_FILES as HF_WEIGHT_FILES, load_state, on_meta, read_state_dict, resolve_weights_path
 from plugins.decoders.nanochat import GPT
+from plugins.decoders.nanochat_hf import hf_to_native
 
 
 class _Unset:
@@ -40,6 +42,7 @@ class _Unset:
 UNSET = _Unset()
 SIZE_KEYS = ("sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd")  # + vocab_size: meta's six keys
 FORMATS = ("auto", "native", "hf")
+HUB_FILES = ["*.json", "*.safetensors", "model_*.pt"]  # what is downloaded of a hub repository: HF or native
 NC_OCT_SETTINGS = dict(rotary_base=10000.0, norm_eps=None, softcap=15.0)  # native: not in the files (§1.4, §6)
 
 
@@ -117,8 +120,8 @@ def _gpt(vocab_size, kwargs, config_source):
     try:
         return GPT(vocab_size, **kwargs)
     except ConfigError as e:
-        raise ConfigError(f"decoder nanochat: the checkpoint's config ({config_source}) is not a nanochat GPT: {e}") \
-            from None
+        raise ConfigError(f"decoder nanochat: the checkpoint's config ({config_source}) is not a nanochat GPT: "
+                          f"{e}") from e
 
 
 # ---------------------------------------------------------------- finding the files and the config
@@ -133,7 +136,7 @@ def resolve_checkpoint(checkpoint, checkpoint_format="auto"):
     if checkpoint_format not in FORMATS:
         raise ConfigError(f"decoder nanochat: checkpoint_format {checkpoint_format!r} is not one of "
                           f"{', '.join(FORMATS)}")
-    path = os.path.expanduser(str(checkpoint))
+    path = resolve(checkpoint, "checkpoint", HUB_FILES)  # a local path, or a hub name (core/hub.py)
     if not os.path.exists(path):
         raise ConfigError(f"decoder nanochat: checkpoint {path} does not exist")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -217,35 +220,6 @@ def hf_config(cfg, source):
         out["softcap"] = float(out["softcap"])
     if cfg.get("tie_word_embeddings", False):
         out["_tied"] = True
-    return out
-
-
-# ---------------------------------------------------------------- key names
-
-_HF_TO_NATIVE = [
-    (re.compile(r"^model\.embed_tokens\.weight$"), "transformer.wte.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$"), r"transformer.h.\1.attn.c_q.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$"), r"transformer.h.\1.attn.c_k.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$"), r"transformer.h.\1.attn.c_v.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$"), r"transformer.h.\1.attn.c_proj.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.fc1\.weight$"), r"transformer.h.\1.mlp.c_fc.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.fc2\.weight$"), r"transformer.h.\1.mlp.c_proj.weight"),
-]
-
-
-def hf_to_native(state):
-    """Rename HF NanoChatForCausalLM keys to nanochat's (the inverse of transformers' converter, §1.9).
-
-    lm_head.weight keeps its name; keys already in nanochat's names pass unchanged; anything else is left
-    as it is and the strict check reports it as unexpected.
-    """
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _HF_TO_NATIVE:
-            if pattern.match(key):
-                key = pattern.sub(repl, key)
-                break
-        out[key] = value
     return out
 
 

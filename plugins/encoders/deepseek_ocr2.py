@@ -119,10 +119,11 @@ class DeepseekOCR2Encoder(nn.Module):
         side = math.isqrt(table.num_embeddings)
         return out[:, h * w:].reshape(b, side, side, -1)
 
-    def export_hf(self, model, tokenizer, out_dir):
-        """Write ``model`` (this encoder's VisionLanguageModel) as a folder transformers' DeepseekOcr2 loads."""
+    def export_hf(self, out_dir, model, tokenizer):
+        """Write ``model`` (this encoder's VisionLanguageModel) as a folder transformers' DeepseekOcr2 loads
+        (core/contracts.py; python -m core.export calls it)."""
         from plugins.deepseek_ocr2_export import export_hf
-        return export_hf(model, tokenizer, out_dir)
+        return export_hf(out_dir, model, tokenizer)
 
 
 @hookimpl
