@@ -4,12 +4,12 @@
 
 The step is what core.train runs (core.train.prepare_stage and train_step): forward, the stage's
 regularisers, backward, grad clipping, the optimizer, on one ready batch from the recipe's data (so
-data loading is not in it; benchmarks/data.py measures that), or with ``full_length`` on rows of exactly
-``data.max_len`` tokens (random answer ids), the cost at a sequence length whatever the data's texts are.
-FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls, convolutions and
-attention; elementwise work counts zero, as in every MFU figure), and the achieved FLOP/s is that
-count over the measured step time. The peak is the best of square fp32 matmuls (bf16 on a GPU) with
-the threads torch uses, the number an MFU ratio is taken against.
+data loading is not in it; benchmarks/data.py measures that), or with ``full_length`` on rows of
+exactly ``data.max_len`` tokens (random answer ids), the cost at a sequence length whatever the data's
+texts are. FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls,
+convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
+FLOP/s is that count over the measured step time. The peak is the best of square fp32 matmuls
+(bf16 on a GPU) with the threads torch uses, the number an MFU ratio is taken against.
 """
 import argparse
 import time
@@ -80,7 +80,7 @@ class TrainStep:
         if full_length:  # every row data.max_len long: the step's cost at a given sequence length
             batch.update(full_length_tokens(tokenizer, recipe.data.prompt, model.num_image_tokens(),
                                             recipe.data.max_len, self.batch_size))
-        self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.batch = data.to_device(batch, device)
         self.device = device
         self.shape = dict(image_size=model.image_size, num_image_tokens=model.num_image_tokens(),
                           max_len=recipe.data.max_len, prompt=recipe.data.prompt)

@@ -11,9 +11,11 @@ names it. A process killed in the middle of a write leaves ``*.tmpPID`` files an
 newer than the pointer (or, at a stage's first write, no pointer at all); resume trusts only the
 pointer (``resume_point``) and removes those leftovers first (``discard_incomplete``).
 """
+import contextlib
 import json
 import os
 import re
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -117,10 +119,8 @@ def _remove_step(stage_dir, step):
 
 
 def _remove(path):
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def pointer_step(stage_dir):
@@ -216,9 +216,26 @@ def load_parts(model, path, parts):
     return sorted(given)
 
 
+class ResumePoint(NamedTuple):
+    """The checkpoint a stage continues from (``run.resume=auto``)."""
+    model_file: str
+    meta: dict  # its meta json: losses, and for a finished stage ``complete`` and ``summary``
+    tensors: dict | None  # train_XXXXXX.safetensors (optimizer moments, RNG states), or None if not written
+
+    @property
+    def complete(self):
+        """Whether the stage finished here: a resume does not train it again."""
+        return bool(self.meta.get("complete"))
+
+    @property
+    def train_state(self):
+        """The JSON half of the training state (core/resume.py ``capture``), or None."""
+        return self.meta.get("train_state")
+
+
 def resume_point(stage_dir):
-    """(model file, meta, train-state tensors or None) of the step ``latest.json`` names, or None without a
-    pointer. Only the pointer is trusted: files newer than it belong to a write that did not finish."""
+    """The ResumePoint of the step ``latest.json`` names, or None without a pointer. Only the pointer is
+    trusted: files newer than it belong to a write that did not finish."""
     step = pointer_step(stage_dir) if os.path.isdir(stage_dir) else None
     if step is None:
         return None
@@ -234,7 +251,7 @@ def resume_point(stage_dir):
         tensors = load_file(train_file) if os.path.isfile(train_file) else None
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"run.resume: {train_file}: not a readable safetensors file ({e})") from e
-    return path, meta, tensors
+    return ResumePoint(path, meta, tensors)
 
 
 def load_prefixed(module, path, prefix):

@@ -15,8 +15,9 @@ from core.generate import (
     view_batch,
 )
 from core.images import image_views
-from core.metrics import GroundTruth, score_pairs
+from core.metrics import score_pairs
 from core.model import evaluating
+from core.pairs import GroundTruth
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def _pick(logits, temperature, top_k, generator):
 
 def image_prompt_ids(model, tokenizer, prompt, grid=None):
     """bos + ``prompt`` with the placeholders of an image with crop grid ``grid`` (None: global view only)."""
-    return data.prompt_prefix(tokenizer, prompt, model.num_image_tokens(grid), max_len=10 ** 9)
+    return data.prompt_prefix(tokenizer, prompt, model.num_image_tokens(grid))
 
 
 def image_grid(model, image):
@@ -285,7 +285,8 @@ def command(argv=None):
         except OSError as e:
             raise ConfigError(f"--out {args.out or args.out_dir!r}: {e}") from e
         n = 0
-        for n, (path, text) in enumerate(read_images(model, tokenizer, prompt, args), 1):  # noqa: B007 (n: the count after)
+        for path, text in read_images(model, tokenizer, prompt, args):
+            n += 1
             if out:
                 out.write(json.dumps({"id": path, "text": text}, ensure_ascii=False) + "\n")
             elif stems:

@@ -131,13 +131,21 @@ def _eight_bit(image):
     return image.point(lambda v: (v - low) * scale).convert("L")  # a linear map: Pillow applies it in C
 
 
+def pair(value, name="size"):
+    """An int or an [h, w] pair -> (h, w): image, patch, window and stride sizes may be rectangles
+    (a text-line strip with full-height patches); an int is the square DeepSeek-OCR uses. A ValueError
+    naming ``name`` otherwise."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or [height, width], not {value!r}")
+
+
 def image_hw(image_size):
     """An encoder's ``image_size`` -> (height, width): an int is DeepSeek-OCR's square global view,
     [height, width] a rectangle (a text strip; plugins/encoders/deepencoder.py)."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
+    return pair(image_size, "image_size")
 
 
 def normalised(image):

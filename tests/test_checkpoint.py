@@ -5,9 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+import torch
+
 from core import checkpoint
-from tests.helpers import ROOT
-from tests.helpers import tiny
+from tests.helpers import ROOT, tiny
 
 WRITER = textwrap.dedent("""
     import os, sys, time
@@ -56,3 +57,18 @@ def test_keep_last_and_pointer(tmp_path, registry):
     # the pointer wins over a newer-looking stray file
     open(os.path.join(stage_dir, "model_000040.safetensors"), "wb").close()
     assert checkpoint.latest(stage_dir).endswith("model_000030.safetensors")
+
+
+def test_resume_point_names_its_parts(tmp_path, registry):
+    model, _ = tiny(registry)
+    stage_dir = str(tmp_path / "s")
+    assert checkpoint.resume_point(stage_dir) is None  # no pointer: the stage starts afresh
+    state = {"step": 3}
+    checkpoint.save_checkpoint(stage_dir, 3, model, {"losses": {"loss": 1.5}},
+                               train_state=({"t": torch.ones(2)}, state))
+    point = checkpoint.resume_point(stage_dir)
+    assert point.model_file.endswith("model_000003.safetensors") and point.meta["losses"] == {"loss": 1.5}
+    assert point.train_state == state and torch.equal(point.tensors["t"], torch.ones(2)) and not point.complete
+    checkpoint.save_checkpoint(stage_dir, 4, model, {"complete": True, "summary": {}})
+    point = checkpoint.resume_point(stage_dir)
+    assert point.complete and point.tensors is None and point.train_state is None

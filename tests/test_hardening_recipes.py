@@ -8,8 +8,9 @@ import torch
 
 from core.errors import ConfigError
 from core.evaluate import format_samples
-from core.recipe import load_recipe, parse_options
+from core.recipe import load_recipe
 from core.run import main
+from core.yamlfile import parse_options
 from tests.helpers import DEFAULT_RECIPE, ROOT
 from tests.tiny_recipe import log_events, run, write_recipe
 

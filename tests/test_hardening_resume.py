@@ -234,14 +234,14 @@ def test_python_and_numpy_random_are_seeded_by_run_seed(tmp_path, cache):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_checkpoint_files_get_the_umasks_permissions(tmp_path, registry, umask):
-    from core import resume as resume_state
+    from core import resume
     model, _ = tiny(registry)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     old = os.umask(umask)
     try:
         checkpoint.save_checkpoint(str(tmp_path / "s"), 1, model, {},
-                                   train_state=resume_state.capture(optimizer, scheduler, {}, 1))
+                                   train_state=resume.capture(optimizer, scheduler, {}, 1))
     finally:
         os.umask(old)
     modes = {name: os.stat(tmp_path / "s" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "s")}

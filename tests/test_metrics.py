@@ -7,7 +7,7 @@ import pytest
 from core.errors import ConfigError
 from core.metrics import main, score_pairs
 from core.registry import load_plugins
-from core.textdist import levenshtein, ned
+from core.textdist import levenshtein, ned, window_ned
 from plugins.metrics.exact import ExactMatch
 from plugins.metrics.fox import FoxMetric
 from plugins.metrics.ned import NEDMetric
@@ -24,7 +24,11 @@ def test_textdist():
     assert levenshtein("kitten", "sitting") == 3  # k->s, e->i, +g
     assert ned("kitten", "sitting") == approx(3 / 7)
     assert ned("", "abc") == 1.0
-    assert ned("", "") is None
+    assert ned("", "") is None and ned("", "", both_empty=0.0) == 0.0  # 0/0: left out, or a cost of nothing
+    assert ned("ab", "ab", both_empty=None) == 0.0
+    # the closest same-length window: "wor1d" is one substitution from "world"
+    assert window_ned("hello world", "wor1d") == approx(1 / 5) and window_ned("xxabcxx", "abc") == 0.0
+    assert window_ned("ab", "abc") is None and window_ned("abc", "") is None  # longer, or empty: no window
 
 
 def test_fox_swapped_precision_recall():

@@ -90,20 +90,20 @@ def _training_state():
 
 
 def test_capture_restore_rng_and_streams():
-    from core import resume as resume_state
+    from core import resume
     optimizer, scheduler = _training_state()
     torch.manual_seed(5)
     random.seed(5)
-    tensors, state = resume_state.capture(optimizer, scheduler, {"image": _Stream(7), "text": None}, step=3)
+    tensors, state = resume.capture(optimizer, scheduler, {"image": _Stream(7), "text": None}, step=3)
     mine = state["ranks"][0]  # numpy's state too when numpy is installed (issue 15)
     assert state["ranks"] == [{"python_random": mine["python_random"], "streams": {"image": {"position": 7}},
                                **({"numpy_random": mine["numpy_random"]} if "numpy_random" in mine else {})}]
-    assert set(tensors) >= {"rng.torch.0"} and resume_state.saved_world_size(state) == 1
+    assert set(tensors) >= {"rng.torch.0"} and resume.saved_world_size(state) == 1
     expected = (torch.rand(4), random.random())
     torch.manual_seed(0)
     random.seed(0)
     stream = _Stream()
-    assert resume_state.restore(*_training_state(), {"image": stream, "text": None}, tensors, state) == 3
+    assert resume.restore(*_training_state(), {"image": stream, "text": None}, tensors, state) == 3
     assert stream.position == 7
     got = (torch.rand(4), random.random())
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
@@ -112,11 +112,11 @@ def test_capture_restore_rng_and_streams():
 def test_a_checkpoint_resumes_only_with_its_world_size_and_sharding():
     import pytest
 
-    from core import resume as resume_state
+    from core import resume
     from core.errors import ConfigError
-    _, state = resume_state.capture(*_training_state(), {"image": _Stream(7), "text": None}, step=3, sharded=False)
-    resume_state.check_world_size(state, 1, "ckpt", sharded=False)  # as written: fine
+    _, state = resume.capture(*_training_state(), {"image": _Stream(7), "text": None}, step=3, sharded=False)
+    resume.check_world_size(state, 1, "ckpt", sharded=False)  # as written: fine
     for world_size, sharded, words in ((2, False, "1 process(es)"), (1, True, "unsharded (ddp")):
         with pytest.raises(ConfigError) as e:
-            resume_state.check_world_size(state, world_size, "ckpt", sharded=sharded)
+            resume.check_world_size(state, world_size, "ckpt", sharded=sharded)
         assert "\n" not in str(e.value) and "ckpt" in str(e.value) and words in str(e.value)

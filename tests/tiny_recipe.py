@@ -1,24 +1,32 @@
 """A two-stage recipe small enough to train in-process in about a second (issue 15's hardening tests).
 
-The model is tests/helpers.TINY; the synthetic data are rendered once per ``cache`` folder, so tests
-that share a session-scoped cache pay for it once.
+The model is tests/helpers.TINY, written into the YAML; the synthetic data are rendered once per
+``cache`` folder, so tests that share a session-scoped cache pay for it once.
 """
 import json
 
+from core.recipe import COMPONENTS
 from core.run import main
+from tests.helpers import TINY
+
+
+def _flow(value):
+    """A value as a YAML flow scalar, list or mapping (the plain names and numbers of a model config)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# the model section, one line per component, from the one definition of the tiny model
+TINY_MODEL = "\n".join(f"  {part}: {_flow({'name': getattr(TINY, part).name, **getattr(TINY, part).args})}"
+                       for part in COMPONENTS)
 
 TINY_RECIPE = """\
 run: {{dir: {run_dir}, seed: 0, log_every: 1, threads: 1}}
 model:
-  encoder:
-    name: deepencoder
-    image_size: 32
-    sam: {{patch_size: 8, dim: 32, depth: 2, heads: 2, window_size: 2, global_attn_indexes: [1], out_chans: 32,
-          downsample_channels: [32, 48], downsample_strides: [1, 1]}}
-    clip: {{dim: 48, depth: 1, heads: 2, mlp_dim: 96}}
-  projector: {{name: linear}}
-  decoder: {{name: nanochat, n_layer: 2, n_head: 2, n_kv_head: 1, n_embd: 32, sequence_len: 128}}
-  tokenizer: {{name: bytes}}
+{model}
 data:
   dataset: {{name: synthetic_ocr, cache_dir: {cache}, image_size: 32, layout: grid, wrap: chars, words: [2, 3],
             word_length: [2, 5], train_samples: 64, eval_samples: 4, vocabulary_size: 2000}}
@@ -34,7 +42,7 @@ eval: null
 def write_recipe(folder, cache, run_dir="run", extra=""):
     """recipe.yaml in ``folder`` (run.dir relative to it unless absolute); ``extra`` is appended YAML."""
     path = folder / "recipe.yaml"
-    path.write_text(TINY_RECIPE.format(run_dir=folder / run_dir, cache=cache) + extra)
+    path.write_text(TINY_RECIPE.format(run_dir=folder / run_dir, cache=cache, model=TINY_MODEL) + extra)
     return path
 
 
