@@ -1,11 +1,15 @@
 """Fixtures shared by the test modules (plain helpers are in tests/helpers.py)."""
 import importlib
+import os
 import subprocess
 
 import pytest
 
 from core.registry import load_plugins
 from tests.helpers import run_cli
+
+# No test may reach a model hub: a hub name resolves from the cache or fails at once (core/hub.py).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
