@@ -22,7 +22,7 @@ from core.hookspecs import is_hookimpl
 # the recipe (a recipe key of the same name is an error).
 CONTEXT = {
     "projector": ("in_dim", "out_dim"),  # the encoder's out_dim, the decoder's n_embd
-    "decoder": ("vocab_size",),  # the tokenizer's vocabulary, <|image|> included
+    "decoder": ("vocab_size", "image_id"),  # the tokenizer's vocabulary, <|image|> included; <|image|>'s id
     "regulariser": ("model", "tokenizer"),  # the stage's freshly built VisionLanguageModel
     "freeze": (),
     "logger": ("run_dir",),  # the run folder (absolute)
@@ -62,7 +62,9 @@ class Decoder(Protocol):
     that ``forward`` fills and reads one chunk after another (generation).
     Optional: ``muon_matrices() -> iterable of parameter names`` (relative to the decoder) that
     ``optimizer: muon`` orthogonalises; without it every 2-D weight of the decoder's
-    ``nn.ModuleList`` blocks is taken.
+    ``nn.ModuleList`` blocks is taken. ``reads_ids: bool``: when true, every call also passes
+    ``ids=`` (B, T), the token ids behind the embeddings, the <|image|> id at vision positions (a
+    decoder with value embeddings looked up by id needs them).
     """
     n_embd: int
 
