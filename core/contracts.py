@@ -22,7 +22,7 @@ from core.hookspecs import impl_options
 # the recipe (a recipe key of the same name is an error).
 CONTEXT = {
     "projector": ("in_dim", "out_dim"),  # the encoder's out_dim, the decoder's n_embd
-    "decoder": ("vocab_size",),  # the tokenizer's vocabulary, <|image|> included
+    "decoder": ("vocab_size", "image_id"),  # the tokenizer's vocabulary, <|image|> included; <|image|>'s id
     "regulariser": ("model", "tokenizer"),  # the stage's freshly built VisionLanguageModel
     "freeze": (),
     "logger": ("run_dir",),  # the run folder (absolute)
@@ -73,7 +73,9 @@ class Decoder(Protocol):
     ``optimizer: muon`` orthogonalises; without it every 2-D weight of the decoder's
     ``nn.ModuleList`` blocks is taken. ``export_hf(out_dir, tokenizer) -> str``: write the language
     model as a folder transformers' ``from_pretrained`` loads (its special ids from ``tokenizer``);
-    return one line saying what was written (``python -m core.export``).
+    return one line saying what was written (``python -m core.export``). ``reads_ids: bool``: when
+    true, every call also passes ``ids=`` (B, T), the token ids behind the embeddings, the <|image|> id
+    at vision positions (a decoder with value embeddings looked up by id needs them).
     """
     n_embd: int
 

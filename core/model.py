@@ -153,11 +153,18 @@ class VisionLanguageModel(nn.Module):
             features, vision_tokens, sequences = self.encode_views(pixel_values, tiles, grids)
             embeds = self.merge(input_ids, sequences)
         out = {"vision_features": features, "vision_tokens": vision_tokens}
+        ids = token_ids(self.decoder, input_ids)
         if targets is None:
-            out["logits"] = self.decoder(embeds)
+            out["logits"] = self.decoder(embeds, **ids)
         else:
-            out["loss"] = self.decoder(embeds, targets=targets)
+            out["loss"] = self.decoder(embeds, targets=targets, **ids)
         return out
+
+
+def token_ids(decoder, ids):
+    """The ``ids=`` keyword for a decoder that reads the token ids behind its embeddings (``reads_ids``,
+    core/contracts.py Decoder), the <|image|> id at vision positions; {} for one that does not."""
+    return {"ids": ids} if getattr(decoder, "reads_ids", False) else {}
 
 
 @contextlib.contextmanager
@@ -183,7 +190,7 @@ def build_model(model_config, registry):
     if "vocab_size" in dec.args and dec.args["vocab_size"] != tokenizer.vocab_size:
         raise ConfigError(f"model.decoder.vocab_size: {dec.args['vocab_size']} does not match the tokenizer's "
                           f"{tokenizer.vocab_size}; leave it out, it is taken from the tokenizer")
-    decoder = registry.build("decoder", dec.name, where="model.decoder",
+    decoder = registry.build("decoder", dec.name, where="model.decoder", context={"image_id": tokenizer.image_id},
                              **{"vocab_size": tokenizer.vocab_size, **dec.args})
     proj = model_config.projector
     projector = registry.build("projector", proj.name, where="model.projector",

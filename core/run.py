@@ -25,7 +25,7 @@ from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.hooks import attach
 from core.loop import TrainingError, run_stage
 from core.metrics import score_pairs
-from core.model import build_model, checkpoint_activations
+from core.model import build_model, checkpoint_activations, token_ids
 from core.recipe import load_recipe
 from core.registry import load_plugins
 from core.report import format_parameter_table, parameter_table, write_report
@@ -150,8 +150,9 @@ def check_lengths(recipe, model, tokenizer):
     for key, length, detail in needs:
         with torch.device("meta"):
             embeds = torch.zeros(1, length, model.decoder.n_embd)
+            ids = token_ids(model.decoder, torch.zeros(1, length, dtype=torch.long))  # for a decoder that reads them
         try:
-            model.decoder(embeds)
+            model.decoder(embeds, **ids)
         except ValueError as e:
             raise ConfigError(f"{key}: sequences of {length} tokens{detail} do not fit the decoder: {e}") from e
         except Exception:
