@@ -18,6 +18,12 @@ def registry():
     return load_plugins()[1]
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The cache folder of tests/tiny_recipe.py's synthetic data: rendered by the first run, reused after."""
+    return tmp_path_factory.mktemp("synthetic")
+
+
 @pytest.fixture
 def cli(capsys):
     """Run ``python -m MODULE ARGS`` in this process (no interpreter start-up): a CompletedProcess with the
