@@ -13,7 +13,7 @@ from core.generate import generate, image_prompt_ids
 from core.images import preprocess
 from core.model import build_model
 from core.registry import load_plugins
-from tests.helpers import TINY, run_cli
+from tests.helpers import TINY
 
 # No test may reach a model hub: a hub name resolves from the cache or fails at once (core/hub.py).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -34,11 +34,9 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture
 def cli(capsys):
     """Run ``python -m MODULE ARGS`` in this process (no interpreter start-up): a CompletedProcess with the
-    exit code ``main`` returns and what it printed. ``env_extra`` (a PYTHONPATH for a plugin, say) needs a
-    real process, and so do kills and torchrun: those use ``tests.helpers.run_cli``."""
-    def run(module, *args, env_extra=None, **kwargs):
-        if env_extra:
-            return run_cli(module, *args, env_extra=env_extra, **kwargs)
+    exit code ``main`` returns and what it printed. A kill, torchrun or a fresh interpreter needs a real
+    process: ``tests.helpers.run_cli``."""
+    def run(module, *args):
         main = importlib.import_module(module if module != "benchmarks" else "benchmarks.__main__").main
         capsys.readouterr()
         try:
