@@ -124,6 +124,8 @@ eval: {{samples: 4, max_new_tokens: 4, metrics: [exact]}}
 
 
 def run(tmp_path, name, train, evaluate, *extra, background=False):
+    """python -m core.run in a real process: the http run is killed with SIGKILL, and the runs it is compared
+    with start the same way."""
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(RECIPE.format(run=tmp_path / name, train=train, eval=evaluate))
     cmd = [sys.executable, "-m", "core.run", str(recipe), *extra]
