@@ -1,9 +1,11 @@
-"""A two-stage recipe small enough to train in-process in about a second (issue 15's hardening tests).
+"""A two-stage recipe small enough to train in-process in about a second, and a kill of it inside a checkpoint
+write, in-process too.
 
 The model is tests/helpers.TINY, written into the YAML; the synthetic data are rendered once per
-``cache`` folder, so tests that share a session-scoped cache pay for it once.
+``cache`` folder, so tests that share the session's ``tiny_data`` folder (conftest.py) pay for it once.
 """
 import json
+import os
 
 from core.recipe import COMPONENTS
 from core.run import main
@@ -54,3 +56,37 @@ def run(recipe, *overrides):
 def log_events(run_dir, event):
     lines = (run_dir / "log.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def pointer(folder):
+    """The step a stage folder's latest.json points at."""
+    return json.loads((folder / "latest.json").read_text())["step"]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL in-process: not an Exception, so nothing in vlmkit catches it."""
+
+
+class WritePoints:
+    """Wraps the file operations of a checkpoint write (os.fsync, os.replace, os.remove inside the run folder)
+    and raises Killed before the ``kill_at``-th one, or the first whose file name starts with ``kill_before``; at
+    an fsync the file is first cut to half its size, as a kill in the middle of writing it would leave it.
+    With neither it only counts."""
+
+    def __init__(self, monkeypatch, run_dir, kill_at=None, kill_before=None):
+        self.run_dir, self.kill_at, self.kill_before, self.seen = str(run_dir), kill_at, kill_before, []
+        for name in ("fsync", "replace", "remove"):
+            monkeypatch.setattr(os, name, self._wrap(name, getattr(os, name)))
+
+    def _wrap(self, name, real):
+        def op(target, *args, **kwargs):
+            path = os.readlink(f"/proc/self/fd/{target}") if name == "fsync" else os.fspath(target)
+            if path.startswith(self.run_dir + os.sep):
+                self.seen.append((name, os.path.basename(path)))
+                if len(self.seen) - 1 == self.kill_at or (
+                        self.kill_before and os.path.basename(path).startswith(self.kill_before)):
+                    if name == "fsync":
+                        os.truncate(path, os.path.getsize(path) // 2)
+                    raise Killed(f"{name} {path}")
+            return real(target, *args, **kwargs)
+        return op
