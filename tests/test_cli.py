@@ -1,12 +1,14 @@
 """python -m core.run as a user meets it: broken recipes, a short real run, the overfit check."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import GRID_RECIPE
+from tests.helpers import GRID_RECIPE, ROOT
 
 SMALL_DATA = ["data.dataset.train_samples=512", "data.dataset.samples_per_shard=256",
               "data.dataset.eval_samples=16", "eval.samples=16", "eval.probe_samples=8"]
@@ -43,6 +45,19 @@ def test_list_plugins_names_sources(cli):
     assert result.returncode == 0
     assert any(line.startswith("encoder deepencoder") and "built-in plugins.encoders.deepencoder" in line
                for line in result.stdout.splitlines())
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """``vlmkit --list-plugins | head``: the reader is gone before the listing is written (a fresh process: the
+    closed pipe and the flush at interpreter exit are the point). No BrokenPipeError traceback, exit 1."""
+    read, write = os.pipe()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "core.run", "--list-plugins"], stdout=write,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    os.close(write)
+    os.close(read)  # no reader left: the command's first write fails with EPIPE
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
 def test_short_two_stage_run_writes_everything(cli, tmp_path):

@@ -1,4 +1,5 @@
-"""torchrun with 2 gloo ranks (DDP and FSDP2): the same weights as 1 process with the same global batch, and run.resume=auto."""
+"""torchrun with 2 gloo ranks (DDP and FSDP2): the same weights as 1 process with the same global batch, and
+run.resume=auto."""
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from tests.helpers import GRID_RECIPE, ROOT
 # Every shard holds exactly one rank batch (2 samples) and every text has the same length, so one
 # process with batch 4 sees, step by step, the union of the two ranks' batches of 2, and the mean
 # losses agree (shard order is seeded; shuffle_buffer 1 keeps the order inside a shard).
-COMMON = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", "data.dataset.word_length=[3,3]", "data.dataset.vocabulary_size=2000",
+COMMON = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", "data.dataset.word_length=[3,3]",
+          "data.dataset.vocabulary_size=2000",
           "data.dataset.train_samples=64", "data.dataset.samples_per_shard=2", "data.dataset.eval_samples=4",
           "eval.samples=4", "eval.max_new_tokens=2", "stages.0.steps=6", "stages.1.steps=3",
           "stages.0.probe_every=0", "stages.1.probe_every=0", "stages.0.monitor_every=0", "stages.1.monitor_every=0"]
@@ -71,7 +73,7 @@ def test_two_gloo_ranks_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "vis_tok" / "model_000004.safetensors").exists() or not (killed / "vis_tok" / "latest.json").exists():
+    while not all((killed / "vis_tok" / name).exists() for name in ("model_000004.safetensors", "latest.json")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
     for pid in _workers(proc.pid):  # both ranks die at once, as on a lost node; torchrun then exits
@@ -137,9 +139,10 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path):
 
 def test_fsdp_refuses_muon_and_compile():
     from core.recipe import load_recipe
-    with pytest.raises(ConfigError, match=r"grid.yaml.*stages.1.optimizer: muon needs whole matrices"):
+    with pytest.raises(ConfigError,
+                       match=r"override 'stages.1.optimizer=muon': stages.1.optimizer: muon needs whole matrices"):
         load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "stages.1.optimizer=muon"])
     with pytest.raises(ConfigError, match=r"run.compile: not supported with run.parallel: fsdp"):
         load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "run.compile=true"])
-    with pytest.raises(ConfigError, match=r"grid.yaml:\d+: run: parallel must be ddp or fsdp"):
+    with pytest.raises(ConfigError, match=r"override 'run.parallel=zero': run.parallel: must be ddp or fsdp"):
         load_recipe(GRID_RECIPE, ["run.parallel=zero"])

@@ -33,7 +33,8 @@ def one_line_error(capsys):
 def test_exponent_floats_without_a_dot_are_numbers_in_component_args_overrides_and_options(tmp_path, cache):
     recipe = write_recipe(tmp_path, cache)
     recipe.write_text(recipe.read_text().replace("sequence_len: 128}", "sequence_len: 128, norm_eps: 1e-6}"))
-    loaded = load_recipe(str(recipe), ["stages.0.lr=3e-3", "stages.0.regularisers=[{name: cell_reading, weight: 1E-1}]"])
+    loaded = load_recipe(str(recipe), ["stages.0.lr=3e-3",
+                                       "stages.0.regularisers=[{name: cell_reading, weight: 1E-1}]"])
     assert loaded.model.decoder.args["norm_eps"] == 1e-6 and loaded.stages[0].lr == 3e-3
     assert loaded.stages[0].regularisers[0].args["weight"] == 0.1
     assert parse_options(["threshold=5e-1", "name=1e5x", "n=3"]) == {"threshold": 0.5, "name": "1e5x", "n": 3}
@@ -92,7 +93,9 @@ def test_values_out_of_range_are_one_line_at_load_naming_the_key(tmp_path, cache
     recipe = write_recipe(tmp_path, cache)
     with pytest.raises(ConfigError) as e:
         load_recipe(str(recipe), [override])
-    assert re.match(rf"{re.escape(str(recipe))}(:\d+)?: {re.escape(key)}: ", str(e.value)), str(e.value)
+    by_override = override.partition("=")[0] == key  # the value came from the override, not from a line of the file
+    where = re.escape(f"override {override!r}") if by_override else rf"{re.escape(str(recipe))}(:\d+)?"
+    assert re.match(rf"{where}: {re.escape(key)}: ", str(e.value)), str(e.value)
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
@@ -164,8 +167,8 @@ def test_every_command_and_file_the_readme_and_design_notes_name_exists():
     for name in ("README.md", "DESIGN.md"):
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             text = f.read()
-        missing += [f"{name}: python -m {m}" for m in set(re.findall(r"python -m ((?:core|plugins|benchmarks)[\w.]*)", text))
-                    if importlib.util.find_spec(m) is None]
+        modules = set(re.findall(r"python -m ((?:core|plugins|benchmarks)[\w.]*)", text))
+        missing += [f"{name}: python -m {m}" for m in modules if importlib.util.find_spec(m) is None]
         missing += [f"{name}: {p}" for p in set(re.findall(r"\b((?:core|plugins|recipes|benchmarks|docs)/[\w/]+\.\w+)",
                                                            text)) if not os.path.exists(os.path.join(ROOT, p))]
     assert not missing, missing
