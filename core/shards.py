@@ -16,7 +16,8 @@ Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
   ``--longest-side`` pixels (default 1288, olmOCR's) or ``--dpi`` and stored as PNG; ``--pages``
   keeps only those page numbers of every PDF (the others are left out, not skipped). A text-only sample
   (``llava`` items without ``image``) has no image member.
-* ``{key}.txt``: the target text, UTF-8, exactly as read (a UTF-8 byte-order mark is dropped).
+* ``{key}.txt``: the target text, UTF-8, as read (a UTF-8 byte-order mark is dropped, and a text file's
+  trailing whitespace and newlines: ``load_text``).
 * ``{key}.json``: optional metadata: ``{"conversations": [...]}`` for ``llava`` (the turns as
   given, ``{"from": "human"|"gpt", "value": ...}``, ``<image>`` left in place; no ``txt``), ``{"prompt",
   "image", "index"}`` for ``fox``, ``{"page_info"}`` for ``omnidocbench``, the record's other fields
@@ -141,7 +142,9 @@ def load_image(image, render=None):
 def load_text(text):
     """str, Path or None -> (text, front matter or None, None), or (None, None, skip reason).
 
-    A ``.md`` file's YAML front matter is split off (core.sources.split_front_matter)."""
+    A text file's trailing whitespace goes (the newline an editor ends a file with is no part of the page's
+    text, and a model would learn to emit it); a ``.md`` file's YAML front matter is split off
+    (core.sources.split_front_matter). A string from a manifest is kept exactly."""
     if isinstance(text, Path):
         try:
             data = text.read_bytes()
@@ -153,8 +156,8 @@ def load_text(text):
             return None, None, "non_utf8_text"
         if text.suffix.lower() == ".md":
             front, body = split_front_matter(data)
-            return body, front, None
-        return data, None, None
+            return body.rstrip(), front, None
+        return data.rstrip(), None, None
     return text, None, None
 
 
