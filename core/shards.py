@@ -59,6 +59,7 @@ from core.data import IMAGE_EXTS
 from core.errors import ConfigError, cli_main
 from core.pdf import (
     DEFAULT_LONGEST_SIDE,
+    MIN_SHORT_SIDE,
     PageRange,
     PdfSkip,
     Render,
@@ -366,7 +367,8 @@ def command(argv=None):
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load this plugin too (a module name or a .py file), e.g. a source of your own")
     parser.add_argument("--longest-side", type=int, help=f"render PDF pages with this many pixels on their longer "
-                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's)")
+                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's; a long "
+                                                           f"thin page keeps a short side of {MIN_SHORT_SIDE})")
     parser.add_argument("--dpi", type=float, help="render PDF pages at this resolution instead (72 = 1 px per point)")
     parser.add_argument("--pages", type=PageRange, help="only these pages of each PDF, counted from 1: 1-3,7,10-")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
