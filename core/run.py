@@ -2,8 +2,10 @@
 
 Runs the recipe's stages in order, then evaluates the last stage's model on the
 held-out split. Before anything trains every stage is built on the meta device with its
-freeze policies and regularisers (``check_stages``), so a broken recipe or plugin of the
-last stage fails at once, not hours in. A stage with ``steps: 0`` is skipped.
+freeze policies and regularisers (``check_stages``), and the data section's datasets and
+shards are checked (core/datacheck.py), so a broken recipe or plugin of the last stage, a
+missing shard or a dataset argument it does not take fails at once, not hours in; ``--dry-run``
+does both and says what it found. A stage with ``steps: 0`` is skipped.
 
 Exit codes: 0 done; 1 a non-finite loss; 2 bad input (recipe, override, plugin name, data
 path, a plugin that breaks the hook contract): one ``error:`` line; 3 an exception raised
@@ -22,6 +24,7 @@ from core import checkpoint, distributed
 from core import registry as plugin_registry
 from core import resume as resume_state
 from core.data import prompt_prefix
+from core.datacheck import check_data
 from core.errors import ConfigError, cli_main
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.images import image_hw
@@ -179,7 +182,7 @@ def check_device(name):
 
 
 def dry_run(recipe, pm, registry):
-    """Describe each stage as check_stages builds it, then the token layout."""
+    """Describe each stage as check_stages builds it, the token layout, then the data (core/datacheck.py)."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
     n = model.num_image_tokens()
     height, width = image_hw(model.image_size)
@@ -190,6 +193,7 @@ def dry_run(recipe, pm, registry):
         print(model.tiling.describe(n))
     print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
+    check_data(recipe, registry, model, show=True)  # last: the model is described even when the data is not there
 
 
 def resume_point(ctx, index, stage):
@@ -215,7 +219,8 @@ def resume_point(ctx, index, stage):
     changed = resume_state.check_stage(state, stage, f"stages.{index}", point[0])
     if changed:
         ctx.say(f"stage {stage.name}: resuming with the recipe's "
-                + ", ".join(f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
+                + ", ".join(f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})"
+                            for k, (old, new) in changed.items()))
         ctx.log({"event": "resume_changes", "stage": stage.name, "changed": {k: v[1] for k, v in changed.items()}})
     return point
 
@@ -228,7 +233,8 @@ def run(recipe, dry=False):
     check_device(recipe.run.device)
     make_run_dir(os.path.abspath(os.path.expanduser(recipe.run.dir)))
     with contextlib.redirect_stdout(io.StringIO()):  # the real builds below say what matters
-        check_stages(recipe, pm, registry)
+        model, _ = check_stages(recipe, pm, registry)
+    check_data(recipe, registry, model)  # datasets, their shards, an aspect warning: before anything trains
     resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
     loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})

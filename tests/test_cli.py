@@ -96,6 +96,39 @@ def test_dry_run_describes_the_model(cli):
     assert "prompt layout: <|bos|> + '<|image|>x21\\nFree OCR.' + answer + eos" in result.stdout
 
 
+def test_dry_run_checks_the_data_section(cli, tmp_path):
+    """Shards that exist and arguments the dataset takes; a wrong one fails the dry run (it passed with exit 0 and
+    failed in the real run), and train images far from the model's view are warned about once, with a count."""
+    from PIL import Image
+
+    from core.shards import write_shards
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for i in range(5):  # 3:1 strips for the grid recipe's square view
+        Image.new("RGB", (96, 32), "white").save(pages / f"p{i}.png")
+        (pages / f"p{i}.txt").write_text(f"text {i}")
+    train = write_shards("folder", str(pages), str(tmp_path / "shards"), progress=False).pattern
+    dataset = f"data.dataset={{name: shards, train: '{train}', eval: '{train}'}}"
+    missing = cli("core.run", GRID_RECIPE, "--dry-run", dataset.replace("train-000000", "train-000001"))
+    assert "data.dataset.train: shard" in one_error_line(missing)
+    assert "train-000001.tar' does not exist" in missing.stderr
+    leftover = cli("core.run", GRID_RECIPE, "--dry-run", "data.dataset.name=shards", f"data.dataset.train={train}")
+    assert "data.dataset.image_size: dataset 'shards' takes no argument 'image_size'" in one_error_line(leftover)
+    good = cli("core.run", GRID_RECIPE, "--dry-run", dataset)
+    assert good.returncode == 0, good.stderr
+    assert f"data.dataset train: 1 shard(s): {train}" in good.stdout.splitlines()
+    warnings = [line for line in good.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: data.dataset: 5 of the first 5 train images are far wider or taller than the model's view 1:1 "
+        "(e.g. 'p0' is 3:1, width:height)"), good.stdout
+    run_dir = tmp_path / "run"  # a real run warns once too, before its first step
+    result = cli("core.run", GRID_RECIPE, dataset, f"run.dir={run_dir}", "stages.0.steps=1", "stages.1.steps=1",
+                 "data.batch_size=2", "eval.samples=2", "eval.max_new_tokens=2", "stages.0.probe_every=0",
+                 "stages.1.probe_every=0", "stages.0.monitor_every=0", "stages.1.monitor_every=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("warning:")] == warnings
+
+
 def test_overfit10_reproduces_every_sample(cli, tmp_path):
     """The tier-1 check: recipes/overfit10.yaml memorises its 10 fixed samples exactly."""
     recipe = os.path.join(os.path.dirname(GRID_RECIPE), "overfit10.yaml")
