@@ -1,11 +1,13 @@
 """Write your own data as WebDataset shards; ``python -m core.shards``.
 
     python -m core.shards FORMAT SOURCE --out DIR [--name train] [--max-count 10000] [--max-size 1GB]
-                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...]
+                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...] [--eval-every N]
                           [--longest-side 1288 | --dpi N] [--pages 1-3,7,10-]
 
 The last line printed is the shards' brace pattern, e.g. ``/data/out/train-{000000..000012}.tar``:
-what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``).
+what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``); ``data.dataset.dir=DIR``
+takes DIR's ``train-*.tar`` and ``eval-*.tar`` at once. ``--eval-every N`` holds every N-th sample out
+as the eval split, ``eval-000000.tar`` ... beside the ``--name`` shards.
 
 Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
 
@@ -69,7 +71,7 @@ from core.pdf import (
 from core.pluginfiles import resolve_plugin_paths
 from core.recipe import parse_options
 from core.registry import load_plugins
-from core.shardwriter import ShardWriter, fresh_partial_dir
+from core.shardwriter import HeldOut, ShardWriter, check_eval_every, fresh_partial_dir, publish, shard_pattern
 from core.sources import Skip, clean_key, count_items, split_front_matter
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -89,6 +91,8 @@ class Summary:
     oversize: int = 0             # shards over max_size: each holds one sample larger than it
     replaced: int = 0             # shards of an earlier run replaced or removed
     left_out: int = 0             # PDF pages outside --pages
+    eval_pattern: str = None      # --eval-every: the held-out shards' pattern
+    eval_samples: int = 0         # and how many samples they hold (counted in samples too)
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
@@ -196,16 +200,11 @@ def members(item, render=None):
     return out, None
 
 
-def _shard_pattern(folder, name, count):
-    if count == 1:
-        return os.path.join(folder, f"{name}-000000.tar")
-    return os.path.join(folder, f"{name}-{{000000..{count - 1:06d}}}.tar")
-
-
 def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9, images_root=None,
-                 limit=None, options=None, progress=True, registry=None, render=None):
+                 limit=None, options=None, progress=True, registry=None, render=None, eval_every=None):
     """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards into
-    ``out``, PDF pages drawn as ``render`` (core.pdf.Render) says; returns a Summary (see the module doc)."""
+    ``out``, PDF pages drawn as ``render`` (core.pdf.Render) says, every ``eval_every``-th sample to the eval
+    split; returns a Summary (see the module doc)."""
     render = render or Render()
     registry = registry or load_plugins()[1]
     reader = registry.build("source", fmt, where="FORMAT", **(options or {}))
@@ -215,6 +214,7 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
         raise ConfigError(f"--max-count {max_count}: must be at least 1")
     if limit is not None and int(limit) < 1:
         raise ConfigError(f"--limit {limit}: must be at least 1")
+    check_eval_every(eval_every, name)
     max_size = parse_size(max_size) if isinstance(max_size, str) else int(max_size)
     if not os.path.exists(source):
         raise ConfigError(f"{source}: no such file or folder")
@@ -235,6 +235,7 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
 
     summary, seen = Summary(), set()
     writer = ShardWriter(tmp, name, int(max_count), max_size)
+    writer = HeldOut(writer, ShardWriter(tmp, "eval", int(max_count), max_size), eval_every) if eval_every else writer
 
     def skip(reason, where):
         summary.skipped[reason] += 1
@@ -277,31 +278,27 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
         if not summary.samples:
             raise ConfigError(f"{source}: no usable sample ({_skips_inline(summary)})")
         summary.oversize = writer.oversize
-        summary.replaced = _publish(writer.paths, out, name)
+        summary.replaced = _publish_all(writer, out, name, summary)
     finally:
         writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
     summary.shards = [os.path.join(out, os.path.basename(p)) for p in writer.paths]
     summary.bytes = sum(os.path.getsize(p) for p in summary.shards)
-    summary.pattern = _shard_pattern(out, name, len(summary.shards))
+    summary.pattern = shard_pattern(out, name, len((writer.main if eval_every else writer).paths))
     return summary
 
 
-def _publish(paths, out, name):
-    """Move the finished shards into out, over an earlier run's, and remove that run's extra shards.
-
-    Returns how many shards of an earlier run were replaced or removed."""
-    old = [p for p in Path(out).iterdir() if re.fullmatch(re.escape(name) + r"-\d{6}\.tar", p.name)]
-    ours = {os.path.basename(p) for p in paths}
-    try:
-        for path in paths:
-            os.replace(path, os.path.join(out, os.path.basename(path)))
-        for path in old:
-            if path.name not in ours:
-                path.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot move the shards there ({e.strerror or e})") from e
-    return len(old)
+def _publish_all(writer, out, name, summary):
+    """Publish the shards, and a HeldOut writer's eval shards (their pattern and count into ``summary``);
+    returns how many shards of an earlier run were replaced."""
+    if not isinstance(writer, HeldOut):
+        return publish(writer.paths, out, name)
+    if not writer.held_count:
+        raise ConfigError(f"--eval-every {writer.every}: only {writer.written} sample(s), so none was held out; "
+                          f"give a smaller N")
+    summary.eval_samples = writer.held_count
+    summary.eval_pattern = shard_pattern(out, "eval", len(writer.held.paths))
+    return publish(writer.main.paths, out, name) + publish(writer.held.paths, out, "eval")
 
 
 def _example(item, reason):
@@ -344,8 +341,12 @@ def format_summary(summary, name="train"):
     lines.append(f"skipped {total:,} sample(s)" + (":" if total else ""))
     for reason, n in summary.skipped.most_common():
         lines.append(f"  {reason}: {n:,}  e.g. " + "; ".join(summary.examples[reason]))
+    if summary.eval_pattern:
+        lines.append(f"held out for eval (--eval-every): {summary.eval_samples:,} of the samples, in "
+                     f"{summary.eval_pattern}")
     split = name if name in ("train", "eval") else "train"
-    lines.append(f"shards (data.dataset.{split} of the shards dataset):")
+    folder = f", or data.dataset.dir={os.path.dirname(summary.pattern)}" if name in ("train", "eval") else ""
+    lines.append(f"shards (data.dataset.{split} of the shards dataset{folder}):")
     lines.append(summary.pattern)
     return "\n".join(lines)
 
@@ -362,6 +363,8 @@ def command(argv=None):
     parser.add_argument("--images-root", help="folder that relative image paths are under "
                                               "(default: the SOURCE file's folder)")
     parser.add_argument("--limit", type=int, help="stop after writing this many samples")
+    parser.add_argument("--eval-every", type=int, metavar="N", help="hold every N-th sample out as the eval split: "
+                                                                   "eval-NNNNNN.tar beside the --name shards")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="an argument of the FORMAT's reader, e.g. evaluator_quirks=true (omnidocbench)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
@@ -379,7 +382,7 @@ def command(argv=None):
     summary = write_shards(args.format, args.source, args.out, name=args.name, max_count=args.max_count,
                            max_size=parse_size(args.max_size), images_root=args.images_root, limit=args.limit,
                            options=parse_options(args.option), progress=not args.quiet, registry=registry,
-                           render=render)
+                           render=render, eval_every=args.eval_every)
     print(format_summary(summary, args.name))
     return 0
 

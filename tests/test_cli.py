@@ -26,7 +26,7 @@ def one_error_line(result):
     (["model.encoder.name=deepencodr"], "model.encoder: unknown encoder 'deepencodr' (did you mean 'deepencoder'?)"),
     (["stages.0.steps=many"], "stages.0.steps: expected int, got str 'many'"),
     (["data.dataset={name: shards, train: '/nonexistent/train-{000000..000003}.tar', eval: '/nonexistent/e.tar'}"],
-     "data.dataset.eval: shard '/nonexistent/e.tar' does not exist"),  # checked before any training
+     "data.dataset.train: shard '/nonexistent/train-000000.tar' does not exist"),  # checked before any training
     (["stages.9.steps=1"], "override 'stages.9.steps=1': stages.9: no list item '9' (the list has 2)"),
     (["model.decoder.n_layers=3"], "model.decoder.n_layers: decoder 'nanochat' takes no argument 'n_layers'"),
 ], ids=["unknown-key", "unknown-plugin", "wrong-type", "missing-shards", "bad-override", "bad-component-arg"])
