@@ -299,7 +299,8 @@ def command(argv=None):
     parser.add_argument("recipe", nargs="?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
     parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
-    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model")
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model, "
+                                                               "then check the data section's datasets and shards")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --dry-run too
     if args.list_plugins and not args.recipe:
         list_plugins(plugin_registry.load_plugins()[1])

@@ -1,4 +1,4 @@
-"""Draw sample pages as one-page PDFs with their texts, to try "your own pages to a model" without PDFs:
+"""Draw sample pages as one-page PDFs with their texts, to try "your own pages to a model" without PDFs.
 
     python docs/make_pages.py pages/ --count 12
     python -m core.shards pdf pages/ --out shards/pages --eval-every 6

@@ -194,7 +194,8 @@ def test_llava_conversations_and_text_only(tmp_path):
 def test_fox_gt(tmp_path):
     image(tmp_path / "en_pdf_png" / "en_1.png")
     image(tmp_path / "en_pdf_png" / "en_2.png")
-    conv = lambda prompt, gt: [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": gt}]
+    def conv(prompt, gt):
+        return [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": gt}]
     source = write(tmp_path / "en_box_ocr.json", json.dumps([
         {"image": "en_1.png", "conversations": conv("OCR the box [1, 2, 3, 4]:", "first box")},
         {"image": "en_1.png", "conversations": conv("OCR the box [5, 6, 7, 8]:", "second box")},
