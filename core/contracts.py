@@ -110,7 +110,8 @@ class Dataset(Protocol):
 
     A shard is a WebDataset tar: per sample an image (png/jpg/jpeg/webp) and its text (txt), or a
     LLaVA-style ``json`` conversation (docs/data.md, "Your own data"). A dataset may write its shards
-    on first use (``synthetic_ocr`` renders and caches them).
+    on first use (``synthetic_ocr`` renders and caches them); optional ``writes_shards = True`` says so,
+    and ``--dry-run`` (core/datacheck.py) then does not call ``shards``.
     """
 
     def shards(self, split: str) -> list: ...

@@ -148,6 +148,28 @@ def image_hw(image_size):
     return pair(image_size, "image_size")
 
 
+ASPECT_LIMIT = 2.0  # an image this many times wider or taller than the model's view is worth a warning
+
+
+def aspect_text(width, height):
+    """width:height with the shorter side as 1: '8:1', '1:1.29'."""
+    return f"{width / height:.3g}:1" if width >= height else f"1:{height / width:.3g}"
+
+
+def far_aspect(width, height, image_size, tiling=None):
+    """(the image's aspect, the view's) as text when an upright ``width`` x ``height`` image is more than
+    ASPECT_LIMIT times wider or taller than what the model sees of it, else None. It is padded to the view
+    (``global_view``), so its text shrinks by that factor; with crops, the tiles follow the grid the image
+    gets (``Tiling.grid``), and that grid's across:down is the view."""
+    view_h, view_w = image_hw(image_size)
+    grid = tiling.grid(width, height) if tiling is not None else None
+    view = grid[0] / grid[1] if grid else view_w / view_h
+    ratio = width / height / view
+    if max(ratio, 1 / ratio) <= ASPECT_LIMIT:
+        return None
+    return aspect_text(width, height), aspect_text(*grid) if grid else aspect_text(view_w, view_h)
+
+
 def normalised(image):
     """An RGB PIL image (W x H) -> (3, H, W) in [-1, 1]."""
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

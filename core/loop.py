@@ -150,7 +150,10 @@ class StageLoop:
         # enough to rebuild the model from the checkpoint alone (python -m core.generate)
         meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": self.losses,
                 "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
-                "plugins": ctx.recipe.plugins, **({"complete": True, "summary": summary} if summary else {})}
+                "plugins": ctx.recipe.plugins, **({"complete": True, "summary": summary} if summary else {}),
+                # the lengths it was trained to write: python -m core.generate's default --max-new-tokens
+                "max_len": ctx.recipe.data.max_len,
+                "max_new_tokens": ctx.recipe.eval and ctx.recipe.eval.max_new_tokens}
         path = checkpoint.save_checkpoint(self.stage_dir, step, prep.model, meta, prep.extra_modules,
                                           keep_last=stage.checkpoint_keep, train_state=train_state, model_state=state)
         ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})

@@ -2,8 +2,10 @@
 
 Runs the recipe's stages in order, then evaluates the last stage's model on the
 held-out split. Before anything trains every stage is built on the meta device with its
-freeze policies and regularisers (``check_stages``), so a broken recipe or plugin of the
-last stage fails at once, not hours in. A stage with ``steps: 0`` is skipped.
+freeze policies and regularisers (``check_stages``), and the data section's datasets and
+shards are checked (core/datacheck.py), so a broken recipe or plugin of the last stage, a
+missing shard or a dataset argument it does not take fails at once, not hours in; ``--dry-run``
+does both and says what it found. A stage with ``steps: 0`` is skipped.
 
 Exit codes: 0 done; 1 a non-finite loss; 2 bad input (recipe, override, plugin name, data
 path, a plugin that breaks the hook contract): one ``error:`` line; 3 an exception raised
@@ -20,6 +22,7 @@ import torch
 
 from core import checkpoint, distributed, resume
 from core.data import eval_samples, prompt_prefix
+from core.datacheck import check_data
 from core.errors import ConfigError, cli_main, plugin_call
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.hooks import attach
@@ -182,7 +185,7 @@ def check_device(name):
 
 
 def dry_run(recipe, pm, registry):
-    """Describe each stage as check_stages builds it, then the token layout."""
+    """Describe each stage as check_stages builds it, the token layout, then the data (core/datacheck.py)."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
     n = model.num_image_tokens()
     print(model.describe_layout())
@@ -190,6 +193,7 @@ def dry_run(recipe, pm, registry):
         print(model.tiling.describe(n))
     print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
+    check_data(recipe, registry, model, show=True)  # last: the model is described even when the data is not there
 
 
 def checked_resume_point(ctx, index, stage):
@@ -227,7 +231,8 @@ def start_run(recipe, pm, registry):
     check_device(recipe.run.device)
     make_run_dir(run_folder(recipe))
     with contextlib.redirect_stdout(io.StringIO()):  # the real builds below say what matters
-        check_stages(recipe, pm, registry)
+        model, _ = check_stages(recipe, pm, registry)
+    check_data(recipe, registry, model)  # datasets, their shards, an aspect warning: before anything trains
     resume.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
     loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})
@@ -329,7 +334,8 @@ def command(argv=None):
     parser.add_argument("recipe", nargs="?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
     parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
-    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model")
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model, "
+                                                               "then check the data section's datasets and shards")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --dry-run too
     if args.list_plugins and not args.recipe:
         list_plugins(load_plugins()[1])

@@ -1,11 +1,13 @@
 """Write your own data as WebDataset shards; ``python -m core.shards``.
 
     python -m core.shards FORMAT SOURCE --out DIR [--name train] [--max-count 10000] [--max-size 1GB]
-                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...]
+                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...] [--eval-every N]
                           [--longest-side 1288 | --dpi N] [--pages 1-3,7,10-]
 
 The last line printed is the shards' brace pattern, e.g. ``/data/out/train-{000000..000012}.tar``:
-what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``).
+what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``); ``data.dataset.dir=DIR``
+takes DIR's ``train-*.tar`` and ``eval-*.tar`` at once. ``--eval-every N`` holds every N-th sample out
+as the eval split, ``eval-000000.tar`` ... beside the ``--name`` shards.
 
 Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
 
@@ -16,9 +18,12 @@ Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
   ``--longest-side`` pixels (default 1288, olmOCR's) or ``--dpi`` and stored as PNG; ``--pages``
   keeps only those page numbers of every PDF (the others are left out, not skipped). A text-only sample
   (``llava`` items without ``image``) has no image member.
-* ``{key}.txt``: the target text, UTF-8, exactly as read (a UTF-8 byte-order mark is dropped).
-* ``{key}.json``: optional metadata, what the source plugin gives (each plugins/sources/ file says what);
-  ``{"conversations": [...]}`` takes the place of ``txt`` for ``llava``.
+* ``{key}.txt``: the target text, UTF-8, as read (a UTF-8 byte-order mark is dropped, and a text file's
+  trailing whitespace and newlines: ``load_text``).
+* ``{key}.json``: optional metadata: ``{"conversations": [...]}`` for ``llava`` (the turns as
+  given, ``{"from": "human"|"gpt", "value": ...}``, ``<image>`` left in place; no ``txt``), ``{"prompt",
+  "image", "index"}`` for ``fox``, ``{"page_info"}`` for ``omnidocbench``, the record's other fields
+  for ``olmocr`` and the line's ``meta`` object for ``jsonl``.
 * Keys are unique; ``.``, ``/``, ``\\`` and whitespace in them become ``_`` (a WebDataset key ends at
   the first dot); a later sample whose key is taken is skipped as ``duplicate_key``.
 
@@ -56,6 +61,7 @@ from core.data import IMAGE_EXTS
 from core.errors import ConfigError, cli_main
 from core.pdf import (
     DEFAULT_LONGEST_SIDE,
+    MIN_SHORT_SIDE,
     PageRange,
     PdfSkip,
     Render,
@@ -64,7 +70,7 @@ from core.pdf import (
 )
 from core.pluginfiles import resolve_plugin_paths
 from core.registry import load_plugins
-from core.shardwriter import ShardWriter, fresh_partial_dir
+from core.shardwriter import HeldOut, ShardWriter, check_eval_every, fresh_partial_dir, publish, shard_pattern
 from core.sources import Skip, clean_key, count_items, split_front_matter
 from core.yamlfile import parse_options
 
@@ -85,6 +91,8 @@ class Summary:
     oversize: int = 0             # shards over max_size: each holds one sample larger than it
     replaced: int = 0             # shards of an earlier run replaced or removed
     left_out: int = 0             # PDF pages outside --pages
+    eval_pattern: str = None      # --eval-every: the held-out shards' pattern
+    eval_samples: int = 0         # and how many samples they hold (counted in samples too)
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
@@ -145,7 +153,9 @@ def load_image(image, render=None):
 def load_text(text):
     """str, Path or None -> (text, front matter or None, None), or (None, None, skip reason).
 
-    A ``.md`` file's YAML front matter is split off (core.sources.split_front_matter)."""
+    A text file's trailing whitespace goes (the newline an editor ends a file with is no part of the page's
+    text, and a model would learn to emit it); a ``.md`` file's YAML front matter is split off
+    (core.sources.split_front_matter). A string from a manifest is kept exactly."""
     if isinstance(text, Path):
         try:
             data = text.read_bytes()
@@ -157,8 +167,8 @@ def load_text(text):
             return None, None, "non_utf8_text"
         if text.suffix.lower() == ".md":
             front, body = split_front_matter(data)
-            return body, front, None
-        return data, None, None
+            return body.rstrip(), front, None
+        return data.rstrip(), None, None
     return text, None, None
 
 
@@ -196,18 +206,14 @@ def members(item, render=None):
     return out, None
 
 
-def _shard_pattern(folder, name, count):
-    if count == 1:
-        return os.path.join(folder, f"{name}-000000.tar")
-    return os.path.join(folder, f"{name}-{{000000..{count - 1:06d}}}.tar")
-
-
 def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9, images_root=None,
-                 limit=None, options=None, progress=True, registry=None, render=None):
+                 limit=None, options=None, progress=True, registry=None, render=None, eval_every=None):
     """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards named
     ``name`` into ``out``, at most ``max_count`` samples and ``max_size`` bytes each, PDF pages drawn as
-    ``render`` (core.pdf.Render) says; returns a Summary (see the module doc)."""
+    ``render`` (core.pdf.Render) says, every ``eval_every``-th sample to the eval split; returns a Summary
+    (see the module doc)."""
     render = render or Render()
+    check_eval_every(eval_every, name)
     items = read_source(registry or load_plugins()[1], fmt, source, images_root, options)
     out = os.path.abspath(os.path.expanduser(out))
     try:
@@ -217,6 +223,8 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
         raise ConfigError(f"{out}: cannot write shards there ({e.strerror or e})") from e
     summary = Summary()
     writer = ShardWriter(tmp, name, int(max_count), int(max_size))
+    if eval_every:
+        writer = HeldOut(writer, ShardWriter(tmp, "eval", int(max_count), int(max_size)), eval_every)
     try:
         with tqdm(items, total=count_items(items), desc=f"{fmt} -> {name}", unit="sample", disable=not progress,
                   file=sys.stderr) as bar:  # closed (its line ended) before an error line is printed
@@ -225,13 +233,13 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
         if not summary.samples:
             raise ConfigError(f"{source}: no usable sample ({_skips_inline(summary)})")
         summary.oversize = writer.oversize
-        summary.replaced = _publish(writer.paths, out, name)
+        summary.replaced = _publish_all(writer, out, name, summary)
     finally:
         writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
     summary.shards = [os.path.join(out, os.path.basename(p)) for p in writer.paths]
     summary.bytes = sum(os.path.getsize(p) for p in summary.shards)
-    summary.pattern = _shard_pattern(out, name, len(summary.shards))
+    summary.pattern = shard_pattern(out, name, len((writer.main if eval_every else writer).paths))
     return summary
 
 
@@ -281,21 +289,17 @@ def _write_items(items, writer, summary, render, limit, out):
             break
 
 
-def _publish(paths, out, name):
-    """Move the finished shards into out, over an earlier run's, and remove that run's extra shards.
-
-    Returns how many shards of an earlier run were replaced or removed."""
-    old = [p for p in Path(out).iterdir() if re.fullmatch(re.escape(name) + r"-\d{6}\.tar", p.name)]
-    ours = {os.path.basename(p) for p in paths}
-    try:
-        for path in paths:
-            os.replace(path, os.path.join(out, os.path.basename(path)))
-        for path in old:
-            if path.name not in ours:
-                path.unlink()
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot move the shards there ({e.strerror or e})") from e
-    return len(old)
+def _publish_all(writer, out, name, summary):
+    """Publish the shards, and a HeldOut writer's eval shards (their pattern and count into ``summary``);
+    returns how many shards of an earlier run were replaced."""
+    if not isinstance(writer, HeldOut):
+        return publish(writer.paths, out, name)
+    if not writer.held_count:
+        raise ConfigError(f"--eval-every {writer.every}: only {writer.written} sample(s), so none was held out; "
+                          f"give a smaller N")
+    summary.eval_samples = writer.held_count
+    summary.eval_pattern = shard_pattern(out, "eval", len(writer.held.paths))
+    return publish(writer.main.paths, out, name) + publish(writer.held.paths, out, "eval")
 
 
 def _example(item, reason):
@@ -338,8 +342,12 @@ def format_summary(summary, name="train"):
     lines.append(f"skipped {total:,} sample(s)" + (":" if total else ""))
     for reason, n in summary.skipped.most_common():
         lines.append(f"  {reason}: {n:,}  e.g. " + "; ".join(summary.examples[reason]))
+    if summary.eval_pattern:
+        lines.append(f"held out for eval (--eval-every): {summary.eval_samples:,} of the samples, in "
+                     f"{summary.eval_pattern}")
     split = name if name in ("train", "eval") else "train"
-    lines.append(f"shards (data.dataset.{split} of the shards dataset):")
+    folder = f", or data.dataset.dir={os.path.dirname(summary.pattern)}" if name in ("train", "eval") else ""
+    lines.append(f"shards (data.dataset.{split} of the shards dataset{folder}):")
     lines.append(summary.pattern)
     return "\n".join(lines)
 
@@ -368,12 +376,15 @@ def command(argv=None):
     parser.add_argument("--images-root", help="folder that relative image paths are under "
                                               "(default: the SOURCE file's folder)")
     parser.add_argument("--limit", type=int, help="stop after writing this many samples")
+    parser.add_argument("--eval-every", type=int, metavar="N", help="hold every N-th sample out as the eval split: "
+                                                                   "eval-NNNNNN.tar beside the --name shards")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="an argument of the FORMAT's reader, e.g. corrected=true (omnidocbench)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load this plugin too (a module name or a .py file), e.g. a source of your own")
     parser.add_argument("--longest-side", type=int, help=f"render PDF pages with this many pixels on their longer "
-                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's)")
+                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's; a long "
+                                                           f"thin page keeps a short side of {MIN_SHORT_SIDE})")
     parser.add_argument("--dpi", type=float, help="render PDF pages at this resolution instead (72 = 1 px per point)")
     parser.add_argument("--pages", type=PageRange, help="only these pages of each PDF, counted from 1: 1-3,7,10-")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -385,7 +396,7 @@ def command(argv=None):
     summary = write_shards(args.format, args.source, args.out, name=args.name, max_count=args.max_count,
                            max_size=parse_size(args.max_size), images_root=args.images_root, limit=args.limit,
                            options=parse_options(args.option), progress=not args.quiet, registry=registry,
-                           render=render)
+                           render=render, eval_every=args.eval_every)
     print(format_summary(summary, args.name))
     return 0
 

@@ -17,7 +17,7 @@ from core.generate import generate, image_prompt_ids, load_checkpoint
 from core.images import image_views
 from core.model import build_model
 from core.recipe import Component, Crops, ModelConfig, load_recipe
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, good_sample, run_cli, write_shard
 from tests.tiny_recipe import run
 
 transformers = pytest.importorskip("transformers")
@@ -227,8 +227,14 @@ def test_gpu_recipe_dry_run_shows_the_release_without_files(tmp_path, registry):
     device, and its parameter count is transformers' for the configuration the export would write."""
     from plugins.deepseek_ocr2_export import hf_config
     recipe_path = os.path.join(ROOT, "recipes", "deepseek_ocr2.yaml")
-    result = run_cli("core.run", recipe_path, "--dry-run", env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    no_data = run_cli("core.run", recipe_path, "--dry-run", env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    # the model is described first; then the data section is checked, and the recipe's shards are not here
+    assert no_data.returncode == 2 and "error: data.dataset.train: shard" in no_data.stderr, no_data.stderr
+    shard = write_shard(tmp_path / "train-000000.tar", [good_sample("a")])
+    result = run_cli("core.run", recipe_path, "--dry-run", f"data.dataset.train={shard}", f"data.dataset.eval={shard}",
+                     env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "-> 257 vision tokens" in no_data.stdout
     assert "-> 257 vision tokens" in result.stdout and "6x1: 1121" in result.stdout
     total = next(line for line in result.stdout.splitlines() if line.startswith("total")).split()[1:]
     overrides = ["model.encoder.weights=null", "model.decoder.weights=null", f"model.tokenizer.model={tmp_path}/none"]

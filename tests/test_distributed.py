@@ -140,9 +140,10 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path):
 
 def test_fsdp_refuses_muon_and_compile():
     from core.recipe import load_recipe
-    with pytest.raises(ConfigError, match=r"grid.yaml.*stages.1.optimizer: muon needs whole matrices"):
+    with pytest.raises(ConfigError,
+                       match=r"override 'stages.1.optimizer=muon': stages.1.optimizer: muon needs whole matrices"):
         load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "stages.1.optimizer=muon"])
     with pytest.raises(ConfigError, match=r"run.compile: not supported with run.parallel: fsdp"):
         load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "run.compile=true"])
-    with pytest.raises(ConfigError, match=r"grid.yaml:\d+: run: parallel must be ddp or fsdp"):
+    with pytest.raises(ConfigError, match=r"override 'run.parallel=zero': run.parallel: must be ddp or fsdp"):
         load_recipe(GRID_RECIPE, ["run.parallel=zero"])
