@@ -54,12 +54,36 @@ def vlmkit_freeze(model, stage):
     Called at the start of each stage on the freshly built model (every
     parameter trainable except what a component freezes by design, such as
     CLIP's bypassed patch embedding in the DeepEncoder), after ``init_from``
-    weights are loaded. Implementations set ``requires_grad``; the
+    weights are loaded; in a stage with ``adapters`` every parameter starts frozen
+    instead, so a policy's ``trainable`` opens base parameters on purpose (they
+    train beside the adapters). Implementations set ``requires_grad``; the
     trainer then puts every module whose parameters are all frozen in eval mode
     and builds the optimizer over exactly the trainable parameters. ``stage``
     is the ``core.recipe.Stage`` being run. May return ``{parameter name:
     lr multiplier}`` for trainable parameters that should learn at a multiple
     of the stage's lr (several policies naming one parameter multiply).
+    """
+
+
+@hookspec
+def vlmkit_adapter_attach(model, frozen):
+    """Put this adapter into ``model`` in place (an adapter: LoRA and the like); return None or
+    ``{parameter name: lr multiplier}`` for the parameters it added.
+
+    Called once per stage with adapters, after the freeze policies: every base parameter is frozen
+    except those a policy opened on purpose (``trainable``). The parameters the hook adds are the
+    adapter: they are trained, and they and the opened base parameters are all an adapter checkpoint
+    holds (core/adapters.py). ``frozen`` names the parameters a component freezes by design (CLIP's
+    bypassed patch embedding): layers made only of those are never called, so leave them alone.
+    Also called to rebuild a checkpoint's model (``python -m core.generate``, ``core.merge``).
+    """
+
+
+@hookspec
+def vlmkit_adapter_merge(model):
+    """Fold this adapter into the weights of the layers it wrapped and put the plain layers back, so
+    ``model.state_dict()`` has the names and shapes of the model without adapters (``python -m
+    core.merge``). Returns None.
     """
 
 

@@ -34,7 +34,8 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.tiling = tiling  # core.images.Tiling, or None: the global view alone
         n_embd = decoder.n_embd
-        # docs/architecture.md §2.3: randn * 1/sqrt(n_embed). DeepSeek-OCR spells it "view_seperator"; loaders map the name.
+        # docs/architecture.md §2.3: randn * 1/sqrt(n_embed). DeepSeek-OCR spells it "view_seperator"; loaders map
+        # the name.
         self.image_newline = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
         self.view_separator = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
 

@@ -23,7 +23,7 @@ from core.errors import ConfigError, PluginError, closest
 from core.pluginfiles import import_plugin
 
 KINDS = ("encoder", "projector", "decoder", "tokenizer", "dataset", "source", "metric", "metric_input",
-         "regulariser", "freeze", "logger")
+         "regulariser", "freeze", "adapter", "logger")
 ENTRY_POINT_GROUP = "vlmkit"
 BUILTIN_PACKAGE = "plugins"
 HOOK_PREFIX = hookspecs.PROJECT + "_"
@@ -242,6 +242,8 @@ ANSWERS = {  # what each hook's implementations must return (None is always allo
                                            "{name: scalar tensor}"),
     "vlmkit_freeze": _mapping_of(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                                  "{parameter name: lr multiplier}"),
+    "vlmkit_adapter_attach": _mapping_of(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                         "{parameter name: lr multiplier}"),
     "vlmkit_metric_score": _mapping_of(lambda v: True, "{value name: value}"),
     "vlmkit_metric_aggregate": _mapping_of(lambda v: True, "{name: value}"),
 }

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from core import checkpoint, distributed
+from core import adapters, checkpoint, distributed, memory
 from core import registry as plugin_registry
 from core import resume as resume_state
 from core.data import prompt_prefix
@@ -31,7 +31,7 @@ from core.recipe import load_recipe
 from core.registry import attached, call_in_order, plugin_call
 from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
-from core.train import TrainingError, apply_freeze, run_stage
+from core.train import TrainingError, freeze_and_adapt, run_stage
 
 
 class RunContext:
@@ -94,7 +94,7 @@ def check_stages(recipe, pm, registry, show=False):
             continue
         with torch.device("meta"):
             model, tokenizer = build_model(recipe.model, registry)
-            apply_freeze(registry, pm, model, stage, where)
+            freeze_and_adapt(registry, pm, model, stage, where)
             regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
                                               context={"model": model, "tokenizer": tokenizer})
         with attached(pm, regularisers, f"{where}.regularisers"):
@@ -178,9 +178,14 @@ def check_device(name):
                           f"use run.device=cpu, or install a torch build for it")
 
 
-def dry_run(recipe, pm, registry):
-    """Describe each stage as check_stages builds it, then the token layout."""
+def dry_run(recipe, pm, registry, world_size=1):
+    """Describe each stage as check_stages builds it, the memory a training step of it needs per process
+    (core/memory.py), then the token layout."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
+    for i, stage in enumerate(recipe.stages):
+        if stage.steps:
+            estimate = memory.estimate(recipe, registry, pm, i, world_size)
+            print(memory.format_estimate(estimate, f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"), end="\n\n")
     n = model.num_image_tokens()
     height, width = image_hw(model.image_size)
     h, w = model.encoder.grid_size(height, width)
@@ -214,16 +219,16 @@ def resume_point(ctx, index, stage):
                                   sharded=ctx.recipe.run.parallel == "fsdp" and ctx.world_size > 1)
     changed = resume_state.check_stage(state, stage, f"stages.{index}", point[0])
     if changed:
-        ctx.say(f"stage {stage.name}: resuming with the recipe's "
-                + ", ".join(f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
+        ctx.say(f"stage {stage.name}: resuming with the recipe's " + ", ".join(
+            f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
         ctx.log({"event": "resume_changes", "stage": stage.name, "changed": {k: v[1] for k, v in changed.items()}})
     return point
 
 
-def run(recipe, dry=False):
+def run(recipe, dry=False, world_size=None):
     pm, registry = plugin_registry.load_plugins(recipe.plugins)
-    if dry:
-        dry_run(recipe, pm, registry)
+    if dry:  # world_size: the processes torchrun would start, for the memory per process
+        dry_run(recipe, pm, registry, world_size or int(os.environ.get("WORLD_SIZE", "1")))
         return None
     check_device(recipe.run.device)
     make_run_dir(os.path.abspath(os.path.expanduser(recipe.run.dir)))
@@ -260,7 +265,7 @@ def run(recipe, dry=False):
                        + " since, which a complete stage does not take up (a new run.dir with init_from does)"
                        if changed else ""))
             model, tokenizer = build_model(recipe.model, registry)
-            checkpoint.load_parts(model.to(ctx.device), point[0], list(checkpoint.PARTS))
+            adapters.load_parts(model.to(ctx.device), point[0], list(checkpoint.PARTS), registry, pm)
             summaries.append(point[1]["summary"])
             continue
         model, tokenizer, summary = run_stage(ctx, i, stage, resume=point)
@@ -293,7 +298,10 @@ def command(argv=None):
     parser.add_argument("recipe", nargs="?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
     parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
-    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model")
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model "
+                                                               "and the memory a training step needs")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: the processes torchrun would start (default: $WORLD_SIZE or 1)")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --dry-run too
     if args.list_plugins and not args.recipe:
         list_plugins(plugin_registry.load_plugins()[1])
@@ -305,7 +313,9 @@ def command(argv=None):
         list_plugins(plugin_registry.load_plugins(recipe.plugins)[1])
         return 0
     try:
-        run(recipe, dry=args.dry_run)
+        if args.world_size is not None and args.world_size < 1:
+            parser.error("--world-size must be at least 1")
+        run(recipe, dry=args.dry_run, world_size=args.world_size)
     finally:
         distributed.shutdown()
     return 0

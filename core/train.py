@@ -15,7 +15,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, distributed, stream
+from core import adapters, checkpoint, distributed, stream
 from core import resume as resume_state
 from core.badsamples import format_report
 from core.data import SampleEncoding
@@ -58,6 +58,8 @@ def apply_freeze(registry, pm, model, stage, where):
     """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``; return {name: lr multiplier}."""
     policies = registry.build_all("freeze", stage.freeze, f"{where}.freeze")
     frozen_by_design = [p for p in model.parameters() if not p.requires_grad]  # e.g. CLIP's bypassed patch conv
+    if stage.adapters:  # an adapter stage trains its adapters and what a policy opens on purpose (core/adapters.py)
+        model.requires_grad_(False)
     with attached(pm, policies, f"{where}.freeze") as hook:
         answers = call_in_order(hook.vlmkit_freeze, model=model, stage=stage)
     for p in frozen_by_design:  # a broad "trainable" glob must not wake them (DDP fails on unused parameters)
@@ -67,6 +69,14 @@ def apply_freeze(registry, pm, model, stage, where):
         for name, factor in answer.items():
             multipliers[name] = multipliers.get(name, 1.0) * factor
     return multipliers
+
+
+def freeze_and_adapt(registry, pm, model, stage, where):
+    """The stage's freeze policies, then its adapters: -> ({name: lr multiplier}, core.adapters.Adapted or None)."""
+    frozen = adapters.frozen_by_design(model)
+    multipliers = apply_freeze(registry, pm, model, stage, where)
+    adapted = adapters.attach(registry, pm, model, stage.adapters, f"{where}.adapters", frozen, multipliers)
+    return multipliers, adapted
 
 
 def parameter_groups(model, extra_modules, multipliers, lr, muon_lr=None):
@@ -123,6 +133,7 @@ class Prepared:
     hook: object  # the plugin manager's hooks, with the regularisers attached
     precision: str
     exits: contextlib.ExitStack
+    adapted: object = None  # core.adapters.Adapted: the stage's adapters, or None
 
     def close(self):
         self.exits.close()
@@ -130,27 +141,28 @@ class Prepared:
 
 def prepare_stage(recipe, registry, pm, index, device, run_dir=None, resume=None, say=distributed.print0,
                   init_from=True):
-    """Build stage ``index``'s model and everything that trains it, in the order that matters:
-    init_from, freeze, regularisers, resumed weights, activation checkpointing, FSDP, optimizer, DDP.
+    """Build stage ``index``'s model, load the weights it starts from, and prepare what trains it (prepare_model).
     ``init_from=False`` skips the stage's init_from weights (a benchmark times the step, not the weights)."""
-    stage, where = recipe.stages[index], f"stages.{index}"
     resume_state.seed_all(recipe.run.seed + 1000 * index)  # python's and numpy's RNGs too: plugins draw from them
     model, tokenizer = build_model(recipe.model, registry)
     model.to(device)
-    if stage.init_from is not None and resume is None and init_from:
-        path = checkpoint.resolve(stage.init_from.path, run_dir, stage.init_from.parts)
-        keys = checkpoint.load_parts(model, path, stage.init_from.parts)
-        say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
+    base = adapters.load_start(recipe, registry, pm, index, model, run_dir, resume, say, init_from)
+    return prepare_model(recipe, registry, pm, index, model, tokenizer, device, resume, base)
 
-    multipliers = apply_freeze(registry, pm, model, stage, where)
+
+def prepare_model(recipe, registry, pm, index, model, tokenizer, device, resume=None, base=None):
+    """Everything that trains stage ``index`` on a built ``model``, in the order that matters: freeze,
+    adapters, regularisers, resumed weights, activation checkpointing, FSDP, optimizer, DDP."""
+    stage, where = recipe.stages[index], f"stages.{index}"
+    multipliers, adapted = freeze_and_adapt(registry, pm, model, stage, where)
+    if adapted is not None:
+        adapted.base = base
     regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
                                       context={"model": model, "tokenizer": tokenizer})
     extra_modules = {f"regulariser.{c.name}": r.to(device) for c, r in zip(stage.regularisers, regularisers)
                      if isinstance(r, torch.nn.Module)}
     if resume is not None:  # the weights before sharding: FSDP then cuts what was loaded
-        checkpoint.load_parts(model, resume[0], list(checkpoint.PARTS))
-        for prefix, module in extra_modules.items():
-            checkpoint.load_prefixed(module, resume[0], prefix)
+        adapters.load_resumed(model, resume, adapted, extra_modules)
     checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
     sharded = recipe.run.parallel == "fsdp" and distributed.active()
     if sharded:  # after freezing and before the optimizer, which must hold the sharded parameters
@@ -173,7 +185,7 @@ def prepare_stage(recipe, registry, pm, index, device, run_dir=None, resume=None
     extra_params = [p for m in extra_modules.values() for p in m.parameters()]
     clip = distributed.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_
     return Prepared(stage, where, model, tokenizer, engine, extra_modules, extra_params, trainable, clip, optimizer,
-                    scheduler, sharded, table, hook, recipe.run.precision, exits)
+                    scheduler, sharded, table, hook, recipe.run.precision, exits, adapted)
 
 
 def loss_terms(prep, batch):
@@ -197,11 +209,13 @@ def train_step(prep, next_batch, check=None):
     before backward."""
     stage = prep.stage
     prep.optimizer.zero_grad(set_to_none=True)
-    sums = {}
+    sums, images = {}, True
     for micro in range(stage.grad_accum):  # the optimizer step sees grad_accum batches
         last = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if last else distributed.no_sync(prep.engine):
-            terms = loss_terms(prep, next_batch(micro))
+            batch = next_batch(micro)
+            images = images and batch["pixel_values"] is not None  # a text-only batch leaves the vision tower idle
+            terms = loss_terms(prep, batch)
             total = sum(terms.values())
             if check is not None:
                 check(terms, total)
@@ -209,6 +223,8 @@ def train_step(prep, next_batch, check=None):
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
     distributed.average_gradients(prep.extra_params)
+    if images:
+        adapters.check_used(prep.adapted, prep.model)
     if stage.grad_clip > 0:
         prep.clip(prep.trainable, stage.grad_clip)
     prep.optimizer.step()
@@ -266,7 +282,8 @@ def run_stage(ctx, index, stage, resume=None):
         built on every rank: collective)."""
         if not prep.sharded:
             return model
-        return distributed.plain_copy(model, lambda: build_model(recipe.model, ctx.registry)[0].to(device))
+        build = adapters.build_like
+        return distributed.plain_copy(model, lambda: build(recipe.model, ctx.registry, ctx.pm, prep.adapted).to(device))
 
     def save(step, summary=None):
         state = resume_state.capture(prep.optimizer, prep.scheduler, streams, step, prep.sharded, stage)
@@ -365,8 +382,14 @@ def _save(ctx, stage_dir, step, prep, train_state, losses, summary=None):
     meta = {"stage": prep.stage.name, "recipe": ctx.recipe.source, "losses": losses,
             "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
             "plugins": ctx.recipe.plugins, **({"complete": True, "summary": summary} if summary else {})}
-    path = checkpoint.save_checkpoint(stage_dir, step, prep.model, meta, prep.extra_modules,
-                                      keep_last=prep.stage.checkpoint_keep, train_state=train_state, model_state=state)
+    heads = prep.extra_modules
+    if prep.adapted is not None:  # the adapter and what else trained (heads: in the train file), and its base
+        whole = prep.model.state_dict() if state is None else state
+        state, train_state = adapters.checkpoint_parts(prep.adapted, whole, heads, train_state)
+        heads = None
+        meta.update(adapters.checkpoint_meta(prep.adapted, stage_dir))
+    path = checkpoint.save_checkpoint(stage_dir, step, prep.model, meta, heads, keep_last=prep.stage.checkpoint_keep,
+                                      train_state=train_state, model_state=state, encoder_file=prep.adapted is None)
     ctx.log({"event": "checkpoint", "stage": prep.stage.name, "step": step, "path": path})
     distributed.barrier()
     return path

@@ -99,8 +99,12 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # one matmul for q, k and v, and the rotary and QK-norm run once over q and k together: fewer,
         # larger ops (the state_dict keeps nanochat's three matrices)
-        weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
-        qkv = F.linear(x, weight).view(B, T, H + 2 * Hkv, D)
+        layers = (self.c_q, self.c_k, self.c_v)
+        if all(type(layer) is nn.Linear for layer in layers):
+            qkv = F.linear(x, torch.cat([layer.weight for layer in layers]))
+        else:  # a wrapped layer (an adapter, core/adapters.py) computes more than its weight: call each
+            qkv = torch.cat([layer(x) for layer in layers], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * Hkv, D)
         qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # split, not slices: its backward is one cat, not zeros + copies
         qk = norm(apply_rotary_emb(qk, *cos_sin), self.eps)  # QK-norm comes after the rotary (§1.4)
         q, k = qk.split([H, Hkv], dim=2)
@@ -185,7 +189,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the caller."""
+        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the
+        caller."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
