@@ -9,7 +9,7 @@ layers, as in pytest:
    remaining keys as keyword arguments. What each kind's object must provide is declared in
    ``core/contracts.py`` and checked when it is built.
 
-2. **Behaviour.** The objects a recipe chooses for freezing, regularising, scoring and logging
+2. **Behaviour.** The objects a recipe chooses for freezing, adapting, regularising, scoring and logging
    implement the behaviour hooks below. The core attaches them to the plugin manager for as
    long as they apply (a stage's freeze policies and regularisers, an evaluation's metrics, a
    run's loggers: ``core.registry.attached``) and calls the hook; every attached implementation

@@ -41,7 +41,6 @@ from core.images import image_hw
 from core.model import build_model
 from core.train import prepare_model, train_step
 
-MiB = 2 ** 20
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
 
 
@@ -84,8 +83,8 @@ class PeakTracker(TorchDispatchMode):
                 out = func(*args, **kwargs)
             except _DATA_DEPENDENT:
                 with no_dispatch():
-                    real = tree_map_only(FakeTensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), (args, kwargs))
-                    out = func(*real[0], **real[1])
+                    zeros = tree_map_only(FakeTensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), (args, kwargs))
+                    out = func(*zeros[0], **zeros[1])
                 out = tree_map_only(torch.Tensor, self.fake_mode.from_tensor, out)
         self._count(out)
         return out
@@ -226,17 +225,25 @@ def estimate(recipe, registry, pm, index, world_size=1):
                     weights // share + buffers, gradients // share, optimizer // share, activations, extra)
 
 
+def _size(nbytes):
+    """Bytes as a right-aligned figure in GiB, MiB or KiB."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:>8.2f} {unit}"
+    return f"{nbytes / 2 ** 10:>8.2f} KiB"
+
+
 def format_estimate(e, title):
     """Lines for --dry-run."""
     where = "1 process" if e.world_size == 1 else f"{e.world_size} processes ({e.parallel})"
     lines = [f"{title}: memory of a training step per process ({where}, batch {e.batch_size} x {e.tokens} tokens, "
              f"{e.precision}; traced on fake tensors, core/memory.py)",
-             f"  weights       {e.weights / MiB:>10.1f} MiB  ({e.parameters:,} parameters and the buffers)",
-             f"  gradients     {e.gradients / MiB:>10.1f} MiB  ({e.trainable:,} trainable)",
-             f"  optimizer     {e.optimizer / MiB:>10.1f} MiB",
-             f"  activations   {e.activations / MiB:>10.1f} MiB  (and temporaries: the traced peak less the above)"]
+             f"  weights      {_size(e.weights)}  ({e.parameters:,} parameters and the buffers)",
+             f"  gradients    {_size(e.gradients)}  ({e.trainable:,} trainable)",
+             f"  optimizer    {_size(e.optimizer)}",
+             f"  activations  {_size(e.activations)}  (and temporaries: the traced peak less the above)"]
     if e.parallel_extra:
         what = "2 largest blocks gathered whole" if e.parallel == "fsdp" else "DDP's gradient buckets"
-        lines.append(f"  {e.parallel:<12}  {e.parallel_extra / MiB:>10.1f} MiB  ({what})")
-    lines.append(f"  total         {e.total / MiB:>10.1f} MiB")
+        lines.append(f"  {e.parallel:<11}  {_size(e.parallel_extra)}  ({what})")
+    lines.append(f"  total        {_size(e.total)}")
     return "\n".join(lines)

@@ -183,9 +183,15 @@ def dry_run(recipe, pm, registry, world_size=1):
     (core/memory.py), then the token layout."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
     for i, stage in enumerate(recipe.stages):
-        if stage.steps:
+        if not stage.steps:
+            continue
+        title = f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"
+        try:
             estimate = memory.estimate(recipe, registry, pm, i, world_size)
-            print(memory.format_estimate(estimate, f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"), end="\n\n")
+        except ConfigError as e:  # a dry run without the tokenizer file cannot lay out a batch
+            print(f"{title}: no memory estimate: {e}\n")
+            continue
+        print(memory.format_estimate(estimate, title), end="\n\n")
     n = model.num_image_tokens()
     height, width = image_hw(model.image_size)
     h, w = model.encoder.grid_size(height, width)
