@@ -90,7 +90,8 @@ def data_section(shards, step, count, tmp, quick):
     os.makedirs(page_dir)
     (local, _), (remote, _) = data_bench.http_versus_local(data_bench.page_shards(page_dir, 32 if quick else 100))
     return ["## 4. Data pipeline vs training", "",
-            "| default recipe's synthetic images, per worker (1 thread) | training step consumes | ratio |", "|---:|---:|---:|",
+            "| default recipe's synthetic images, per worker (1 thread) | training step consumes | ratio |",
+            "|---:|---:|---:|",
             f"| {rate:,.0f} samples/s | {step['samples_per_s']:,.0f} samples/s | "
             f"**{rate / step['samples_per_s']:.1f}x** |", "",
             "| input | measured |", "|---|---:|",

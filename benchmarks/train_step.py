@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RECIPE, synthetic_shards
-from core import stream
+from core import data, stream
 from core.memory import full_length_tokens
 from core.recipe import load_recipe
 from core.registry import load_plugins
@@ -69,7 +69,7 @@ class TrainStep:
         if full_length:  # every row data.max_len long: the step's cost at a given sequence length
             batch.update(full_length_tokens(tokenizer, recipe.data.prompt, model.num_image_tokens(),
                                             recipe.data.max_len, self.batch_size))
-        self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.batch = data.to_device(batch, device)
         self.device = device
         self.shape = dict(image_size=model.image_size, num_image_tokens=model.num_image_tokens(),
                           max_len=recipe.data.max_len, prompt=recipe.data.prompt)

@@ -23,7 +23,7 @@ from core.distributed import print0
 from core.errors import ConfigError
 from core.model import build_model
 from core.recipe import Component, model_config_from_meta
-from core.registry import attached, call_in_order
+from core.hooks import attach as attach_hooks
 from core.resume import rng_kept, seed_all
 from core.weights import first_keys
 
@@ -55,8 +55,8 @@ def attach(registry, pm, model, components, where, frozen, multipliers=None):
     names = {id(p): n for n, p in model.named_parameters()}
     opened = [p for p in model.parameters() if p.requires_grad]
     try:
-        with attached(pm, objects, where) as hook:
-            answers = call_in_order(hook.vlmkit_adapter_attach, model=model, frozen=frozenset(frozen))
+        with attach_hooks(pm, objects, where):
+            answers = pm.hook.vlmkit_adapter_attach(model=model, frozen=frozenset(frozen))
     except ConfigError as e:  # the adapter's own word on the model (a target that matches nothing): say where
         raise ConfigError(f"{where}: {e}") from e
     for p in opened:  # an adapter library may freeze everything it did not add
@@ -76,8 +76,8 @@ def attach(registry, pm, model, components, where, frozen, multipliers=None):
 
 def merge(pm, model, adapted):
     """Fold the adapters into the weights they wrap: ``model`` is a plain model again."""
-    with attached(pm, adapted.objects, adapted.where) as hook:
-        call_in_order(hook.vlmkit_adapter_merge, model=model)
+    with attach_hooks(pm, adapted.objects, adapted.where):
+        pm.hook.vlmkit_adapter_merge(model=model)
     left = [n for n in adapted.added if n in dict(model.named_parameters())]
     if left:
         raise ConfigError(f"{adapted.where}: merging left adapter parameters in the model: {first_keys(left)}")
@@ -127,13 +127,13 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def load_start(recipe, registry, pm, index, model, run_dir=None, resume=None, say=print0, init_from=True):
+def load_start(recipe, registry, pm, index, model, run_dir=None, point=None, say=print0, init_from=True):
     """Load the weights stage ``index`` starts from: its ``init_from`` (an adapter checkpoint merged first), or,
     resuming an adapter stage, the base its checkpoint names. Returns an adapter stage's base record, else None."""
     stage, seed = recipe.stages[index], recipe.run.seed + 1000 * index
-    if resume is not None:  # the checkpoint has the weights; an adapter checkpoint only its own
-        info = resume[1].get("adapter")
-        return info and load_base(model, info["base"], os.path.dirname(resume[0]), registry, pm)
+    if point is not None:  # the checkpoint has the weights; an adapter checkpoint only its own
+        info = point.meta.get("adapter")
+        return info and load_base(model, info["base"], os.path.dirname(point.model_file), registry, pm)
     if stage.init_from is None or not init_from:
         return base_of(None, [], seed) if stage.adapters else None
     parts = stage.init_from.parts
@@ -179,16 +179,16 @@ def load_parts(model, path, parts, registry, pm):
     return checkpoint.load_parts(model, path, parts, saved=rebuilt.state_dict())
 
 
-def load_resumed(model, resume, adapted, heads):
+def load_resumed(model, point, adapted, heads):
     """The weights of a resumed stage: the whole model from its checkpoint, or the tensors of an adapter checkpoint
     (its base is loaded, its adapters attached), then the regulariser ``heads`` (an adapter checkpoint keeps them
-    in its train file). ``resume``: (model file, meta, train-state tensors)."""
+    in its train file). ``point``: a checkpoint.ResumePoint."""
     if adapted is None:
-        checkpoint.load_parts(model, resume[0], list(checkpoint.PARTS))
+        checkpoint.load_parts(model, point.model_file, list(checkpoint.PARTS))
     else:
-        load_saved(model, resume[0], adapted)
+        load_saved(model, point.model_file, adapted)
     for prefix, module in heads.items():
-        checkpoint.load_prefixed(module, resume[0], prefix, saved=resume[2] if adapted is not None else None)
+        checkpoint.load_prefixed(module, point.model_file, prefix, saved=point.tensors if adapted is not None else None)
 
 
 def load_saved(model, path, adapted):

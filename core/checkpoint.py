@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -223,9 +224,26 @@ def load_parts(model, path, parts, saved=None):
     return sorted(given)
 
 
+class ResumePoint(NamedTuple):
+    """The checkpoint a stage continues from (``run.resume=auto``)."""
+    model_file: str
+    meta: dict  # its meta json: losses, and for a finished stage ``complete`` and ``summary``
+    tensors: dict | None  # train_XXXXXX.safetensors (optimizer moments, RNG states), or None if not written
+
+    @property
+    def complete(self):
+        """Whether the stage finished here: a resume does not train it again."""
+        return bool(self.meta.get("complete"))
+
+    @property
+    def train_state(self):
+        """The JSON half of the training state (core/resume.py ``capture``), or None."""
+        return self.meta.get("train_state")
+
+
 def resume_point(stage_dir):
-    """(model file, meta, train-state tensors or None) of the step ``latest.json`` names, or None without a
-    pointer. Only the pointer is trusted: files newer than it belong to a write that did not finish."""
+    """The ResumePoint of the step ``latest.json`` names, or None without a pointer. Only the pointer is
+    trusted: files newer than it belong to a write that did not finish."""
     step = pointer_step(stage_dir) if os.path.isdir(stage_dir) else None
     if step is None:
         return None
@@ -241,7 +259,7 @@ def resume_point(stage_dir):
         tensors = load_file(train_file) if os.path.isfile(train_file) else None
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"run.resume: {train_file}: not a readable safetensors file ({e})") from e
-    return path, meta, tensors
+    return ResumePoint(path, meta, tensors)
 
 
 def load_prefixed(module, path, prefix, saved=None):

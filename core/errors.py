@@ -21,6 +21,19 @@ class PluginError(Exception):
     """A plugin's own code failed; ``__cause__`` holds the original exception and its traceback."""
 
 
+def plugin_call(where, function, *args, _name=None, **kwargs):
+    """``function(*args, **kwargs)`` of a plugin (a dataset's ``shards``, a hook): an exception from its code
+    becomes a PluginError naming ``where`` and the function (``_name``, else its own), with the traceback;
+    a ConfigError (a recipe mistake the plugin reports) passes."""
+    try:
+        return function(*args, **kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as e:
+        name = _name or getattr(function, "__qualname__", repr(function))
+        raise PluginError(f"{where}: {name} failed: {type(e).__name__}: {e}") from e
+
+
 def closest(word, candidates):
     """' (did you mean 'x'?)' for the nearest candidate, or '' when none is near."""
     match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)

@@ -40,7 +40,7 @@ from core.images import (
     open_header,
     upright_size,
 )
-from core.model import build_model
+from core.model import build_model, token_ids
 from core.recipe import COMPONENTS, model_config_from_meta
 from core.registry import load_plugins
 
@@ -57,7 +57,7 @@ def _pick(logits, temperature, top_k, generator):
 
 def image_prompt_ids(model, tokenizer, prompt, grid=None):
     """bos + ``prompt`` with the placeholders of an image with crop grid ``grid`` (None: global view only)."""
-    return data.prompt_prefix(tokenizer, prompt, model.num_image_tokens(grid), max_len=10 ** 9)
+    return data.prompt_prefix(tokenizer, prompt, model.num_image_tokens(grid))
 
 
 def image_grid(model, image):
@@ -100,7 +100,7 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
     embeds = model.merge(ids, vision_tokens)
     stop = torch.tensor([tokenizer.eos_id, tokenizer.bos_id], device=ids.device)
     cache = decoder.make_kv_cache(batch, embeds.shape[1] + max_new_tokens) if use_cache else None
-    logits = decoder(embeds, kv_cache=cache)[:, -1]
+    logits = decoder(embeds, kv_cache=cache, **token_ids(decoder, ids))[:, -1]
     picked = []
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
@@ -112,10 +112,10 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
             break
         step = decoder.embed(token[:, None])
         if use_cache:
-            logits = decoder(step, kv_cache=cache)[:, -1]
+            logits = decoder(step, kv_cache=cache, **token_ids(decoder, token[:, None]))[:, -1]
         else:
-            embeds = torch.cat([embeds, step], dim=1)
-            logits = decoder(embeds)[:, -1]
+            embeds, ids = torch.cat([embeds, step], dim=1), torch.cat([ids, token[:, None]], dim=1)
+            logits = decoder(embeds, **token_ids(decoder, ids))[:, -1]
     results = []
     for row in torch.stack(picked, dim=1).tolist() if picked else [[]] * batch:
         cut = next((i for i, t in enumerate(row) if t in (tokenizer.eos_id, tokenizer.bos_id)), len(row))

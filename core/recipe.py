@@ -5,7 +5,6 @@ Every recipe key is declared here. A component is a mapping with a ``name``
 ``{name: nanochat, n_layer: 20}``. Errors name the key path and, where it
 exists in the file, the YAML line: ``recipes/x.yaml:14: stages.0.lr: ...``.
 """
-import difflib
 import math
 import os
 import types
@@ -17,9 +16,9 @@ import yaml
 
 from core import yamlfile
 from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET
-from core.errors import ConfigError
+from core.errors import ConfigError, closest
 from core.pluginfiles import resolve_plugin_paths
-from core.yamlfile import apply_override, parse_options  # noqa: F401 (parse_options: core.shards, core.metrics)
+from core.yamlfile import apply_override
 
 
 @attrs.define
@@ -347,9 +346,8 @@ def _structure_attrs(cls, value, path, where):
     fields = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
     for key in value:
         if key not in fields:
-            match = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
-            raise where.error(_join(path, key), f"unknown key{hint}; {path or 'the recipe'} takes: {', '.join(fields)}")
+            raise where.error(_join(path, key), f"unknown key{closest(key, fields)}; {path or 'the recipe'} takes: "
+                                                f"{', '.join(fields)}")
     kwargs = {}
     for name, field in fields.items():
         if name in value:

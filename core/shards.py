@@ -17,10 +17,8 @@ Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
   keeps only those page numbers of every PDF (the others are left out, not skipped). A text-only sample
   (``llava`` items without ``image``) has no image member.
 * ``{key}.txt``: the target text, UTF-8, exactly as read (a UTF-8 byte-order mark is dropped).
-* ``{key}.json``: optional metadata: ``{"conversations": [...]}`` for ``llava`` (the turns as
-  given, ``{"from": "human"|"gpt", "value": ...}``, ``<image>`` left in place; no ``txt``), ``{"prompt",
-  "image", "index"}`` for ``fox``, ``{"page_info"}`` for ``omnidocbench``, the record's other fields
-  for ``olmocr`` and the line's ``meta`` object for ``jsonl``.
+* ``{key}.json``: optional metadata, what the source plugin gives (each plugins/sources/ file says what);
+  ``{"conversations": [...]}`` takes the place of ``txt`` for ``llava``.
 * Keys are unique; ``.``, ``/``, ``\\`` and whitespace in them become ``_`` (a WebDataset key ends at
   the first dot); a later sample whose key is taken is skipped as ``duplicate_key``.
 
@@ -65,10 +63,10 @@ from core.pdf import (
     render_png,
 )
 from core.pluginfiles import resolve_plugin_paths
-from core.recipe import parse_options
 from core.registry import load_plugins
 from core.shardwriter import ShardWriter, fresh_partial_dir
 from core.sources import Skip, clean_key, count_items, split_front_matter
+from core.yamlfile import parse_options
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -90,6 +88,13 @@ class Summary:
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
 
+    def skip(self, reason, where):
+        """Count a skipped item under ``reason``, keeping the first few places as examples."""
+        self.skipped[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < SHOW_EXAMPLES:
+            examples.append(where)
+
 
 # ---- one item -> tar members
 
@@ -103,7 +108,6 @@ def parse_size(text):
     if size < 1:
         raise ConfigError(f"--max-size {text!r} must be at least 1 byte")
     return size
-
 
 
 def load_image(image, render=None):
@@ -200,75 +204,23 @@ def _shard_pattern(folder, name, count):
 
 def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9, images_root=None,
                  limit=None, options=None, progress=True, registry=None, render=None):
-    """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards into
-    ``out``, PDF pages drawn as ``render`` (core.pdf.Render) says; returns a Summary (see the module doc)."""
+    """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards named
+    ``name`` into ``out``, at most ``max_count`` samples and ``max_size`` bytes each, PDF pages drawn as
+    ``render`` (core.pdf.Render) says; returns a Summary (see the module doc)."""
     render = render or Render()
-    registry = registry or load_plugins()[1]
-    reader = registry.build("source", fmt, where="FORMAT", **(options or {}))
-    if not name or re.search(r"[/\\{}*?\[\]]", name) or name.startswith("."):
-        raise ConfigError(f"--name {name!r}: a plain file name prefix, without / \\ {{ }} * ? [ ]")
-    if int(max_count) < 1:
-        raise ConfigError(f"--max-count {max_count}: must be at least 1")
-    if limit is not None and int(limit) < 1:
-        raise ConfigError(f"--limit {limit}: must be at least 1")
-    max_size = parse_size(max_size) if isinstance(max_size, str) else int(max_size)
-    if not os.path.exists(source):
-        raise ConfigError(f"{source}: no such file or folder")
-    if reader.needs == "file" and not os.path.isfile(source):
-        raise ConfigError(f"{source}: the {fmt} format needs a file")
-    if reader.needs == "folder" and not os.path.isdir(source):
-        raise ConfigError(f"{source}: the {fmt} format needs a folder")
-    if images_root is not None and not os.path.isdir(images_root):
-        raise ConfigError(f"--images-root {images_root}: no such folder")
-    items = reader.read(source, images_root)
-
+    items = read_source(registry or load_plugins()[1], fmt, source, images_root, options)
     out = os.path.abspath(os.path.expanduser(out))
     try:
         os.makedirs(out, exist_ok=True)
         tmp = str(fresh_partial_dir(out, f".{name}"))
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from e
-
-    summary, seen = Summary(), set()
-    writer = ShardWriter(tmp, name, int(max_count), max_size)
-
-    def skip(reason, where):
-        summary.skipped[reason] += 1
-        examples = summary.examples.setdefault(reason, [])
-        if len(examples) < SHOW_EXAMPLES:
-            examples.append(where)
-
+        raise ConfigError(f"{out}: cannot write shards there ({e.strerror or e})") from e
+    summary = Summary()
+    writer = ShardWriter(tmp, name, int(max_count), int(max_size))
     try:
         with tqdm(items, total=count_items(items), desc=f"{fmt} -> {name}", unit="sample", disable=not progress,
                   file=sys.stderr) as bar:  # closed (its line ended) before an error line is printed
-            for item in bar:
-                if isinstance(item, Skip):
-                    skip(item.reason, item.where)
-                    continue
-                page = as_pdf_page(item.image)
-                if page is not None and render.pages is not None and (page.page or 1) not in render.pages:
-                    summary.left_out += 1
-                    continue
-                key = clean_key(item.key)
-                if key in seen:
-                    skip("duplicate_key", f"{item.where} (key {key!r})")
-                    continue
-                parts, reason = members(item, render)
-                if reason:
-                    skip(reason, _example(item, reason))
-                    continue
-                seen.add(key)
-                try:
-                    writer.write(key, parts)
-                except OSError as e:  # disk full, quota: one line, and the partial folder goes
-                    raise ConfigError(f"--out {out}: cannot write a shard ({e.strerror or e})") from e
-                summary.samples += 1
-                summary.text_only += not any(ext in IMAGE_EXTS for ext, _ in parts)
-                summary.empty_kept += any(ext == "txt" and not data.strip() for ext, data in parts)
-                if summary.skipped and summary.samples % 100 == 0:
-                    bar.set_postfix(skipped=sum(summary.skipped.values()), refresh=False)
-                if limit is not None and summary.samples >= int(limit):
-                    break
+            _write_items(bar, writer, summary, render, limit, out)
         writer.close()
         if not summary.samples:
             raise ConfigError(f"{source}: no usable sample ({_skips_inline(summary)})")
@@ -281,6 +233,52 @@ def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9
     summary.bytes = sum(os.path.getsize(p) for p in summary.shards)
     summary.pattern = _shard_pattern(out, name, len(summary.shards))
     return summary
+
+
+def read_source(registry, fmt, source, images_root=None, options=None):
+    """The items of SOURCE as the ``fmt`` source plugin reads them; a ConfigError for a missing SOURCE or one
+    of the wrong kind (a file where the format reads a folder, or the reverse)."""
+    reader = registry.build("source", fmt, where="FORMAT", **(options or {}))
+    if not os.path.exists(source):
+        raise ConfigError(f"{source}: no such file or folder")
+    if reader.needs == "file" and not os.path.isfile(source):
+        raise ConfigError(f"{source}: the {fmt} format needs a file")
+    if reader.needs == "folder" and not os.path.isdir(source):
+        raise ConfigError(f"{source}: the {fmt} format needs a folder")
+    return reader.read(source, images_root)
+
+
+def _write_items(items, writer, summary, render, limit, out):
+    """Each item's members into ``writer`` under its cleaned key, until ``limit`` samples; skips counted."""
+    seen = set()
+    for item in items:
+        if isinstance(item, Skip):
+            summary.skip(item.reason, item.where)
+            continue
+        page = as_pdf_page(item.image)
+        if page is not None and render.pages is not None and (page.page or 1) not in render.pages:
+            summary.left_out += 1
+            continue
+        key = clean_key(item.key)
+        if key in seen:
+            summary.skip("duplicate_key", f"{item.where} (key {key!r})")
+            continue
+        parts, reason = members(item, render)
+        if reason:
+            summary.skip(reason, _example(item, reason))
+            continue
+        seen.add(key)
+        try:
+            writer.write(key, parts)
+        except OSError as e:  # disk full, quota: one line, and the partial folder goes
+            raise ConfigError(f"{out}: cannot write a shard ({e.strerror or e})") from e
+        summary.samples += 1
+        summary.text_only += not any(ext in IMAGE_EXTS for ext, _ in parts)
+        summary.empty_kept += any(ext == "txt" and not data.strip() for ext, data in parts)
+        if summary.skipped and summary.samples % 100 == 0:
+            items.set_postfix(skipped=sum(summary.skipped.values()), refresh=False)
+        if limit is not None and summary.samples >= int(limit):
+            break
 
 
 def _publish(paths, out, name):
@@ -296,7 +294,7 @@ def _publish(paths, out, name):
             if path.name not in ours:
                 path.unlink()
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot move the shards there ({e.strerror or e})") from e
+        raise ConfigError(f"{out}: cannot move the shards there ({e.strerror or e})") from e
     return len(old)
 
 
@@ -346,6 +344,18 @@ def format_summary(summary, name="train"):
     return "\n".join(lines)
 
 
+def check_flags(args):
+    """The command line's own values, each error naming its flag (write_shards takes them as given)."""
+    if not args.name or re.search(r"[/\\{}*?\[\]]", args.name) or args.name.startswith("."):
+        raise ConfigError(f"--name {args.name!r}: a plain file name prefix, without / \\ {{ }} * ? [ ]")
+    if args.max_count < 1:
+        raise ConfigError(f"--max-count {args.max_count}: must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1")
+    if args.images_root is not None and not os.path.isdir(args.images_root):
+        raise ConfigError(f"--images-root {args.images_root}: no such folder")
+
+
 def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.shards", description=__doc__.split("\n")[0])
     parser.add_argument("format", help="input format: a registered source (folder, pdf, jsonl, olmocr, llava, fox, "
@@ -359,7 +369,7 @@ def command(argv=None):
                                               "(default: the SOURCE file's folder)")
     parser.add_argument("--limit", type=int, help="stop after writing this many samples")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
-                        help="an argument of the FORMAT's reader, e.g. evaluator_quirks=true (omnidocbench)")
+                        help="an argument of the FORMAT's reader, e.g. corrected=true (omnidocbench)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load this plugin too (a module name or a .py file), e.g. a source of your own")
     parser.add_argument("--longest-side", type=int, help=f"render PDF pages with this many pixels on their longer "
@@ -368,6 +378,7 @@ def command(argv=None):
     parser.add_argument("--pages", type=PageRange, help="only these pages of each PDF, counted from 1: 1-3,7,10-")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    check_flags(args)
     longest = args.longest_side if args.longest_side is not None or args.dpi is not None else DEFAULT_LONGEST_SIDE
     render = Render(dpi=args.dpi, longest_side=longest, pages=args.pages)
     registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))[1]

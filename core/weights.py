@@ -70,7 +70,7 @@ def read_state_dict(path, keep=None):
 def _read_safetensors(path, keep):
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ConfigError(f"{path}: not a readable safetensors file, truncated or corrupt ({_one_line(e)})") from e
 

@@ -1,4 +1,4 @@
-"""The README's pictures of a run of the default recipe (needs matplotlib):
+"""The pictures of docs/results.md: a run of the default recipe (needs matplotlib):
 
     python docs/figures.py RUN_DIR [--out docs/images]
 

@@ -1,16 +1,18 @@
 """Render text-line images with drawing code of its own (not the training generator), for checking a
 checkpoint with `python -m core.generate` and `python -m core.metrics`:
 
-    python docs/own_lines.py OUT_DIR [--font default|source_sans_pro|PATH.ttf] [--count N] [--seed S] [--txt]
+    python docs/own_lines.py OUT_DIR [--font default|source_sans_pro|PATH.ttf] [--count N] [--seed S] [--scale K]
+        [--txt]
     python -m core.generate RUN/vis_mid OUT_DIR/*.png --out OUT_DIR/pred.jsonl
     python -m core.metrics fox ned exact --pred OUT_DIR/pred.jsonl --gt OUT_DIR/gt.jsonl
 
 Words: a fresh sample of wonderwords' lists drawn with this script's own random stream, keeping only
 words outside the default recipe's training vocabulary (synthetic_lines, seed 0), so every word is
-unseen. Each line: 2-4 words, the first Capitalised, sometimes a number, ending with a period or a
-comma-separated clause (``--txt`` also writes it beside its image as ``line_NNNN.txt``: the folder that
-``python -m core.shards folder`` reads). Drawn with ImageDraw at 2x the target size (64 x 512, then the checkpoint's
-preprocessing resizes it), font size 2 x 14-18 px, black on white, left margin and baseline jittered.
+unseen. Each line: 2-4 words, the first Capitalised, sometimes a number or a comma after the second
+word, ending in a period (half the lines), "!" or "?" (``--txt`` also writes it beside its image as
+``line_NNNN.txt``: the folder that ``python -m core.shards folder`` reads). Drawn with ImageDraw at --scale
+times the target size (default 2: 64 x 512, which the checkpoint's preprocessing resizes), font size scale x
+14-18 px, black on white, left margin and baseline jittered.
 """
 import argparse
 import json
@@ -45,11 +47,13 @@ def sentence(rng, words):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out")
-    parser.add_argument("--font", default="default")
-    parser.add_argument("--count", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=12345)
+    # the whole docstring, as written: its first line alone stops mid-sentence
+    parser = argparse.ArgumentParser(prog="python docs/own_lines.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="folder for line_NNNN.png and gt.jsonl (created)")
+    parser.add_argument("--font", default="default", help="default (Aileron), source_sans_pro, or a .ttf/.otf path")
+    parser.add_argument("--count", type=int, default=256, help="number of lines")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of this script's own random stream")
     parser.add_argument("--scale", type=int, default=2, help="draw at this multiple of 32 x 256")
     parser.add_argument("--txt", action="store_true", help="write each text beside its image (core.shards folder)")
     args = parser.parse_args(argv)

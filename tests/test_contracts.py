@@ -1,5 +1,5 @@
 """One test per component kind: a minimal third-party implementation (tests/third_party_plugin.py, written
-from README "Writing a plugin") builds and runs through a recipe, the shard writer or the metrics command,
+from docs/plugins.md) builds and runs through a recipe, the shard writer or the metrics command,
 in place of the built-in; and a component that breaks its contract is one error line naming it."""
 import json
 import os
@@ -62,6 +62,7 @@ def run(tmp_path, **changes):
 
 @pytest.mark.parametrize("part, component", [
     ("encoder", {"name": "pool", "image_size": 32}),
+    ("encoder", {"name": "pool", "image_size": [16, 64]}),  # a rectangle: 2 rows of 8 cells
     ("projector", {"name": "scale"}),
     ("decoder", {"name": "mean"}),
     ("tokenizer", {"name": "letters"}),
@@ -71,6 +72,13 @@ def test_a_third_party_model_part_trains_and_reads(tmp_path, part, component):
     assert [e["stage"] for e in events if e["event"] == "stage_end"] == ["s1"]
     aggregate = json.loads((run_dir / "eval.json").read_text())["aggregate"]
     assert aggregate["samples"] == 4 and aggregate["exact"] is not None
+
+
+def test_a_third_party_encoder_sees_its_rectangular_view(tmp_path, capsys):
+    path = recipe(tmp_path, **{"model.encoder": {"name": "pool", "image_size": [16, 64]}})
+    assert run_main([path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "image 16x64 -> grid 2x8 -> 19 vision tokens (2 rows of 8 + newline, + 1 separator)" in out
 
 
 def test_a_third_party_dataset_feeds_training(tmp_path):

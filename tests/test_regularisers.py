@@ -24,7 +24,8 @@ def test_contrastive_rewards_distinct_images(registry):
     assert loss_collapsed["contrastive"].item() == pytest.approx(math.log(b), abs=1e-5)
     # with the heads aligned on distinct features, the right image wins and the loss drops below log(batch)
     with torch.no_grad():
-        reg.head_a.weight.zero_(); reg.head_b.weight.zero_()
+        reg.head_a.weight.zero_()
+        reg.head_b.weight.zero_()
         reg.head_a.weight[:, :8] = torch.eye(64, 8)[:, :8] * 1.0
         reg.head_b.weight[:, :8] = torch.eye(64, 8)[:, :8] * 1.0
     same = torch.randn(b, 1, 1, 8).expand(b, h, w, 8)  # both views carry the same per-image code
@@ -90,7 +91,7 @@ def test_pooled_mode_lowers_the_monitored_similarity(registry):
 
 
 def test_variance_term_keeps_pushing_when_a_common_offset_grows(registry):
-    # Collapse at the tiny scale is a shared offset growing until it drowns the image (README, "Collapse"):
+    # Collapse at the tiny scale is a shared offset growing until it drowns the image (docs/results.md, "Collapse"):
     # the cosine InfoNCE's gradient shrinks as 1 / offset, the variance hinge's (absolute units) does not.
     model, _ = tiny(registry)
     g = torch.Generator().manual_seed(0)

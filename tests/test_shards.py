@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.data import eval_samples
 from core.errors import ConfigError
-from core.shards import format_summary, parse_size, write_shards
+from core.shards import format_summary, main, parse_size, write_shards
 from core.sources import clean_key
 from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 from plugins.sources.fox import fox_prompt
@@ -192,7 +192,9 @@ def test_llava_conversations_and_text_only(tmp_path):
 def test_fox_gt(tmp_path):
     image(tmp_path / "en_pdf_png" / "en_1.png")
     image(tmp_path / "en_pdf_png" / "en_2.png")
-    conv = lambda prompt, gt: [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": gt}]
+
+    def conv(prompt, gt):
+        return [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": gt}]
     source = write(tmp_path / "en_box_ocr.json", json.dumps([
         {"image": "en_1.png", "conversations": conv("OCR the box [1, 2, 3, 4]:", "first box")},
         {"image": "en_1.png", "conversations": conv("OCR the box [5, 6, 7, 8]:", "second box")},
@@ -266,3 +268,15 @@ def test_small_helpers():
     with pytest.raises(ConfigError, match="--max-size"):
         parse_size("lots")
     assert clean_key("a/b.c d") == "a_b_c_d" and clean_key("__x") == "k__x"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--name", "a/b"], "--name 'a/b'"), (["--max-count", "0"], "--max-count 0"), (["--limit", "0"], "--limit 0"),
+    (["--images-root", "nowhere"], "--images-root"), (["--max-size", "lots"], "--max-size 'lots'")])
+def test_the_command_names_the_flag_of_a_bad_value(tmp_path, capsys, flags, named):
+    source = tmp_path / "src"
+    source.mkdir()
+    rc = main(["folder", str(source), "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {named}")
+    assert not (tmp_path / "out").exists()  # checked before anything is read or written

@@ -1,4 +1,4 @@
-"""A third-party plugin written only from README "Writing a plugin" and core/contracts.py: one minimal
+"""A third-party plugin written only from docs/plugins.md and core/contracts.py: one minimal
 component of every kind, registered under names of its own. tests/test_contracts.py builds each one
 into a recipe (or the shard writer, or the metrics command) in place of the built-in.
 
@@ -16,7 +16,7 @@ from core.sources import Item, Skip
 
 
 class PoolEncoder(nn.Module):
-    """(B, 3, S, S) -> (B, S/8, S/8, 16): an 8x8 average pool and a linear map per cell."""
+    """(B, 3, H, W) -> (B, H/8, W/8, 16): a linear map of each 8x8 cell. ``image_size`` an int or [h, w]."""
 
     def __init__(self, image_size=32, out_dim=16):
         super().__init__()

@@ -5,7 +5,7 @@
 A pattern is expanded as WebDataset expands it (``webdataset.shardlists.expand_urls``: ``::`` separates
 patterns, ``${NAME}`` is the environment variable ``WDS_NAME``, then braces), so it may be a URL that
 WebDataset opens: ``https://host/train-{000000..000009}.tar``, ``pipe:curl -s https://host/x.tar``,
-``pipe:aws s3 cp s3://bucket/train-{000000..000009}.tar -`` (README, "Your own data"; docs/data.md §1).
+``pipe:aws s3 cp s3://bucket/train-{000000..000009}.tar -`` (docs/data.md, "Shards from anywhere", and §1).
 A local pattern may also hold glob wildcards; a split may be a list of patterns.
 """
 import glob

@@ -1,6 +1,6 @@
 """Synthetic text lines: real English words in proportional TrueType fonts, written once as WebDataset shards.
 
-What a reader of real text meets, at a size a CPU trains on in minutes (README, "What the default run does"):
+What a reader of real text meets, at a size a CPU trains on in minutes (docs/results.md, "The default run"):
 - fonts: Pillow's bundled default (Aileron, ``ImageFont.load_default(size=...)``, no system font needed)
   and fonts that pip packages ship (``source_sans_pro``, a dependency; ``lato`` after
   ``pip install font-lato``), or any .ttf/.otf path, each at a

@@ -16,17 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core import ConfigError, hookimpl
+from core.images import pair
 from plugins.encoders import pretrained
-
-
-def pair(value, name="size"):
-    """An int or an [h, w] pair -> (h, w): image, patch, window and stride sizes may be rectangles
-    (a text-line strip with full-height patches); an int is the square DeepSeek-OCR uses."""
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"{name} must be an int or [height, width], not {value!r}")
 
 
 def resize_pos_grid(pos, height, width):
@@ -168,7 +159,7 @@ class SAMEncoder(nn.Module):
 
     ``image_size``, ``patch_size``, ``window_size`` and each of ``downsample_strides`` are an int (square,
     as DeepSeek-OCR) or [height, width]: a 32 x 256 text strip with 32 x 4 patches is a 1 x 64 grid,
-    one token per few pixels of the line (README, "How the tiny default learns").
+    one token per few pixels of the line (docs/results.md, "How the tiny default learns").
     """
 
     def __init__(self, image_size=1024, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
@@ -188,7 +179,8 @@ class SAMEncoder(nn.Module):
         wh, ww = pair(window_size, "sam.window_size")
         window = wh if wh == ww else (wh, ww)  # an int stays an int: SAM's square window
         # the position tables (pos_embed, global rel-pos) are stored for position_image_size and resized to
-        # the input's grid at run time: DeepSeek-OCR keeps 64x64 (1024 px) for every mode (docs/architecture.md §2.1, §2.4)
+        # the input's grid at run time: DeepSeek-OCR keeps 64x64 (1024 px) for every mode
+        # (docs/architecture.md §2.1, §2.4)
         pos_h, pos_w = pair(position_image_size or image_size, "sam.image_size")
         grid = (pos_h // self.patch[0], pos_w // self.patch[1])
         self.patch_embed = PatchEmbed(self.patch, dim)

@@ -27,7 +27,7 @@ import math
 
 from core.hookspecs import hookimpl
 from core.textdist import levenshtein
-from plugins.metrics.omnidocbench_normalise import clean_string, normalise_text, textblock2unicode  # noqa: F401
+from plugins.metrics.omnidocbench_normalise import normalise_text
 from plugins.metrics.omnidocbench_page import score_page
 
 ELEMENTS = ("text_block", "display_formula", "table", "reading_order")

@@ -15,7 +15,9 @@ import unicodedata
 from html.entities import html5
 from html.parser import HTMLParser
 
-VOID = frozenset(["area", "base", "br", "col", "embed", "hr", "img", "input", "keygen", "link", "menuitem", "meta", "param", "source", "track", "wbr", "basefont", "bgsound", "command", "frame", "image", "isindex", "nextid", "spacer"])
+VOID = frozenset(["area", "base", "br", "col", "embed", "hr", "img", "input", "keygen", "link", "menuitem", "meta",
+                  "param", "source", "track", "wbr", "basefont", "bgsound", "command", "frame", "image", "isindex",
+                  "nextid", "spacer"])
 _KEEP_SPACE = frozenset(("pre", "textarea"))  # whitespace inside these is not collapsed
 _ASCII_SPACE = frozenset(" \n\t\x0c\r")
 

@@ -44,7 +44,8 @@ def latex_to_text(latex):
         try:
             from pylatexenc.latex2text import LatexNodes2Text
         except ImportError as e:  # a dependency in pyproject.toml; say how to get it rather than a bare trace
-            raise ImportError(f"the omnidocbench metric needs pylatexenc (pip install pylatexenc=={EVALUATOR_PYLATEXENC})") from e
+            raise ImportError(f"the omnidocbench metric needs pylatexenc "
+                              f"(pip install pylatexenc=={EVALUATOR_PYLATEXENC})") from e
         version = importlib.metadata.version("pylatexenc")
         if version != EVALUATOR_PYLATEXENC:  # 2.x parses malformed LaTeX differently: say so once, keep going
             warnings.warn(f"omnidocbench: pylatexenc {version} is installed, the official evaluator uses "

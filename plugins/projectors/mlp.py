@@ -1,4 +1,5 @@
-"""MLP projector: Linear, then (GELU, Linear) x (depth - 1), as DeepSeek-OCR's "mlp_gelu" type (docs/architecture.md §2.3).
+"""MLP projector: Linear, then (GELU, Linear) x (depth - 1), as DeepSeek-OCR's "mlp_gelu" type
+(docs/architecture.md §2.3).
 
 `layers` is an nn.Sequential, so keys are `layers.0.*`, `layers.2.*`, ... The
 hidden width defaults to out_dim, as in DeepSeek-OCR. in_dim / out_dim come from the model builder.

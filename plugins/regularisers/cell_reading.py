@@ -10,7 +10,7 @@ Why: the decoder cannot learn where to look until the vision tokens say what
 is there, and the vision tokens get no reading signal until the decoder looks:
 with the next-token loss alone (and with CTC, whose alignment has a plateau
 of its own) a tiny model sat at the letter-frequency loss for 500+ steps
-(README, "How the tiny default learns"). This loss needs no alignment search.
+(docs/results.md, "How the tiny default learns"). This loss needs no alignment search.
 
 Needs a tokenizer with one token per character (the bytes tokenizer on ASCII
 text); a sample whose answer is longer than the grid is supervised on the

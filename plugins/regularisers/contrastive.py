@@ -23,7 +23,7 @@ what is contrasted (symmetric loss, temperature from the recipe):
 each channel's std over the batch must reach 1. At the tiny scale, collapse is
 a shared offset growing at every layer until the LayerNorms see nothing else;
 a cosine's gradient shrinks as that offset grows, the hinge's (absolute units)
-does not. What each mode does on recipes/collapse.yaml: README, "Collapse".
+does not. What each mode does on recipes/collapse.yaml: docs/results.md, "Collapse".
 """
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ class ContrastiveRegulariser(nn.Module):
         else:
             loss = self.info_nce(F.normalize(self.head_a(views[0]), dim=-1), F.normalize(self.head_b(views[1]), dim=-1))
         if self.variance:  # VICReg's hinge: each channel's std over the batch at least 1, in absolute units
-            loss = loss + self.variance * sum(F.relu(1 - (v.var(dim=0) + 1e-4).sqrt()).mean() for v in views) / len(views)
+            hinge = sum(F.relu(1 - (v.var(dim=0) + 1e-4).sqrt()).mean() for v in views) / len(views)
+            loss = loss + self.variance * hinge
         return {"contrastive": self.weight * loss}
 
 

@@ -17,8 +17,8 @@ of sources, each with its own head and loss term (``ctc`` for the vision tokens,
 for a module, e.g. ``ctc_neck``). ``encoder.sam.neck`` is SAM's map before the compressor: on a text
 strip with 32 x 4 patches, one frame sequence at 4 px per token while the decoder sees the compressed
 8 px tokens. CTC leaves its plateau sooner when each frame holds at most part of one glyph, and the
-vision tokens need their own CTC term too, or CLIP above SAM gets no reading signal (README, "How the
-tiny default learns"). A module source is captured by a forward hook during the model's own forward;
+vision tokens need their own CTC term too, or CLIP above SAM gets no reading signal (docs/results.md,
+"How the tiny default learns"). A module source is captured by a forward hook during the model's own forward;
 with crops the encoder's last call is the tiles', so use it with the global view alone.
 ``blank_bias`` starts the blank's logit that much above the others: the head then begins near the
 plateau every CTC run first has to reach (frames are mostly blank), instead of spending ~150 steps there.
