@@ -3,11 +3,11 @@
     python -m benchmarks.train_step [RECIPE] [--stage N] [--steps N]
 
 The step is what core.train runs (core.train.prepare_stage and train_step): forward, the stage's
-regularisers, backward, grad clipping, the optimizer, on one ready batch from the recipe's data (so
-data loading is not in it; benchmarks/data.py measures that), or with ``full_length`` on rows of
-exactly ``data.max_len`` tokens (random answer ids), the cost at a sequence length whatever the data's
-texts are. FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls,
-convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
+regularisers, backward, grad clipping, the optimizer, on one ready batch from the recipe's data (so data
+loading is not in it; benchmarks/data.py measures that), or with ``full_length`` on rows of exactly
+``data.max_len`` tokens (random answer ids, core.memory.full_length_tokens), the cost at a sequence length
+whatever the data's texts are. FLOPs are counted by torch.utils.flop_counter over one forward + backward
+(matmuls, convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
 FLOP/s is that count over the measured step time. The peak is the best of square fp32 matmuls
 (bf16 on a GPU) with the threads torch uses, the number an MFU ratio is taken against.
 """
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RECIPE, synthetic_shards
 from core import data, stream
+from core.memory import full_length_tokens
 from core.recipe import load_recipe
 from core.registry import load_plugins
 from core.train import loss_terms, prepare_stage, sample_encoding, train_step
@@ -45,18 +46,6 @@ def matmul_peak(device="cpu", seconds=1.0, sizes=(1024, 2048, 4096)):
 def _sync(device):
     if device != "cpu":
         torch.cuda.synchronize()
-
-
-def full_length_tokens(tokenizer, prompt, num_image_tokens, max_len, batch_size, seed=0):
-    """{input_ids, targets} of ``batch_size`` rows of exactly ``max_len`` tokens: the prompt with its image
-    placeholders, then random answer ids below ``<|image|>`` (their values do not change the cost)."""
-    prefix = torch.tensor(data.prompt_prefix(tokenizer, prompt, num_image_tokens, max_len))
-    generator = torch.Generator().manual_seed(seed)
-    answer = torch.randint(0, tokenizer.image_id, (batch_size, max_len + 1 - len(prefix)), generator=generator)
-    rows = torch.cat([prefix.expand(batch_size, -1), answer], dim=1)
-    targets = rows[:, 1:].clone()
-    targets[:, :len(prefix) - 1] = -1  # as core.data: loss on the answer only
-    return {"input_ids": rows[:, :-1].contiguous(), "targets": targets}
 
 
 class TrainStep:

@@ -68,11 +68,12 @@ def _tensors(state_dict):
 
 
 def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None, train_state=None,
-                    model_state=None):
+                    model_state=None, encoder_file=True):
     """Write the full model, the encoder alone and meta json, then the ``latest`` pointer; return the model path.
 
     ``model_state``: the model's state dict when ``model.state_dict()`` would not give whole tensors
-    (FSDP's shards, gathered by core/distributed.py).
+    (FSDP's shards, gathered by core/distributed.py), or the part of it to write (an adapter stage's,
+    core/adapters.py, which writes no ``encoder_file``: readers take the model file instead).
     The pointer is written last, so a reader that follows it never finds a step whose
     files are incomplete; ``keep_last`` then deletes all but the newest N steps.
     """
@@ -82,8 +83,9 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
         state.update({f"{prefix}.{k}": v for k, v in _tensors(module.state_dict()).items()})
     model_path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")
     _atomic(model_path, lambda p: save_file(state, p))
-    encoder = {k: v for k, v in state.items() if k.startswith(PARTS["encoder"])}
-    _atomic(os.path.join(stage_dir, f"encoder_{step:06d}.safetensors"), lambda p: save_file(encoder, p))
+    if encoder_file:
+        encoder = {k: v for k, v in state.items() if k.startswith(PARTS["encoder"])}
+        _atomic(os.path.join(stage_dir, f"encoder_{step:06d}.safetensors"), lambda p: save_file(encoder, p))
 
     if train_state is not None:  # (tensors, json-able state) from core.resume.capture
         tensors, state = train_state
@@ -181,7 +183,7 @@ def resolve(path, run_dir, parts):
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         kind = "encoder" if set(parts) <= {"encoder"} else "model"
-        found = latest(path, kind)
+        found = latest(path, kind) or latest(path)  # an adapter stage writes no encoder file
         if found is None:
             raise ConfigError(f"init_from: no {kind}_XXXXXX.safetensors checkpoint in {path}")
         return found
@@ -197,14 +199,20 @@ def check_parts(parts, where="init_from.parts"):
         raise ConfigError(f"{where}: unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
 
 
-def load_parts(model, path, parts):
-    """Copy the named parts from a safetensors file into ``model``; all-or-nothing, every key checked."""
-    check_parts(parts)
-    prefixes = tuple(x for p in parts for x in PARTS[p])
+def read_tensors(path):
+    """{name: tensor} of a checkpoint file, or a ConfigError naming it."""
     try:
-        saved = load_file(path)
+        return load_file(path)
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_parts(model, path, parts, saved=None):
+    """Copy the named parts from a safetensors file (or ``saved``, the tensors read from it) into ``model``;
+    all-or-nothing, every key checked."""
+    check_parts(parts)
+    prefixes = tuple(x for p in parts for x in PARTS[p])
+    saved = read_tensors(path) if saved is None else saved
     wanted = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     given = {k: v for k, v in saved.items() if k.startswith(prefixes)}
     problems = describe_problems(compare_keys(wanted, given))
@@ -254,9 +262,10 @@ def resume_point(stage_dir):
     return ResumePoint(path, meta, tensors)
 
 
-def load_prefixed(module, path, prefix):
-    """Load ``prefix.*`` tensors of a checkpoint file into ``module`` (e.g. a regulariser's head)."""
-    saved = load_file(path)
+def load_prefixed(module, path, prefix, saved=None):
+    """Load ``prefix.*`` tensors of a checkpoint file (or ``saved``, tensors read from one) into ``module`` (e.g. a
+    regulariser's head)."""
+    saved = load_file(path) if saved is None else saved
     state = {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(prefix + ".")}
     module.load_state_dict(state)
 

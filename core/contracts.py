@@ -7,7 +7,7 @@ required member is one error line naming the component and the plugin that regis
 Subclassing these Protocols is optional; having the members is not. Members marked optional
 in a Protocol's docstring are looked up with ``getattr`` and may be left out.
 
-Behaviour kinds (freeze, regulariser, metric, logger) are objects whose ``@hookimpl`` methods
+Behaviour kinds (freeze, adapter, regulariser, metric, logger) are objects whose ``@hookimpl`` methods
 the core calls through pluggy (``core/hookspecs.py`` documents each hook); ``BEHAVIOUR_HOOKS``
 says which hooks each kind must implement.
 """
@@ -25,6 +25,7 @@ CONTEXT = {
     "decoder": ("vocab_size", "image_id"),  # the tokenizer's vocabulary, <|image|> included; <|image|>'s id
     "regulariser": ("model", "tokenizer"),  # the stage's freshly built VisionLanguageModel
     "freeze": (),
+    "adapter": (),
     "logger": ("run_dir",),  # the run folder (absolute)
 }
 
@@ -145,6 +146,7 @@ PROTOCOLS = {"encoder": Encoder, "projector": Projector, "decoder": Decoder, "to
              "dataset": Dataset, "source": Source, "metric_input": MetricInput}
 BEHAVIOUR_HOOKS = {
     "freeze": ("vlmkit_freeze",),
+    "adapter": ("vlmkit_adapter_attach", "vlmkit_adapter_merge"),
     "regulariser": ("vlmkit_regulariser_loss",),
     "metric": ("vlmkit_metric_score", "vlmkit_metric_aggregate"),
     "logger": ("vlmkit_log",),

@@ -83,7 +83,8 @@ def plugin_contracts():
 
 
 def hook_list():
-    implementers = {h: f"a `{kind}` component" for kind, hooks in contracts.BEHAVIOUR_HOOKS.items() for h in hooks}
+    implementers = {h: f"{'an' if kind[0] in 'aeiou' else 'a'} `{kind}` component"
+                    for kind, hooks in contracts.BEHAVIOUR_HOOKS.items() for h in hooks}
     rows = [f"| `{_hook(h)}` | {_cell(_md(getattr(hookspecs, h).__doc__.strip().splitlines()[0]))} | "
             f"{implementers.get(h, 'a plugin module')} |" for h in vars(hookspecs) if h in HOOKS]
     return "\n".join(["| hook | what it does | implemented by |", "|---|---|---|", *rows])

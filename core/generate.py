@@ -39,7 +39,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, data
+from core import adapters, checkpoint, data
 from core.badsamples import BadSample
 from core.errors import ConfigError, cli_main
 from core.images import (
@@ -143,7 +143,26 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
 # ---- python -m core.generate
 
 def load_checkpoint(path):
-    """A ``model_XXXXXX.safetensors`` file or a stage folder (its latest) -> (model, tokenizer, meta)."""
+    """A ``model_XXXXXX.safetensors`` file or a stage folder (its latest) -> (model, tokenizer, meta). An adapter
+    checkpoint is its base model with the adapters attached (core/adapters.py)."""
+    path, meta = checkpoint_meta(path)
+    pm, registry = load_plugins(meta.get("plugins") or [])
+    if "adapter" in meta:
+        model, tokenizer, _ = adapters.rebuild(path, meta, registry, pm)
+        return model.eval(), tokenizer, meta
+    config = model_config_from_meta(meta["model"], path)
+    # built on the meta device, so pretrained files named in the config (which the checkpoint
+    # supersedes, and which may have moved) are not read; then every tensor comes from the checkpoint
+    with torch.device("meta"):
+        model, tokenizer = build_model(config, registry)
+    model.to_empty(device="cpu")
+    checkpoint.load_parts(model, path, list(checkpoint.PARTS))
+    return model.eval(), tokenizer, meta
+
+
+def checkpoint_meta(path):
+    """A checkpoint file or stage folder -> (the model file, its meta json), or a ConfigError saying what is
+    missing: the file, the meta json, or the model config in it."""
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         path = checkpoint.latest(path) or path
@@ -161,15 +180,7 @@ def load_checkpoint(path):
     if not isinstance(parts, dict) or not all(isinstance(parts.get(k), dict) and "name" in parts[k]
                                               for k in COMPONENTS):
         raise ConfigError(f"{path}: its meta json has no model config (an older checkpoint?); cannot rebuild the model")
-    _, registry = load_plugins(meta.get("plugins") or [])
-    config = model_config_from_meta(parts, path)
-    # built on the meta device, so pretrained files named in the config (which the checkpoint
-    # supersedes, and which may have moved) are not read; then every tensor comes from the checkpoint
-    with torch.device("meta"):
-        model, tokenizer = build_model(config, registry)
-    model.to_empty(device="cpu")
-    checkpoint.load_parts(model, path, list(checkpoint.PARTS))
-    return model.eval(), tokenizer, meta
+    return path, meta
 
 
 def open_image_file(path, load_pixels=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):

@@ -1,7 +1,7 @@
 """The hook layer: plugins registered with pluggy, which calls every behaviour hook; faults name the plugin.
 
 A plugin is registered through ``register``: a module at load time (core/registry.py), or a behaviour object
-a recipe chose (a freeze policy, regulariser, metric or logger) for the span it acts in (``attach``: a stage's
+a recipe chose (a freeze policy, adapter, regulariser, metric or logger) for the span it acts in (``attach``: a stage's
 freeze, a stage's training, one scoring, the run). The core then calls ``pm.hook.vlmkit_X(...)`` and pluggy
 does the calling as it documents: implementations last registered first (``attach`` registers a recipe list
 last to first, so answers come in recipe order), ``tryfirst``/``trylast`` move one to the front or the back,
@@ -94,6 +94,8 @@ ANSWERS = {  # what each hook's implementations must return (None is always allo
                                            "{name: scalar tensor}"),
     "vlmkit_freeze": _mapping_of(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                                  "{parameter name: lr multiplier}"),
+    "vlmkit_adapter_attach": _mapping_of(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                                         "{parameter name: lr multiplier}"),
     "vlmkit_metric_score": _mapping_of(lambda v: True, "{value name: value}"),
     "vlmkit_metric_aggregate": _mapping_of(lambda v: True, "{name: value}"),
 }

@@ -9,11 +9,10 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, distributed, resume, stream
+from core import adapters, checkpoint, distributed, resume, stream
 from core.badsamples import format_report
 from core.data import to_device
 from core.evaluate import decode_samples
-from core.model import build_model
 from core.monitor import collapse_scores, probe_images
 from core.errors import plugin_call
 from core.report import format_parameter_table
@@ -132,7 +131,8 @@ class StageLoop:
         prep, ctx = self.prep, self.ctx
         if not prep.sharded:
             return prep.model
-        return distributed.plain_copy(prep.model, lambda: build_model(ctx.recipe.model, ctx.registry)[0].to(ctx.device))
+        return distributed.plain_copy(prep.model, lambda: adapters.build_like(ctx.recipe.model, ctx.registry, ctx.pm,
+                                                                              prep.adapted).to(ctx.device))
 
     def save(self, step, summary=None):
         """A checkpoint at ``step`` with the training state; ``summary`` marks the stage complete (a resume skips
@@ -154,8 +154,15 @@ class StageLoop:
                 # the lengths it was trained to write: python -m core.generate's default --max-new-tokens
                 "max_len": ctx.recipe.data.max_len,
                 "max_new_tokens": ctx.recipe.eval and ctx.recipe.eval.max_new_tokens}
-        path = checkpoint.save_checkpoint(self.stage_dir, step, prep.model, meta, prep.extra_modules,
-                                          keep_last=stage.checkpoint_keep, train_state=train_state, model_state=state)
+        heads = prep.extra_modules
+        if prep.adapted is not None:  # the adapter and what else trained (heads: in the train file), and its base
+            whole = prep.model.state_dict() if state is None else state
+            state, train_state = adapters.checkpoint_parts(prep.adapted, whole, heads, train_state)
+            heads = None
+            meta.update(adapters.checkpoint_meta(prep.adapted, self.stage_dir))
+        path = checkpoint.save_checkpoint(self.stage_dir, step, prep.model, meta, heads,
+                                          keep_last=stage.checkpoint_keep, train_state=train_state,
+                                          model_state=state, encoder_file=prep.adapted is None)
         ctx.log({"event": "checkpoint", "stage": stage.name, "step": step, "path": path})
         distributed.barrier()
         return path

@@ -148,6 +148,7 @@ class Stage:
     batch_size: int | None = None  # default: data.batch_size
     freeze: list[Component] = attrs.field(factory=list)
     regularisers: list[Component] = attrs.field(factory=list)
+    adapters: list[Component] = attrs.field(factory=list)  # train these instead of the base (core/adapters.py)
     init_from: InitFrom | None = None
     checkpoint_every: int = 0  # 0: only at the end of the stage
     checkpoint_keep: int | None = None  # keep the newest N checkpoints of the stage (None: all)
@@ -236,6 +237,9 @@ def load_recipe(path, overrides=()):
         if twice:  # a regulariser's head is trained and saved under its name: a second would replace the first
             raise where.error(f"stages.{i}.regularisers", f"{twice[0]!r} is listed twice; a stage takes each "
                                                           f"regulariser once (give one a larger weight instead)")
+        if stage.optimizer == "muon" and stage.adapters:  # Muon would take the adapters' low-rank factors
+            raise where.error(f"stages.{i}.optimizer", "muon orthogonalises whole weight matrices; a stage with "
+                                                       "adapters trains their low-rank factors with adamw")
         if stage.optimizer == "muon" and recipe.run.parallel == "fsdp":  # Muon orthogonalises whole matrices
             raise where.error(f"stages.{i}.optimizer",
                               "muon needs whole matrices; it does not work with run.parallel: fsdp")

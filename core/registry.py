@@ -20,7 +20,7 @@ from core.errors import ConfigError, PluginError, closest, plugin_call
 from core.pluginfiles import import_plugin
 
 KINDS = ("encoder", "projector", "decoder", "tokenizer", "dataset", "source", "metric", "metric_input",
-         "regulariser", "freeze", "logger")
+         "regulariser", "freeze", "adapter", "logger")
 ENTRY_POINT_GROUP = "vlmkit"
 BUILTIN_PACKAGE = "plugins"
 

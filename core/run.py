@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from core import checkpoint, distributed, resume
+from core import adapters, checkpoint, distributed, memory, resume
 from core.data import eval_samples, prompt_prefix
 from core.datacheck import check_data
 from core.errors import ConfigError, cli_main, plugin_call
@@ -33,7 +33,7 @@ from core.recipe import load_recipe
 from core.registry import load_plugins
 from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
-from core.train import apply_freeze
+from core.train import freeze_and_adapt
 
 
 def run_folder(recipe):
@@ -100,7 +100,7 @@ def check_stages(recipe, pm, registry, show=False):
             continue
         with torch.device("meta"):
             model, tokenizer = build_model(recipe.model, registry)
-            apply_freeze(registry, pm, model, stage, where)
+            freeze_and_adapt(registry, pm, model, stage, where)
             regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
                                               context={"model": model, "tokenizer": tokenizer})
         checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
@@ -184,9 +184,20 @@ def check_device(name):
                           f"use run.device=cpu, or install a torch build for it")
 
 
-def dry_run(recipe, pm, registry):
-    """Describe each stage as check_stages builds it, the token layout, then the data (core/datacheck.py)."""
+def dry_run(recipe, pm, registry, world_size=1):
+    """Describe each stage as check_stages builds it, the memory a training step of it needs per process
+    (core/memory.py), the token layout, then the data (core/datacheck.py)."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
+    for i, stage in enumerate(recipe.stages):
+        if not stage.steps:
+            continue
+        title = f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"
+        try:
+            estimate = memory.estimate(recipe, registry, pm, i, world_size)
+        except ConfigError as e:  # a dry run without the tokenizer file cannot lay out a batch
+            print(f"{title}: no memory estimate: {e}\n")
+            continue
+        print(memory.format_estimate(estimate, title), end="\n\n")
     n = model.num_image_tokens()
     print(model.describe_layout())
     if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/images.py)
@@ -277,7 +288,7 @@ def load_complete_stage(ctx, index, stage, point):
                + " since, which a complete stage does not take up (a new run.dir with init_from does)"
                if changed else ""))
     model, tokenizer = build_model(ctx.recipe.model, ctx.registry)
-    checkpoint.load_parts(model.to(ctx.device), point.model_file, list(checkpoint.PARTS))
+    adapters.load_parts(model.to(ctx.device), point.model_file, list(checkpoint.PARTS), ctx.registry, ctx.pm)
     return model, tokenizer, point.meta["summary"]
 
 
@@ -308,11 +319,12 @@ def evaluate_run(ctx, model, tokenizer, summaries):
     return aggregate
 
 
-def run(recipe, dry=False):
-    """Train the recipe's stages and evaluate the last one (``dry``: only describe them); -> {"stages", "eval"}."""
+def run(recipe, dry=False, world_size=None):
+    """Train the recipe's stages and evaluate the last one (``dry``: only describe them, with the memory per
+    process of ``world_size`` processes, default $WORLD_SIZE or 1); -> {"stages", "eval"}."""
     pm, registry = load_plugins(recipe.plugins)
     if dry:
-        dry_run(recipe, pm, registry)
+        dry_run(recipe, pm, registry, world_size or int(os.environ.get("WORLD_SIZE", "1")))
         return None
     ctx = start_run(recipe, pm, registry)
     with ctx.loggers:
@@ -334,8 +346,11 @@ def command(argv=None):
     parser.add_argument("recipe", nargs="?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
     parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
-    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model, "
-                                                               "then check the data section's datasets and shards")
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model "
+                                                               "and the memory a training step needs, then check "
+                                                               "the data section's datasets and shards")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: the processes torchrun would start (default: $WORLD_SIZE or 1)")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --dry-run too
     if args.list_plugins and not args.recipe:
         list_plugins(load_plugins()[1])
@@ -346,8 +361,10 @@ def command(argv=None):
     if args.list_plugins:
         list_plugins(load_plugins(recipe.plugins)[1])
         return 0
+    if args.world_size is not None and args.world_size < 1:
+        parser.error("--world-size must be at least 1")
     try:
-        run(recipe, dry=args.dry_run)
+        run(recipe, dry=args.dry_run, world_size=args.world_size)
     finally:
         distributed.shutdown()
     return 0

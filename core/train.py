@@ -12,7 +12,7 @@ import math
 import attrs
 import torch
 
-from core import checkpoint, distributed, resume
+from core import adapters, distributed, resume
 from core.data import SampleEncoding
 from core.errors import ConfigError
 from core.hooks import attach
@@ -46,6 +46,8 @@ def apply_freeze(registry, pm, model, stage, where):
     """Run the stage's freeze policies (the vlmkit_freeze hook) on ``model``; return {name: lr multiplier}."""
     policies = registry.build_all("freeze", stage.freeze, f"{where}.freeze")
     frozen_by_design = [p for p in model.parameters() if not p.requires_grad]  # e.g. CLIP's bypassed patch conv
+    if stage.adapters:  # an adapter stage trains its adapters and what a policy opens on purpose (core/adapters.py)
+        model.requires_grad_(False)
     with attach(pm, policies, f"{where}.freeze"):
         answers = pm.hook.vlmkit_freeze(model=model, stage=stage)
     for p in frozen_by_design:  # a broad "trainable" glob must not wake them (DDP fails on unused parameters)
@@ -55,6 +57,14 @@ def apply_freeze(registry, pm, model, stage, where):
         for name, factor in answer.items():
             multipliers[name] = multipliers.get(name, 1.0) * factor
     return multipliers
+
+
+def freeze_and_adapt(registry, pm, model, stage, where):
+    """The stage's freeze policies, then its adapters: -> ({name: lr multiplier}, core.adapters.Adapted or None)."""
+    frozen = adapters.frozen_by_design(model)
+    multipliers = apply_freeze(registry, pm, model, stage, where)
+    adapted = adapters.attach(registry, pm, model, stage.adapters, f"{where}.adapters", frozen, multipliers)
+    return multipliers, adapted
 
 
 def parameter_groups(model, extra_modules, multipliers, lr, muon_lr=None):
@@ -112,6 +122,7 @@ class Prepared:
     pm: object  # the plugin manager: loss_terms calls its vlmkit_regulariser_loss
     precision: str
     attached: object  # the regularisers' core.hooks.Attachment
+    adapted: object = None  # core.adapters.Adapted: the stage's adapters, or None
 
     def close(self):
         self.attached.close()
@@ -119,28 +130,29 @@ class Prepared:
 
 def prepare_stage(recipe, registry, pm, index, device, run_dir=None, point=None, say=distributed.print0,
                   init_from=True):
-    """Build stage ``index``'s model and everything that trains it, in the order that matters:
-    init_from, freeze, regularisers, resumed weights (``point``, a checkpoint.ResumePoint), activation
-    checkpointing, FSDP, optimizer, DDP. ``init_from=False`` skips the stage's init_from weights (a
-    benchmark times the step, not the weights)."""
-    stage, where = recipe.stages[index], f"stages.{index}"
+    """Build stage ``index``'s model, load the weights it starts from, and prepare what trains it (prepare_model).
+    ``point``: a checkpoint.ResumePoint to continue from. ``init_from=False`` skips the stage's init_from weights
+    (a benchmark times the step, not the weights)."""
     resume.seed_all(recipe.run.seed + 1000 * index)  # python's and numpy's RNGs too: plugins draw from them
     model, tokenizer = build_model(recipe.model, registry)
     model.to(device)
-    if stage.init_from is not None and point is None and init_from:
-        path = checkpoint.resolve(stage.init_from.path, run_dir, stage.init_from.parts)
-        keys = checkpoint.load_parts(model, path, stage.init_from.parts)
-        say(f"stage {stage.name}: {'+'.join(stage.init_from.parts)} ({len(keys)} tensors) from {path}")
+    base = adapters.load_start(recipe, registry, pm, index, model, run_dir, point, say, init_from)
+    return prepare_model(recipe, registry, pm, index, model, tokenizer, device, point, base)
 
-    multipliers = apply_freeze(registry, pm, model, stage, where)
+
+def prepare_model(recipe, registry, pm, index, model, tokenizer, device, point=None, base=None):
+    """Everything that trains stage ``index`` on a built ``model``, in the order that matters: freeze,
+    adapters, regularisers, resumed weights (``point``), activation checkpointing, FSDP, optimizer, DDP."""
+    stage, where = recipe.stages[index], f"stages.{index}"
+    multipliers, adapted = freeze_and_adapt(registry, pm, model, stage, where)
+    if adapted is not None:
+        adapted.base = base
     regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
                                       context={"model": model, "tokenizer": tokenizer})
     extra_modules = {f"regulariser.{c.name}": r.to(device) for c, r in zip(stage.regularisers, regularisers)
                      if isinstance(r, torch.nn.Module)}
     if point is not None:  # the weights before sharding: FSDP then cuts what was loaded
-        checkpoint.load_parts(model, point.model_file, list(checkpoint.PARTS))
-        for prefix, module in extra_modules.items():
-            checkpoint.load_prefixed(module, point.model_file, prefix)
+        adapters.load_resumed(model, point, adapted, extra_modules)
     checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
     sharded = recipe.run.parallel == "fsdp" and distributed.active()
     if sharded:  # after freezing and before the optimizer, which must hold the sharded parameters
@@ -162,7 +174,7 @@ def prepare_stage(recipe, registry, pm, index, device, run_dir=None, point=None,
     clip = distributed.clip_grad_norm_ if sharded else torch.nn.utils.clip_grad_norm_
     attached = attach(pm, regularisers, f"{where}.regularisers")  # until Prepared.close()
     return Prepared(stage, where, model, tokenizer, engine, extra_modules, extra_params, trainable, clip, optimizer,
-                    scheduler, sharded, table, pm, recipe.run.precision, attached)
+                    scheduler, sharded, table, pm, recipe.run.precision, attached, adapted)
 
 
 def loss_terms(prep, batch):
@@ -186,11 +198,13 @@ def train_step(prep, next_batch, check=None):
     before backward."""
     stage = prep.stage
     prep.optimizer.zero_grad(set_to_none=True)
-    sums = {}
+    sums, images = {}, True
     for micro in range(stage.grad_accum):  # the optimizer step sees grad_accum batches
         last = micro == stage.grad_accum - 1
         with contextlib.nullcontext() if last else distributed.no_sync(prep.engine):
-            terms = loss_terms(prep, next_batch(micro))
+            batch = next_batch(micro)
+            images = images and batch["pixel_values"] is not None  # a text-only batch leaves the vision tower idle
+            terms = loss_terms(prep, batch)
             total = sum(terms.values())
             if check is not None:
                 check(terms, total)
@@ -198,6 +212,8 @@ def train_step(prep, next_batch, check=None):
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach() / stage.grad_accum
     distributed.average_gradients(prep.extra_params)
+    if images:
+        adapters.check_used(prep.adapted, prep.model)
     if stage.grad_clip > 0:
         prep.clip(prep.trainable, stage.grad_clip)
     prep.optimizer.step()

@@ -106,6 +106,25 @@ def test_a_third_party_freeze_policy_decides_what_trains(tmp_path):
     assert table["projector"][0] == 0 and table["projector"][1] > 0
 
 
+def test_a_third_party_adapter_trains_alone_and_merges(tmp_path, cli):
+    """The scale projector (no bias) with an output-scale adapter on it: the adapter checkpoint holds the scale
+    alone, python -m core.merge folds it in, and both read the same."""
+    first = {"name": "s1", "steps": 2, "lr": 1e-2}
+    second = {"name": "s2", "steps": 2, "lr": 1e-2, "init_from": {"path": "stage:s1"},
+              "adapters": [{"name": "output_scale", "layers": ["projector.linear"]}]}
+    run_dir, _ = run(tmp_path, **{"model.projector": {"name": "scale"}, "stages": [first, second]})
+    from safetensors.torch import load_file
+    assert list(load_file(str(run_dir / "s2" / "model_000002.safetensors"))) == ["projector.linear.scale"]
+    assert cli("core.merge", run_dir / "s2", tmp_path / "merged").returncode == 0
+    merged = load_file(str(tmp_path / "merged" / "model_000002.safetensors"))
+    assert "projector.linear.weight" in merged and not any("scale" in k for k in merged)
+    image = tmp_path / "page.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    texts = [cli("core.generate", folder, image, "--max-new-tokens", "4").stdout
+             for folder in (run_dir / "s2", tmp_path / "merged")]
+    assert texts[0] == texts[1] and texts[0]
+
+
 def test_a_third_party_logger_gets_every_event(tmp_path):
     run_dir, _ = run(tmp_path, loggers=[{"name": "jsonl"}, {"name": "event_list"}])
     events = (run_dir / "events.txt").read_text().split()

@@ -58,6 +58,20 @@ def log_events(run_dir, event):
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
+B_LINE = '  - {name: b, steps: 1, lr: 3.0e-3, init_from: {path: "stage:a", parts: [encoder]}}\n'
+LORA = '{name: lora, r: 4, alpha: 8, targets: ["decoder.*.attn.*", "encoder.clip.*"]}'
+
+
+def lora_recipe(folder, cache, steps=3, every=1, adapter=LORA, after=""):
+    """The tiny recipe with stage b a LoRA stage on all of stage a (``after``: more stage lines)."""
+    text = TINY_RECIPE.format(run_dir=folder / "run", cache=cache, model=TINY_MODEL)
+    lora = (f'  - {{name: b, steps: {steps}, lr: 1.0e-2, checkpoint_every: {every}, init_from: {{path: "stage:a"}},'
+            f' adapters: [{adapter}]}}\n')
+    path = folder / "recipe.yaml"
+    path.write_text(text.replace(B_LINE, lora + after))
+    return path
+
+
 def pointer(folder):
     """The step a stage folder's latest.json points at."""
     return json.loads((folder / "latest.json").read_text())["step"]

@@ -131,8 +131,12 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # one matmul for q, k and v, and the rotary and QK-norm run once over q and k together: fewer,
         # larger ops (the state_dict keeps nanochat's three matrices)
-        weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
-        qkv = F.linear(x, weight).view(B, T, H + 2 * Hkv, D)
+        layers = (self.c_q, self.c_k, self.c_v)
+        if all(type(layer) is nn.Linear for layer in layers):
+            qkv = F.linear(x, torch.cat([layer.weight for layer in layers]))
+        else:  # a wrapped layer (an adapter, core/adapters.py) computes more than its weight: call each
+            qkv = torch.cat([layer(x) for layer in layers], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * Hkv, D)
         qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # split, not slices: its backward is one cat, not zeros + copies
         if ve is not None:  # v += 3·σ(gate)·ve, a gate per kv head (§1.6)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
