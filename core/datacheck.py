@@ -96,5 +96,5 @@ def _size(raw):
     try:
         with open_header(io.BytesIO(raw[ext]), None) as image:
             return upright_size(image)
-    except BadSample:
+    except (BadSample, OSError, ValueError, SyntaxError):  # Pillow's ways of saying a file is damaged
         return None

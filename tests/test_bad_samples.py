@@ -332,7 +332,7 @@ def test_data_config_keys(tmp_path):
     assert load_recipe(GRID_RECIPE, base + ["data.max_image_pixels=null"]).data.max_image_pixels is None
     for override, key in (("data.on_bad_sample=warn", "on_bad_sample"), ("data.on_long_target=cut", "on_long_target"),
                           ("data.max_image_pixels=0", "max_image_pixels")):
-        with pytest.raises(ConfigError, match=rf"data: .*{key}"):
+        with pytest.raises(ConfigError, match=rf"^override '{re.escape(override)}': data\.{key}: "):
             load_recipe(GRID_RECIPE, base + [override])
 
 
