@@ -20,10 +20,11 @@ from core.model import evaluating
 
 
 @torch.no_grad()
-def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32):
+def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32, repetition=None):
     """Greedy OCR of each sample's image; returns the decoded strings, in sample order.
 
-    With crops, images are batched by crop grid (one prompt length per generate call).
+    With crops, images are batched by crop grid (one prompt length per generate call). ``repetition``:
+    core.repetition.Repetition (no-repeat n-grams, stopping loops), as generate takes it.
     """
     grids = [image_grid(model, s["image"]) for s in samples]
     texts = [None] * len(samples)
@@ -32,7 +33,7 @@ def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64,
             grid = grids[batch[0]]
             pixels, tiles, batch_grids = view_batch(model, [samples[i]["image"] for i in batch], grid, device)
             rows = generate(model, tokenizer, pixels, image_prompt_ids(model, tokenizer, prompt, grid),
-                            max_new_tokens, tiles=tiles, grids=batch_grids)
+                            max_new_tokens, tiles=tiles, grids=batch_grids, repetition=repetition)
             for i, ids in zip(batch, rows):
                 texts[i] = tokenizer.decode(ids)
     return texts
@@ -61,11 +62,12 @@ def sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size
     return losses
 
 
-def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens, max_len, batch_size=32):
+def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens, max_len, batch_size=32,
+             repetition=None):
     """Rows (id, gt, pred, loss, metric values...) and the aggregate dict (metrics + samples/s)."""
     model.eval()
     start = time.perf_counter()
-    preds = decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens, batch_size)
+    preds = decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens, batch_size, repetition)
     seconds = time.perf_counter() - start
     losses = sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size)
     # the ground truth carries the sample's json: a metric that scores structure (OmniDocBench's blocks) reads it

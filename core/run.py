@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from core import checkpoint, distributed
+from core import checkpoint, distributed, repetition
 from core import registry as plugin_registry
 from core import resume as resume_state
 from core.data import prompt_prefix
@@ -276,7 +276,8 @@ def run(recipe, dry=False):
     if recipe.eval is not None and ctx.main:
         metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics")
         rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
-                                   recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size)
+                                   recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size,
+                                   repetition.from_eval(recipe.eval, tokenizer))
         write_eval(ctx.run_dir, rows, aggregate, summaries)
         ctx.log({"event": "eval", **aggregate})
         ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n{format_samples(rows, recipe.eval.show_samples)}\n")

@@ -15,7 +15,7 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import checkpoint, distributed, stream
+from core import checkpoint, distributed, repetition, stream
 from core import resume as resume_state
 from core.badsamples import format_report
 from core.data import SampleEncoding
@@ -343,7 +343,8 @@ def _probe(ctx, model, tokenizer, probe, stage, step):
     """Greedy-decode the probe samples; log and return exact-match rate and mean NED."""
     recipe = ctx.recipe
     preds = decode_samples(model, tokenizer, probe, recipe.data.prompt, ctx.device,
-                           max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+                           max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
+                           repetition=repetition.from_eval(recipe.eval, tokenizer))
     pairs = [(p.strip(), s["text"].strip()) for p, s in zip(preds, probe)]
     result = {"exact": sum(p == g for p, g in pairs) / len(pairs),
               "ned": sum(ned(p, g) or 0.0 for p, g in pairs) / len(pairs)}
