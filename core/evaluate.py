@@ -1,4 +1,9 @@
-"""Evaluation: greedy generation on held-out samples, per-sample loss, metric plugins, the report files."""
+"""Evaluation: greedy generation on held-out samples, per-sample loss, metric plugins, the report files.
+
+Under torchrun every rank decodes (and computes the loss of) its share of the samples, every
+world-size-th one from its rank on; the shares are gathered back into sample order and rank 0
+scores them, so 1 process and N give the same per-sample values (docs/training.md, "Several GPUs").
+"""
 import html
 import json
 import os
@@ -6,7 +11,7 @@ import time
 
 import torch
 
-from core import data
+from core import data, distributed
 from core.generate import (
     generate,
     grid_batches,
@@ -62,14 +67,39 @@ def sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size
     return losses
 
 
+def _in_order(parts, n):
+    """The ranks' lists (rank r's for ``samples[r::world]``) as one list in sample order."""
+    out = [None] * n
+    for rank, part in enumerate(parts):
+        out[rank::len(parts)] = part
+    return out
+
+
+def decode_shared(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32, repetition=None):
+    """``decode_samples`` with the samples shared out between the ranks; every rank gets every text."""
+    mine = samples[distributed.rank()::distributed.world_size()]
+    texts = decode_samples(model, tokenizer, mine, prompt, device, max_new_tokens, batch_size, repetition)
+    return _in_order(distributed.gather_objects(texts), len(samples))
+
+
 def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens, max_len, batch_size=32,
              repetition=None):
-    """Rows (id, gt, pred, loss, metric values...) and the aggregate dict (metrics + samples/s)."""
+    """Rows (id, gt, pred, loss, metric values...) and the aggregate dict (metrics + samples/s).
+
+    Every rank calls it and decodes its share; rank 0 gets the rows and aggregate, the others (None, None).
+    ``samples_per_s`` counts the decoding of all ranks together (from the slowest rank's time).
+    """
     model.eval()
+    mine = samples[distributed.rank()::distributed.world_size()]
     start = time.perf_counter()
-    preds = decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens, batch_size, repetition)
+    preds = decode_samples(model, tokenizer, mine, prompt, device, max_new_tokens, batch_size, repetition)
     seconds = time.perf_counter() - start
-    losses = sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size)
+    losses = sample_losses(model, tokenizer, mine, prompt, device, max_len, batch_size)
+    parts = distributed.gather_objects((preds, losses, seconds))
+    preds, losses = _in_order([p[0] for p in parts], len(samples)), _in_order([p[1] for p in parts], len(samples))
+    seconds = max(p[2] for p in parts)
+    if not distributed.is_main():
+        return None, None
     # the ground truth carries the sample's json: a metric that scores structure (OmniDocBench's blocks) reads it
     rows, aggregate = score_pairs(metrics, [(s["key"], p, GroundTruth(s["text"], s.get("meta")))
                                             for s, p in zip(samples, preds)])

@@ -20,7 +20,7 @@ from core import resume as resume_state
 from core.badsamples import format_report
 from core.data import SampleEncoding
 from core.errors import ConfigError
-from core.evaluate import decode_samples
+from core.evaluate import decode_shared
 from core.model import build_model, checkpoint_activations
 from core.monitor import collapse_scores, probe_images
 from core.muon import MuonAdamW, muon_matrices
@@ -342,9 +342,9 @@ def _text_step(seed, stage_index, step, ratio):
 def _probe(ctx, model, tokenizer, probe, stage, step):
     """Greedy-decode the probe samples; log and return exact-match rate and mean NED."""
     recipe = ctx.recipe
-    preds = decode_samples(model, tokenizer, probe, recipe.data.prompt, ctx.device,
-                           max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                           repetition=repetition.from_eval(recipe.eval, tokenizer))
+    preds = decode_shared(model, tokenizer, probe, recipe.data.prompt, ctx.device,  # each rank its share
+                          max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
+                          repetition=repetition.from_eval(recipe.eval, tokenizer))
     pairs = [(p.strip(), s["text"].strip()) for p, s in zip(preds, probe)]
     result = {"exact": sum(p == g for p, g in pairs) / len(pairs),
               "ned": sum(ned(p, g) or 0.0 for p, g in pairs) / len(pairs)}
