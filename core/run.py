@@ -273,21 +273,32 @@ def run(recipe, dry=False):
                 f"{s['samples_per_s']:>7.1f} samples/s  final loss {loss}"
                 + (f"  collapse monitor: {collapse}" if collapse else ""))
     result = {"stages": summaries}
-    if recipe.eval is not None:  # every rank decodes its share; rank 0 scores and writes
-        metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics") if ctx.main else []
-        rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
-                                   recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size,
-                                   repetition.from_eval(recipe.eval, tokenizer))
-    if recipe.eval is not None and ctx.main:
-        write_eval(ctx.run_dir, rows, aggregate, summaries)
-        ctx.log({"event": "eval", **aggregate})
-        ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n{format_samples(rows, recipe.eval.show_samples)}\n")
-        ctx.say(format_summary(aggregate))
-        result["eval"] = aggregate
+    if recipe.eval is not None:
+        aggregate = _final_evaluation(ctx, registry, model, tokenizer, summaries)
+        if aggregate is not None:
+            result["eval"] = aggregate
     if ctx.main:
         ctx.say(f"report: {write_report(ctx.run_dir)}")
     ctx.say(f"\nrun folder: {ctx.run_dir}")
     return result
+
+
+def _final_evaluation(ctx, registry, model, tokenizer, summaries):
+    """Every rank decodes its share of the eval split (core/evaluate.py); rank 0 scores, writes and prints the
+    evaluation and returns its aggregate, the other ranks None."""
+    recipe = ctx.recipe
+    metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics") if ctx.main else []
+    rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
+                               recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size,
+                               repetition.from_eval(recipe.eval, tokenizer))
+    if not ctx.main:
+        return None
+    write_eval(ctx.run_dir, rows, aggregate, summaries)
+    ctx.log({"event": "eval", **aggregate})
+    ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n"
+            f"{format_samples(rows, recipe.eval.show_samples)}\n")
+    ctx.say(format_summary(aggregate))
+    return aggregate
 
 
 def command(argv=None):
