@@ -9,7 +9,7 @@ cells where the walk ends when it meets none. Markdown tables are runs of lines 
 HTML tables are read through the same tree BeautifulSoup's ``html.parser`` builds
 (``omnidocbench_html.parse``), nested tables and all.
 """
-from plugins.metrics.omnidocbench_html import _Comment, _Node, parse
+from plugins.metrics.omnidocbench_html import Comment, Node, parse
 
 STEPS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
@@ -142,7 +142,7 @@ def _span(value):
 
 def _descendants(node, name):
     for child in node.children:
-        if isinstance(child, _Node):
+        if isinstance(child, Node):
             if child.name in name:
                 yield child
             yield from _descendants(child, name)
@@ -152,7 +152,7 @@ def _text(node):
     """``get_text("")`` with each ``<br>`` read as a newline; comments and script/style/template text are not text."""
     out = []
     for child in node.children:
-        if isinstance(child, _Comment) or getattr(child, "name", None) in ("script", "style", "template"):
+        if isinstance(child, Comment) or getattr(child, "name", None) in ("script", "style", "template"):
             continue
         if isinstance(child, str):
             out.append(child)
@@ -178,7 +178,7 @@ def html_tables(page):
         specs = []
         for r, tr in enumerate(rows):
             heading = _in_thead(tr)
-            cells = [c for c in tr.children if isinstance(c, _Node) and c.name in ("td", "th")]
+            cells = [c for c in tr.children if isinstance(c, Node) and c.name in ("td", "th")]
             specs.append([(_text(c).strip(), len(rows) - r if c.attrs.get("rowspan", "").strip() == "0"
                            else _span(c.attrs.get("rowspan")), _span(c.attrs.get("colspan")),
                            c.name == "th" or heading) for c in cells])
