@@ -214,8 +214,8 @@ def resume_point(ctx, index, stage):
                                   sharded=ctx.recipe.run.parallel == "fsdp" and ctx.world_size > 1)
     changed = resume_state.check_stage(state, stage, f"stages.{index}", point[0])
     if changed:
-        ctx.say(f"stage {stage.name}: resuming with the recipe's "
-                + ", ".join(f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
+        ctx.say(f"stage {stage.name}: resuming with the recipe's " + ", ".join(
+            f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
         ctx.log({"event": "resume_changes", "stage": stage.name, "changed": {k: v[1] for k, v in changed.items()}})
     return point
 
@@ -246,7 +246,7 @@ def run(recipe, dry=False):
             if stage.steps:
                 checkpoint.forget(os.path.join(ctx.run_dir, stage.name))
     if recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages):
-        ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
+        _ = ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
     summaries, model = [], None
     for i, stage in enumerate(recipe.stages):
         if stage.steps == 0:
@@ -267,38 +267,37 @@ def run(recipe, dry=False):
         summaries.append(summary)
     ctx.say("\nstages:")
     for s in summaries:
-        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}" for k, v in s.items() if k.startswith("collapse_"))
+        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}"
+                             for k, v in s.items() if k.startswith("collapse_"))
         loss = f"{s['loss']:.4f}" if "loss" in s else "-"  # a stage resumed at its end trained no step here
         ctx.say(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
                 f"{s['samples_per_s']:>7.1f} samples/s  final loss {loss}"
                 + (f"  collapse monitor: {collapse}" if collapse else ""))
     result = {"stages": summaries}
     if recipe.eval is not None:
-        aggregate = _final_evaluation(ctx, registry, model, tokenizer, summaries)
-        if aggregate is not None:
-            result["eval"] = aggregate
+        _final_evaluation(ctx, registry, model, tokenizer, result)
     if ctx.main:
         ctx.say(f"report: {write_report(ctx.run_dir)}")
     ctx.say(f"\nrun folder: {ctx.run_dir}")
     return result
 
 
-def _final_evaluation(ctx, registry, model, tokenizer, summaries):
+def _final_evaluation(ctx, registry, model, tokenizer, result):
     """Every rank decodes its share of the eval split (core/evaluate.py); rank 0 scores, writes and prints the
-    evaluation and returns its aggregate, the other ranks None."""
+    evaluation and puts its aggregate in ``result["eval"]`` (``result["stages"]``: the stage summaries)."""
     recipe = ctx.recipe
     metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics") if ctx.main else []
     rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
                                recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size,
                                repetition.from_eval(recipe.eval, tokenizer))
     if not ctx.main:
-        return None
-    write_eval(ctx.run_dir, rows, aggregate, summaries)
+        return
+    write_eval(ctx.run_dir, rows, aggregate, result["stages"])
     ctx.log({"event": "eval", **aggregate})
     ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n"
             f"{format_samples(rows, recipe.eval.show_samples)}\n")
     ctx.say(format_summary(aggregate))
-    return aggregate
+    result["eval"] = aggregate
 
 
 def command(argv=None):
