@@ -3,13 +3,13 @@
     python -m benchmarks.train_step [RECIPE] [--stage N] [--steps N]
 
 The step is what core.train runs (core.train.prepare_stage and train_step): forward, the stage's
-regularisers, backward, grad clipping, the optimizer, on one ready batch from the recipe's data (so
-data loading is not in it; benchmarks/data.py measures that), or with ``full_length`` on rows of exactly
-``data.max_len`` tokens (random answer ids), the cost at a sequence length whatever the data's texts are.
-FLOPs are counted by torch.utils.flop_counter over one forward + backward (matmuls, convolutions and
-attention; elementwise work counts zero, as in every MFU figure), and the achieved FLOP/s is that
-count over the measured step time. The peak is the best of square fp32 matmuls (bf16 on a GPU) with
-the threads torch uses, the number an MFU ratio is taken against.
+regularisers, backward, grad clipping, the optimizer, on one ready batch from the recipe's data (so data
+loading is not in it; benchmarks/data.py measures that), or with ``full_length`` on rows of exactly
+``data.max_len`` tokens (random answer ids, core.memory.full_length_tokens), the cost at a sequence length
+whatever the data's texts are. FLOPs are counted by torch.utils.flop_counter over one forward + backward
+(matmuls, convolutions and attention; elementwise work counts zero, as in every MFU figure), and the achieved
+FLOP/s is that count over the measured step time. The peak is the best of square fp32 matmuls
+(bf16 on a GPU) with the threads torch uses, the number an MFU ratio is taken against.
 """
 import argparse
 import time
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import RECIPE, synthetic_shards
 from core import data, stream
+from core.memory import full_length_tokens
 from core.recipe import load_recipe
 from core.registry import load_plugins
 from core.train import loss_terms, prepare_stage, sample_encoding, train_step
@@ -47,18 +48,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def full_length_tokens(tokenizer, prompt, num_image_tokens, max_len, batch_size, seed=0):
-    """{input_ids, targets} of ``batch_size`` rows of exactly ``max_len`` tokens: the prompt with its image
-    placeholders, then random answer ids below ``<|image|>`` (their values do not change the cost)."""
-    prefix = torch.tensor(data.prompt_prefix(tokenizer, prompt, num_image_tokens, max_len))
-    generator = torch.Generator().manual_seed(seed)
-    answer = torch.randint(0, tokenizer.image_id, (batch_size, max_len + 1 - len(prefix)), generator=generator)
-    rows = torch.cat([prefix.expand(batch_size, -1), answer], dim=1)
-    targets = rows[:, 1:].clone()
-    targets[:, :len(prefix) - 1] = -1  # as core.data: loss on the answer only
-    return {"input_ids": rows[:, :-1].contiguous(), "targets": targets}
-
-
 class TrainStep:
     """One stage's training step on a fixed batch: ``run()`` does one; ``flops()`` counts one fwd + bwd.
 
@@ -80,7 +69,7 @@ class TrainStep:
         if full_length:  # every row data.max_len long: the step's cost at a given sequence length
             batch.update(full_length_tokens(tokenizer, recipe.data.prompt, model.num_image_tokens(),
                                             recipe.data.max_len, self.batch_size))
-        self.batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.batch = data.to_device(batch, device)
         self.device = device
         self.shape = dict(image_size=model.image_size, num_image_tokens=model.num_image_tokens(),
                           max_len=recipe.data.max_len, prompt=recipe.data.prompt)

@@ -50,7 +50,7 @@ def _square(sam, image_size):
     if isinstance(image_size, int) and all(isinstance(sam.get(k, 0), int) for k in ("patch_size", "window_size")) \
             and all(isinstance(x, int) for x in sam.get("downsample_strides", [])):
         return sam, image_size
-    from plugins.encoders.sam import pair
+    from core.images import pair
     (h, w), (ph, pw) = pair(image_size), pair(sam["patch_size"])
     side = max(1, round(((h // ph) * (w // pw)) ** 0.5))
     window = pair(sam.get("window_size", 0))

@@ -11,9 +11,11 @@ names it. A process killed in the middle of a write leaves ``*.tmpPID`` files an
 newer than the pointer (or, at a stage's first write, no pointer at all); resume trusts only the
 pointer (``resume_point``) and removes those leftovers first (``discard_incomplete``).
 """
+import contextlib
 import json
 import os
 import re
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -66,11 +68,12 @@ def _tensors(state_dict):
 
 
 def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=None, train_state=None,
-                    model_state=None):
+                    model_state=None, encoder_file=True):
     """Write the full model, the encoder alone and meta json, then the ``latest`` pointer; return the model path.
 
     ``model_state``: the model's state dict when ``model.state_dict()`` would not give whole tensors
-    (FSDP's shards, gathered by core/distributed.py).
+    (FSDP's shards, gathered by core/distributed.py), or the part of it to write (an adapter stage's,
+    core/adapters.py, which writes no ``encoder_file``: readers take the model file instead).
     The pointer is written last, so a reader that follows it never finds a step whose
     files are incomplete; ``keep_last`` then deletes all but the newest N steps.
     """
@@ -80,8 +83,9 @@ def save_checkpoint(stage_dir, step, model, meta, extra_modules=None, keep_last=
         state.update({f"{prefix}.{k}": v for k, v in _tensors(module.state_dict()).items()})
     model_path = os.path.join(stage_dir, f"model_{step:06d}.safetensors")
     _atomic(model_path, lambda p: save_file(state, p))
-    encoder = {k: v for k, v in state.items() if k.startswith(PARTS["encoder"])}
-    _atomic(os.path.join(stage_dir, f"encoder_{step:06d}.safetensors"), lambda p: save_file(encoder, p))
+    if encoder_file:
+        encoder = {k: v for k, v in state.items() if k.startswith(PARTS["encoder"])}
+        _atomic(os.path.join(stage_dir, f"encoder_{step:06d}.safetensors"), lambda p: save_file(encoder, p))
 
     if train_state is not None:  # (tensors, json-able state) from core.resume.capture
         tensors, state = train_state
@@ -117,10 +121,8 @@ def _remove_step(stage_dir, step):
 
 
 def _remove(path):
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def pointer_step(stage_dir):
@@ -181,7 +183,7 @@ def resolve(path, run_dir, parts):
     path = os.path.expanduser(path)
     if os.path.isdir(path):
         kind = "encoder" if set(parts) <= {"encoder"} else "model"
-        found = latest(path, kind)
+        found = latest(path, kind) or latest(path)  # an adapter stage writes no encoder file
         if found is None:
             raise ConfigError(f"init_from: no {kind}_XXXXXX.safetensors checkpoint in {path}")
         return found
@@ -197,14 +199,20 @@ def check_parts(parts, where="init_from.parts"):
         raise ConfigError(f"{where}: unknown part {unknown[0]!r}; parts are {', '.join(PARTS)}")
 
 
-def load_parts(model, path, parts):
-    """Copy the named parts from a safetensors file into ``model``; all-or-nothing, every key checked."""
-    check_parts(parts)
-    prefixes = tuple(x for p in parts for x in PARTS[p])
+def read_tensors(path):
+    """{name: tensor} of a checkpoint file, or a ConfigError naming it."""
     try:
-        saved = load_file(path)
+        return load_file(path)
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_parts(model, path, parts, saved=None):
+    """Copy the named parts from a safetensors file (or ``saved``, the tensors read from it) into ``model``;
+    all-or-nothing, every key checked."""
+    check_parts(parts)
+    prefixes = tuple(x for p in parts for x in PARTS[p])
+    saved = read_tensors(path) if saved is None else saved
     wanted = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     given = {k: v for k, v in saved.items() if k.startswith(prefixes)}
     problems = describe_problems(compare_keys(wanted, given))
@@ -216,9 +224,26 @@ def load_parts(model, path, parts):
     return sorted(given)
 
 
+class ResumePoint(NamedTuple):
+    """The checkpoint a stage continues from (``run.resume=auto``)."""
+    model_file: str
+    meta: dict  # its meta json: losses, and for a finished stage ``complete`` and ``summary``
+    tensors: dict | None  # train_XXXXXX.safetensors (optimizer moments, RNG states), or None if not written
+
+    @property
+    def complete(self):
+        """Whether the stage finished here: a resume does not train it again."""
+        return bool(self.meta.get("complete"))
+
+    @property
+    def train_state(self):
+        """The JSON half of the training state (core/resume.py ``capture``), or None."""
+        return self.meta.get("train_state")
+
+
 def resume_point(stage_dir):
-    """(model file, meta, train-state tensors or None) of the step ``latest.json`` names, or None without a
-    pointer. Only the pointer is trusted: files newer than it belong to a write that did not finish."""
+    """The ResumePoint of the step ``latest.json`` names, or None without a pointer. Only the pointer is
+    trusted: files newer than it belong to a write that did not finish."""
     step = pointer_step(stage_dir) if os.path.isdir(stage_dir) else None
     if step is None:
         return None
@@ -234,12 +259,13 @@ def resume_point(stage_dir):
         tensors = load_file(train_file) if os.path.isfile(train_file) else None
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"run.resume: {train_file}: not a readable safetensors file ({e})") from e
-    return path, meta, tensors
+    return ResumePoint(path, meta, tensors)
 
 
-def load_prefixed(module, path, prefix):
-    """Load ``prefix.*`` tensors of a checkpoint file into ``module`` (e.g. a regulariser's head)."""
-    saved = load_file(path)
+def load_prefixed(module, path, prefix, saved=None):
+    """Load ``prefix.*`` tensors of a checkpoint file (or ``saved``, tensors read from one) into ``module`` (e.g. a
+    regulariser's head)."""
+    saved = load_file(path) if saved is None else saved
     state = {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(prefix + ".")}
     module.load_state_dict(state)
 

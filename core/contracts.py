@@ -7,24 +7,25 @@ required member is one error line naming the component and the plugin that regis
 Subclassing these Protocols is optional; having the members is not. Members marked optional
 in a Protocol's docstring are looked up with ``getattr`` and may be left out.
 
-Behaviour kinds (freeze, regulariser, metric, logger) are objects whose ``@hookimpl`` methods
+Behaviour kinds (freeze, adapter, regulariser, metric, logger) are objects whose ``@hookimpl`` methods
 the core calls through pluggy (``core/hookspecs.py`` documents each hook); ``BEHAVIOUR_HOOKS``
 says which hooks each kind must implement.
 """
+from collections.abc import Iterable, Sequence
 from typing import Protocol
-from collections.abc import Iterable
 
 import torch
 
-from core.hookspecs import is_hookimpl
+from core.hookspecs import impl_options
 
 # Objects the core hands a factory, by parameter name, when its signature names them; never from
 # the recipe (a recipe key of the same name is an error).
 CONTEXT = {
     "projector": ("in_dim", "out_dim"),  # the encoder's out_dim, the decoder's n_embd
-    "decoder": ("vocab_size",),  # the tokenizer's vocabulary, <|image|> included
+    "decoder": ("vocab_size", "image_id"),  # the tokenizer's vocabulary, <|image|> included; <|image|>'s id
     "regulariser": ("model", "tokenizer"),  # the stage's freshly built VisionLanguageModel
     "freeze": (),
+    "adapter": (),
     "logger": ("run_dir",),  # the run folder (absolute)
 }
 
@@ -32,14 +33,23 @@ CONTEXT = {
 class Encoder(Protocol):
     """Images -> a grid of features. An ``nn.Module``.
 
-    ``forward(pixel_values)``: (B, 3, S, S) in [-1, 1] -> (B, h, w, out_dim), rows top to bottom.
-    ``grid_size(height, width)`` -> (h, w), the grid an image of that size gives.
+    ``image_size``: the global view, an int S (a square S x S, DeepSeek-OCR's) or [height, width] (a
+    rectangle, e.g. a text strip; other images are padded to its aspect): core.images.image_hw reads both.
+    ``forward(pixel_values)``: (B, 3, H, W) in [-1, 1], (H, W) the view's size -> (B, h, w, out_dim),
+    rows top to bottom. ``grid_size(height, width)`` -> (h, w), the grid an image of that size gives.
     Optional: ``feature_parts() -> {name: slice}`` (which output channels come from which
     sub-network; the collapse monitor scores each, parameter tables list each);
     ``pretrained_extras: dict`` (tensors of the whole model that came with the encoder's
-    checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder).
+    checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder);
+    ``token_layout: str`` (how core/model.py lays the projected grids out as decoder tokens:
+    ``"rows"``, the default, DeepSeek-OCR's rows + newline; ``"flat"``, DeepSeek-OCR 2's flattened
+    views without newline; docs/architecture.md §7.4);
+    ``export_hf(out_dir, model, tokenizer) -> str``: write the whole vision-language ``model`` as a
+    folder transformers' ``from_pretrained`` loads (config, safetensors, tokenizer and processor files),
+    for an architecture transformers has; return one line saying what was written. ``python -m
+    core.export`` asks the encoder first (a model is named by its vision side), then the decoder.
     """
-    image_size: int
+    image_size: int | Sequence[int]
     out_dim: int
 
     def grid_size(self, height: int, width: int) -> tuple: ...
@@ -62,7 +72,11 @@ class Decoder(Protocol):
     that ``forward`` fills and reads one chunk after another (generation).
     Optional: ``muon_matrices() -> iterable of parameter names`` (relative to the decoder) that
     ``optimizer: muon`` orthogonalises; without it every 2-D weight of the decoder's
-    ``nn.ModuleList`` blocks is taken.
+    ``nn.ModuleList`` blocks is taken. ``export_hf(out_dir, tokenizer) -> str``: write the language
+    model as a folder transformers' ``from_pretrained`` loads (its special ids from ``tokenizer``);
+    return one line saying what was written (``python -m core.export``). ``reads_ids: bool``: when
+    true, every call also passes ``ids=`` (B, T), the token ids behind the embeddings, the <|image|> id
+    at vision positions (a decoder with value embeddings looked up by id needs them).
     """
     n_embd: int
 
@@ -78,6 +92,8 @@ class Tokenizer(Protocol):
 
     ``image_id`` is the ``<|image|>`` placeholder; ``eos_id`` ends an answer (generation stops
     there); ``pad_id`` fills short rows (never a target). ``decode`` skips special ids.
+    Optional: ``export_hf(out_dir) -> str``: write the tokenizer files transformers' ``AutoTokenizer``
+    reads, with the same ids; return one line saying what was written.
     """
     vocab_size: int
     bos_id: int
@@ -95,7 +111,8 @@ class Dataset(Protocol):
 
     A shard is a WebDataset tar: per sample an image (png/jpg/jpeg/webp) and its text (txt), or a
     LLaVA-style ``json`` conversation (docs/data.md, "Your own data"). A dataset may write its shards
-    on first use (``synthetic_ocr`` renders and caches them).
+    on first use (``synthetic_ocr`` renders and caches them); optional ``writes_shards = True`` says so,
+    and ``--dry-run`` (core/datacheck.py) then does not call ``shards``.
     """
 
     def shards(self, split: str) -> list: ...
@@ -129,6 +146,7 @@ PROTOCOLS = {"encoder": Encoder, "projector": Projector, "decoder": Decoder, "to
              "dataset": Dataset, "source": Source, "metric_input": MetricInput}
 BEHAVIOUR_HOOKS = {
     "freeze": ("vlmkit_freeze",),
+    "adapter": ("vlmkit_adapter_attach", "vlmkit_adapter_merge"),
     "regulariser": ("vlmkit_regulariser_loss",),
     "metric": ("vlmkit_metric_score", "vlmkit_metric_aggregate"),
     "logger": ("vlmkit_log",),
@@ -142,8 +160,15 @@ def required_members(protocol):
     return sorted(names)
 
 
+def implemented_hooks(obj):
+    """The hooks ``obj``'s ``@hookimpl`` members implement: each one's name, or the hook its ``specname`` names."""
+    names = dir(obj)
+    marks = [impl_options(getattr(obj, n, None)) for n in names]
+    return {(m.get("specname") or n) for n, m in zip(names, marks) if m is not None}
+
+
 def missing_members(kind, obj):
     """The members ``obj`` lacks for its ``kind`` (Protocol members, or the behaviour hooks); [] if none."""
     if kind in PROTOCOLS:
         return [n for n in required_members(PROTOCOLS[kind]) if not hasattr(obj, n)]
-    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if not is_hookimpl(getattr(obj, h, None))]
+    return [h for h in BEHAVIOUR_HOOKS.get(kind, ()) if h not in implemented_hooks(obj)]

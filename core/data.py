@@ -8,6 +8,7 @@ samples with an image under png/jpg/jpeg/webp and the target text under txt, or 
 """
 import itertools
 import json
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -30,14 +31,15 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 # ---- token layout
 
-def prompt_prefix(tokenizer, prompt, num_image_tokens, max_len):
-    """The token ids before the answer: bos, the prompt with ``num_image_tokens`` image placeholders."""
+def prompt_prefix(tokenizer, prompt, num_image_tokens, max_len=None):
+    """The token ids before the answer: bos, the prompt with ``num_image_tokens`` image placeholders;
+    a ConfigError if they leave no room in ``max_len`` tokens (None: no limit, as when generating)."""
     before, marker, after = prompt.partition(IMAGE_MARKER)
     if not marker or IMAGE_MARKER in after:
         raise ConfigError(f"prompt {prompt!r} must contain {IMAGE_MARKER} exactly once")
     prefix = [tokenizer.bos_id, *tokenizer.encode(before), *[tokenizer.image_id] * num_image_tokens,
               *tokenizer.encode(after)]
-    if max_len - len(prefix) < 0:
+    if max_len is not None and max_len < len(prefix):
         raise ConfigError(f"max_len {max_len} is shorter than the prompt and image tokens ({len(prefix)})")
     return prefix
 
@@ -77,6 +79,11 @@ def collate(samples, pad_id=0):
     return {"pixel_values": None if images[0] is None else torch.stack(images), "input_ids": input_ids,
             "targets": targets, "texts": [s["text"] for s in samples], "keys": [s["key"] for s in samples],
             "tiles": torch.cat(tiles) if tiles else None, "grids": [s.get("grid") for s in samples]}
+
+
+def to_device(batch, device):
+    """A collated batch with its tensors on ``device`` (copied asynchronously where the device allows)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---- a raw sample's schema
@@ -194,7 +201,7 @@ class SampleEncoding:
     """
     tokenizer: object
     prompt: str
-    image_size: int
+    image_size: int | Sequence[int]  # the encoder's: a square's side or [height, width] (core.images.image_hw)
     num_image_tokens: int
     max_len: int
     tiling: object = None

@@ -47,7 +47,8 @@ def wrap(model, find_unused_parameters):
     (text-only batches skip the vision tower; DESIGN.md): it costs a graph walk every step."""
     if not active():
         return model
-    ids = [model.image_newline.device.index] if model.image_newline.device.type == "cuda" else None
+    device = model.view_separator.device  # every layout has it (image_newline only DeepSeek-OCR's)
+    ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 

@@ -9,6 +9,7 @@ Two kinds of failure, as pytest separates UsageError from INTERNALERROR:
   needs, and exits with code 3.
 """
 import difflib
+import os
 import sys
 import traceback
 
@@ -21,6 +22,19 @@ class PluginError(Exception):
     """A plugin's own code failed; ``__cause__`` holds the original exception and its traceback."""
 
 
+def plugin_call(where, function, *args, _name=None, **kwargs):
+    """``function(*args, **kwargs)`` of a plugin (a dataset's ``shards``, a hook): an exception from its code
+    becomes a PluginError naming ``where`` and the function (``_name``, else its own), with the traceback;
+    a ConfigError (a recipe mistake the plugin reports) passes."""
+    try:
+        return function(*args, **kwargs)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as e:
+        name = _name or getattr(function, "__qualname__", repr(function))
+        raise PluginError(f"{where}: {name} failed: {type(e).__name__}: {e}") from e
+
+
 def closest(word, candidates):
     """' (did you mean 'x'?)' for the nearest candidate, or '' when none is near."""
     match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1)
@@ -30,9 +44,16 @@ def closest(word, candidates):
 def cli_main(main, argv=None, handled=()):
     """Run a command's ``main(argv)`` and turn errors into exit codes: 0 (or main's own code) on success,
     2 and one ``error:`` line for a ConfigError, 3 and the plugin's traceback for a PluginError.
-    ``handled``: (exception type, exit code) pairs of the command's own, printed as one line too."""
+    ``handled``: (exception type, exit code) pairs of the command's own, printed as one line too.
+    A reader that closed the pipe early (``vlmkit --list-plugins | head``) ends the command quietly, exit 1."""
     try:
         code = main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is caught below
+    except BrokenPipeError:
+        # Python's documented recipe (signal module, "Note on SIGPIPE"): point stdout at devnull so the
+        # flush at exit does not fail again, and exit without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,8 +20,9 @@ from core.generate import (
     view_batch,
 )
 from core.images import image_views
-from core.metrics import GroundTruth, score_pairs
+from core.metrics import score_pairs
 from core.model import evaluating
+from core.pairs import GroundTruth
 
 
 @torch.no_grad()
@@ -83,8 +84,9 @@ def decode_shared(model, tokenizer, samples, prompt, device, max_new_tokens=64, 
 
 
 def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens, max_len, batch_size=32,
-             repetition=None):
-    """Rows (id, gt, pred, loss, metric values...) and the aggregate dict (metrics + samples/s).
+             repetition=None, pm=None):
+    """Rows (id, gt, pred, loss, metric values...) and the aggregate dict (metrics + samples/s); the metrics
+    answer through ``pm``, the run's plugin manager (core.metrics.score_pairs).
 
     Every rank calls it and decodes its share; rank 0 gets the rows and aggregate, the others (None, None).
     ``samples_per_s`` counts the decoding of all ranks together (from the slowest rank's time).
@@ -102,7 +104,7 @@ def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens,
         return None, None
     # the ground truth carries the sample's json: a metric that scores structure (OmniDocBench's blocks) reads it
     rows, aggregate = score_pairs(metrics, [(s["key"], p, GroundTruth(s["text"], s.get("meta")))
-                                            for s, p in zip(samples, preds)])
+                                            for s, p in zip(samples, preds)], pm=pm)
     for row, sample, pred, loss in zip(rows, samples, preds, losses):
         row.update({"gt": sample["text"], "pred": pred, "loss": round(loss, 4)})
     aggregate.update({"samples": len(samples), "mean_loss": sum(losses) / max(1, len(losses)),

@@ -9,20 +9,24 @@ layers, as in pytest:
    remaining keys as keyword arguments. What each kind's object must provide is declared in
    ``core/contracts.py`` and checked when it is built.
 
-2. **Behaviour.** The objects a recipe chooses for freezing, regularising, scoring and logging
-   implement the behaviour hooks below. The core attaches them to the plugin manager for as
-   long as they apply (a stage's freeze policies and regularisers, an evaluation's metrics, a
-   run's loggers: ``core.registry.attached``) and calls the hook; every attached implementation
-   answers, in the order the recipe lists them, and the core combines the answers as each
-   hook's docstring says. Answers of ``None`` are ignored, as pluggy does.
+2. **Behaviour.** The objects a recipe chooses for freezing, adapting, regularising, scoring and
+   logging implement the behaviour hooks below. The core attaches them to the plugin manager for
+   the span they act in (a stage's freeze policies while they freeze, its adapters while they
+   attach or merge, its regularisers while it trains, an evaluation's metrics while they score,
+   the loggers for the run: ``core.hooks.attach``) and calls ``pm.hook.<hook>(...)``. pluggy does
+   the calling: without options the objects answer in the order the recipe lists them,
+   ``tryfirst``/``trylast`` move one to the front or the back, and a ``wrapper=True`` (or
+   old-style ``hookwrapper=True``) generator runs around the others and may replace their
+   answers. The core combines the answers as each hook's docstring says; answers of ``None`` are
+   dropped, as pluggy does. A plugin module's own hook function answers for as long as the
+   plugins are loaded (an always-on logger).
 
 Why pluggy for behaviour, not plain methods: one hook call combines several objects (a stage's
-regularisers, a run's loggers) and an installed plugin module can answer a hook everywhere (a
-logger for every run, say) without a recipe line; pluggy checks each implementation's argument
-names against the spec at registration. Every ``vlmkit_*`` name a plugin defines must be one of
-these hooks and be marked ``@hookimpl``; anything else is an error naming the plugin
-(``core.registry.check_hook_names`` and pluggy's ``check_pending``), so a misspelt hook fails
-instead of never being called.
+regularisers, a run's loggers), an installed plugin module can answer a hook everywhere without a
+recipe line, and pluggy's ordering options and wrappers let a plugin wrap the others' answers.
+Every ``vlmkit_*`` name a plugin defines must be one of these hooks and be marked ``@hookimpl``;
+anything else is an error naming the plugin (``core.hooks.check_hook_names`` and pluggy's
+``check_pending``), so a misspelt hook fails instead of never being called.
 
 Core imports no concrete plugin: it discovers them (``core.registry``).
 """
@@ -33,9 +37,17 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+IMPL_MARK = PROJECT + "_impl"  # the attribute @hookimpl sets on a function: its options
+
+
+def impl_options(function):
+    """The options ``@hookimpl`` gave ``function`` (tryfirst, wrapper, specname, ...), or None if unmarked."""
+    return getattr(function, IMPL_MARK, None)
+
+
 def is_hookimpl(function):
-    """Whether ``function`` is marked ``@hookimpl`` (pluggy sets this attribute on what it marks)."""
-    return getattr(function, PROJECT + "_impl", None) is not None
+    """Whether ``function`` is marked ``@hookimpl``."""
+    return impl_options(function) is not None
 
 
 @hookspec
@@ -54,12 +66,38 @@ def vlmkit_freeze(model, stage):
     Called at the start of each stage on the freshly built model (every
     parameter trainable except what a component freezes by design, such as
     CLIP's bypassed patch embedding in the DeepEncoder), after ``init_from``
-    weights are loaded. Implementations set ``requires_grad``; the
+    weights are loaded; in a stage with ``adapters`` every parameter starts frozen
+    instead, so a policy's ``trainable`` opens base parameters on purpose (they
+    train beside the adapters). Implementations set ``requires_grad``; the
     trainer then puts every module whose parameters are all frozen in eval mode
     and builds the optimizer over exactly the trainable parameters. ``stage``
     is the ``core.recipe.Stage`` being run. May return ``{parameter name:
     lr multiplier}`` for trainable parameters that should learn at a multiple
     of the stage's lr (several policies naming one parameter multiply).
+    """
+
+
+@hookspec
+def vlmkit_adapter_attach(model, frozen):
+    """Put this adapter into ``model`` in place (LoRA and the like), adding its parameters.
+
+    Returns None or ``{parameter name: lr multiplier}`` for the parameters it added.
+
+    Called once per stage with adapters, after the freeze policies: every base parameter is frozen
+    except those a policy opened on purpose (``trainable``). The parameters the hook adds are the
+    adapter: they are trained, and they and the opened base parameters are all an adapter checkpoint
+    holds (core/adapters.py). ``frozen`` names the parameters a component freezes by design (CLIP's
+    bypassed patch embedding): layers made only of those are never called, so leave them alone.
+    Also called to rebuild a checkpoint's model (``python -m core.generate``, ``core.merge``).
+    """
+
+
+@hookspec
+def vlmkit_adapter_merge(model):
+    """Fold this adapter into the weights of the layers it wrapped and put the plain layers back.
+
+    Afterwards ``model.state_dict()`` has the names and shapes of the model without adapters
+    (``python -m core.merge``). Returns None.
     """
 
 

@@ -5,8 +5,9 @@
   raise ``BadSample`` with their reason. Training and ``python -m core.generate`` use the same guard.
 * **Pixels** (``preprocess``, ``image_views``): upright (EXIF), RGB as the page would look on paper
   (``rgb``: transparency composited on white, 16-bit and float modes scaled to 8 bits; the rules are
-  in docs/data.md §5), padded to a square of the encoder's ``image_size`` with DeepSeek-OCR's grey
-  and resized (docs/architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
+  in docs/data.md §5), padded to the aspect of the encoder's ``image_size`` (an int: DeepSeek-OCR's
+  square; [height, width]: that rectangle) with DeepSeek-OCR's grey and resized to it
+  (docs/architecture.md §2.5), then scaled to [-1, 1]. Training and generation share them.
 * **Crops** (``Tiling``, ``choose_grid``, ``cut_tiles``): DeepSeek-OCR's "gundam" mode, a grid of
   local tiles beside the padded global view, chosen and cut as its ``dynamic_preprocess`` does
   (docs/architecture.md §2.4):
@@ -130,13 +131,43 @@ def _eight_bit(image):
     return image.point(lambda v: (v - low) * scale).convert("L")  # a linear map: Pillow applies it in C
 
 
+def pair(value, name="size"):
+    """An int or an [h, w] pair -> (h, w): image, patch, window and stride sizes may be rectangles
+    (a text-line strip with full-height patches); an int is the square DeepSeek-OCR uses. A ValueError
+    naming ``name`` otherwise."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or [height, width], not {value!r}")
+
+
 def image_hw(image_size):
     """An encoder's ``image_size`` -> (height, width): an int is DeepSeek-OCR's square global view,
     [height, width] a rectangle (a text strip; plugins/encoders/deepencoder.py)."""
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
+    return pair(image_size, "image_size")
+
+
+ASPECT_LIMIT = 2.0  # an image this many times wider or taller than the model's view is worth a warning
+
+
+def aspect_text(width, height):
+    """width:height with the shorter side as 1: '8:1', '1:1.29'."""
+    return f"{width / height:.3g}:1" if width >= height else f"1:{height / width:.3g}"
+
+
+def far_aspect(width, height, image_size, tiling=None):
+    """(the image's aspect, the view's) as text when an upright ``width`` x ``height`` image is more than
+    ASPECT_LIMIT times wider or taller than what the model sees of it, else None. It is padded to the view
+    (``global_view``), so its text shrinks by that factor; with crops, the tiles follow the grid the image
+    gets (``Tiling.grid``), and that grid's across:down is the view."""
+    view_h, view_w = image_hw(image_size)
+    grid = tiling.grid(width, height) if tiling is not None else None
+    view = grid[0] / grid[1] if grid else view_w / view_h
+    ratio = width / height / view
+    if max(ratio, 1 / ratio) <= ASPECT_LIMIT:
+        return None
+    return aspect_text(width, height), aspect_text(*grid) if grid else aspect_text(view_w, view_h)
 
 
 def normalised(image):
@@ -163,11 +194,11 @@ def preprocess(image, image_size):
 
 
 def image_views(image, image_size, tiling=None):
-    """PIL image -> (global view (3, S, S), tiles (n, 3, t, t) or None, grid (across, down) or None).
+    """PIL image -> (global view (3, H, W), tiles (n, 3, t, t) or None, grid (across, down) or None).
 
-    The global view is always the padded square (docs/architecture.md §2.5); with a ``tiling``
-    (a Tiling) an image larger than a tile also gets DeepSeek-OCR's crops (§2.4), which are
-    resized and cut, not padded.
+    The global view is the image padded to the aspect of ``image_size`` and resized to it (H x W, a square
+    for an int; docs/architecture.md §2.5); with a ``tiling`` (a Tiling; crops need the square view) an image
+    larger than a tile also gets DeepSeek-OCR's crops (§2.4), which are resized and cut, not padded.
     """
     image = upright_rgb(image)
     grid = tiling.grid(*image.size) if tiling is not None else None
@@ -228,14 +259,21 @@ def upright_size(image):
     return width, height
 
 
-def local_tokens(grid, tile_grid):
-    """Vision tokens of the tiles: (h2*down) rows of (w2*across + 1) (a newline per row), §2.3.
+LAYOUTS = ("rows", "flat")  # an encoder's token_layout (core/model.py): DeepSeek-OCR's, DeepSeek-OCR 2's
 
-    DeepSeek-OCR's processor writes it (q2*nw + 1) * (q2*nh) for square tile grids q2 x q2; ``grid`` None -> 0.
+
+def local_tokens(grid, tile_grid, layout="rows"):
+    """Vision tokens of the tiles; ``grid`` None -> 0.
+
+    ``rows`` (DeepSeek-OCR, §2.3): (h2*down) rows of (w2*across + 1), a newline per row; its processor
+    writes it (q2*nw + 1) * (q2*nh) for square tile grids q2 x q2. ``flat`` (DeepSeek-OCR 2, §7.4):
+    h2*w2 per tile, no newline.
     """
     if grid is None:
         return 0
     (across, down), (h2, w2) = grid, tile_grid
+    if layout == "flat":
+        return h2 * w2 * across * down
     return (w2 * across + 1) * (h2 * down)
 
 
@@ -249,6 +287,7 @@ class Tiling:
     min_tiles: int
     max_tiles: int
     tile_grid: tuple  # (h2, w2): the encoder's output grid for one tile
+    layout: str = "rows"  # the encoder's token_layout (core/model.py)
 
     @classmethod
     def for_encoder(cls, encoder, crops, where="model.crops"):
@@ -269,13 +308,13 @@ class Tiling:
             hint = f"; use a multiple of {step} px" if step else ""
             raise ConfigError(f"{where}.tile_size: {t} px gives the encoder a {h2}x{w2} grid, not the "
                               f"{h}x{w} per {size} px of its global view scaled to {t} px{hint}")
-        return cls(t, crops.min_tiles, crops.max_tiles, (h2, w2))
+        return cls(t, crops.min_tiles, crops.max_tiles, (h2, w2), getattr(encoder, "token_layout", "rows"))
 
     def grid(self, width, height):
         return choose_grid(width, height, self.tile_size, self.min_tiles, self.max_tiles)
 
     def local_tokens(self, grid):
-        return local_tokens(grid, self.tile_grid)
+        return local_tokens(grid, self.tile_grid, self.layout)
 
     def grids(self):
         """Every grid an image can get, in DeepSeek-OCR's candidate order."""
@@ -285,6 +324,7 @@ class Tiling:
         """Lines for --dry-run: the token count of each grid."""
         counts = ", ".join(f"{a}x{d}: {global_tokens + self.local_tokens((a, d))}" for a, d in self.grids())
         h2, w2 = self.tile_grid
+        first = "local rows" if self.layout == "rows" else "the tiles' tokens, tile after tile,"
         return (f"crops: {self.tile_size} px tiles ({h2}x{w2} grid each), {self.min_tiles}-{self.max_tiles} per "
-                f"image, only for images larger than a tile; local rows come first, then the global view.\n"
+                f"image, only for images larger than a tile; {first} come first, then the global view.\n"
                 f"vision tokens by grid (across x down): {counts}")

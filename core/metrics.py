@@ -11,11 +11,11 @@ samples for page averages), or any registered ``metric_input`` plugin (core/cont
 a folder of ``<image stem>.md``, scored as the official end-to-end evaluator scores it). ``--option
 KEY=VALUE`` (or ``--option KEY`` for true) passes an argument to that format's reader, e.g.
 ``--option corrected`` for OmniDocBench without its evaluator's bugs. Ids (strings or integers) are
-matched by their string form. Every ground-truth id is scored: a missing prediction is scored as
-the empty string "" and reported on stderr; predictions whose id is not in the ground truth are
-reported and ignored. The aggregate is printed as one JSON object on the last line of stdout;
-``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and the values). Bad
-input prints one ``error: ...`` line to stderr and exits 2.
+matched by their string form (core/pairs.py). Every ground-truth id is scored: a missing prediction
+is scored as the empty string "" and reported on stderr; predictions whose id is not in the ground
+truth are reported and ignored. The aggregate is printed as one JSON object on the last line of
+stdout; ``--per-sample`` writes one JSON row per sample (``id``, ``page`` if known, and the values).
+Bad input prints one ``error: ...`` line to stderr and exits 2.
 """
 import argparse
 import json
@@ -24,72 +24,17 @@ import sys
 import warnings
 
 from core.errors import ConfigError, cli_main
-from core.jsonfiles import jsonl_records
+from core.pairs import pair_up, read_jsonl
 from core.pluginfiles import resolve_plugin_paths
-from core.recipe import parse_options
-from core.registry import (
-    attached,
-    call_in_order,
-    load_plugins,
-    new_plugin_manager,
-)
-from core.sources import sample_id
+from core.hooks import attach, new_plugin_manager
+from core.registry import load_plugins
+from core.yamlfile import parse_options
 
 NATIVE_FORMAT = "jsonl"
 PROGRESS_MIN = 1000  # show a progress bar above this many pairs
-SHOW_IDS = 5
 
 
 # ---- reading pairs
-
-def read_jsonl(path, allow_page=False):
-    """Return ``{str(id): (id, text, page)}`` in file order (page None unless ``allow_page`` and given)."""
-    out = {}
-    for n, item in jsonl_records(path):
-        where = f"{path}:{n}"
-        if "id" not in item or not isinstance(item.get("text"), str):
-            raise ConfigError(f'{where}: expected an object {{"id": ..., "text": "..."}}')
-        sid = item["id"]
-        sample_id(sid, where)
-        if str(sid) in out:
-            raise ConfigError(f"{where}: duplicate id {sid!r}")
-        page = item.get("page") if allow_page else None
-        if page is not None and (isinstance(page, bool) or not isinstance(page, (str, int))):
-            raise ConfigError(f"{where}: page must be a string or an integer, not {page!r}")
-        out[str(sid)] = (sid, item["text"], page)
-    return out
-
-
-def report(ids, message):
-    """One stderr line: how many ``ids`` and the first few."""
-    if ids:
-        shown = ", ".join(ids[:SHOW_IDS]) + (", ..." if len(ids) > SHOW_IDS else "")
-        print(f"warning: {len(ids)} {message}: {shown}", file=sys.stderr)
-
-
-class GroundTruth(str):
-    """A sample's ground-truth text that also carries its metadata (``meta``: the sample's ``json`` member,
-    or what a metric_input reader attaches), for metrics that score more than the text: plain-text
-    metrics see the string, a structured one (OmniDocBench's block matching) reads ``meta``."""
-
-    def __new__(cls, text, meta=None):
-        obj = super().__new__(cls, text)
-        obj.meta = meta
-        return obj
-
-
-def pair_up(gt, pred):
-    """``gt`` {key: (id, text, page)} and ``pred`` {key: (id, text, page)} -> [(id, pred, gt, page)] in gt
-    order; a missing prediction is "" and reported, a prediction without ground truth is reported and ignored.
-    No prediction matching any ground-truth id is an error: the ids are surely written differently."""
-    if gt and not any(key in gt for key in pred):
-        shown = next(iter(pred), None)
-        raise ConfigError(f"no prediction id matches a ground-truth id (ground truth ids look like "
-                          f"{next(iter(gt))!r}, predictions {'like ' + repr(shown) if shown else 'are none'})")
-    report([k for k in gt if k not in pred], 'ground-truth ids have no prediction (scored as empty string "")')
-    report([k for k in pred if k not in gt], "prediction ids are not in the ground truth (ignored)")
-    return [(sid, pred[key][1] if key in pred else "", text, page) for key, (sid, text, page) in gt.items()]
-
 
 def load_pairs(registry, fmt, pred_path, gt_path=None, options=None):
     """The ``(id, pred, gt, page)`` pairs of ``fmt``'s files (page may be None)."""
@@ -109,28 +54,30 @@ def load_pairs(registry, fmt, pred_path, gt_path=None, options=None):
 
 # ---- scoring
 
-def score_pairs(metrics, pairs, progress=False):
+def score_pairs(metrics, pairs, progress=False, pm=None):
     """Score ``pairs`` of ``(id, pred, gt)`` or ``(id, pred, gt, page)`` with metric objects.
 
     Returns ``(rows, aggregate)``. Each row is ``{"id": id, **values}`` merged over all metrics,
     with ``"page": page`` after the id when a pair has a page that is not None (metrics that
     average per page read it, e.g. ``omnidocbench``); the aggregate merges every metric's
     ``vlmkit_metric_aggregate(rows)``. Two metrics that produce the same value name (or
-    ``id``/``page``) raise ConfigError.
+    ``id``/``page``) raise ConfigError. The metrics are attached to ``pm`` (the loaded plugins'
+    manager: a run's, or this command's) while they score; None: a manager of their own.
     """
     if progress and len(pairs) > PROGRESS_MIN:
         from tqdm import tqdm
         pairs = tqdm(pairs, desc="scoring", unit="pair", file=sys.stderr)
+    pm = new_plugin_manager() if pm is None else pm
     rows, aggregate = [], {}
-    with attached(new_plugin_manager(), metrics, "metrics") as hook:
-        for sample_id_, pred, gt, *page in pairs:
-            row = {"id": sample_id_}
+    with attach(pm, metrics, "metrics"):
+        for sid, pred, gt, *page in pairs:
+            row = {"id": sid}
             if page and page[0] is not None:
                 row["page"] = page[0]
-            for values in call_in_order(hook.vlmkit_metric_score, pred=pred, gt=gt):
+            for values in pm.hook.vlmkit_metric_score(pred=pred, gt=gt):
                 _merge(row, values, "per-sample value")
             rows.append(row)
-        for values in call_in_order(hook.vlmkit_metric_aggregate, rows=rows):
+        for values in pm.hook.vlmkit_metric_aggregate(rows=rows):
             _merge(aggregate, values, "aggregate value")
     return rows, aggregate
 
@@ -156,10 +103,10 @@ def command(argv=None):
                         help="load this plugin too (a module name or a .py file), as a recipe's plugins: do")
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source frame
-    _, registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))
+    pm, registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))
     metrics = [registry.build("metric", name, where=f"metric {name!r}") for name in args.metrics]
     pairs = load_pairs(registry, args.format, args.pred, args.gt, parse_options(args.option))
-    rows, aggregate = score_pairs(metrics, pairs, progress=True)
+    rows, aggregate = score_pairs(metrics, pairs, progress=True, pm=pm)
     if args.per_sample:
         try:
             with open(args.per_sample, "w", encoding="utf-8") as f:

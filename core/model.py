@@ -1,16 +1,21 @@
 """VisionLanguageModel: encoder -> projector -> vision token layout -> decoder.
 
-The layout is DeepSeek-OCR's (docs/architecture.md §2.3). One global view: the
-projected h x w grid gets ``image_newline`` appended to every row and one
-``view_separator`` at the end, h*(w+1)+1 embeddings that replace the same
-number of ``<|image|>`` placeholder tokens in the prompt. 1024 px, patch 16,
-downsample 4 gives 16*17+1 = 273; the tiny default obeys the same rule.
+The encoder declares its layout (``token_layout``, core/contracts.py); two exist:
 
-With crops (``model.crops``, core/images.py) an image larger than a tile also has
-across x down local tiles: their grids are joined into one (down*h2) x (across*w2)
-map, each row followed by the newline, and these local rows come FIRST, then the
-global rows and the separator (DeepSeek-OCR's order; §2.3). The count differs per image,
-so each sample's sequence is merged into its own placeholders.
+* ``rows`` (the default; DeepSeek-OCR, docs/architecture.md §2.3). One global view: the
+  projected h x w grid gets ``image_newline`` appended to every row and one
+  ``view_separator`` at the end, h*(w+1)+1 embeddings that replace the same
+  number of ``<|image|>`` placeholder tokens in the prompt. 1024 px, patch 16,
+  downsample 4 gives 16*17+1 = 273; the tiny default obeys the same rule.
+  With crops (``model.crops``, core/images.py) an image larger than a tile also has
+  across x down local tiles: their grids are joined into one (down*h2) x (across*w2)
+  map, each row followed by the newline, and these local rows come FIRST, then the
+  global rows and the separator (DeepSeek-OCR's order; §2.3).
+* ``flat`` (DeepSeek-OCR 2, §7.4): no newline (the model has no ``image_newline``); each
+  view's grid is flattened row-major, the tiles one after another (row-major), then the
+  global view, then the separator: h*w+1 tokens plus h2*w2 per tile.
+
+The count differs per image with crops, so each sample's sequence is merged into its own placeholders.
 
 Image embeddings are merged *before* the decoder's input RMSNorm (nanochat
 norms right after wte), so their scale is irrelevant (docs/architecture.md §5).
@@ -22,8 +27,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from core.distributed import print0
-from core.errors import ConfigError
-from core.images import Tiling, image_hw
+from core.errors import ConfigError, PluginError
+from core.images import LAYOUTS, Tiling, image_hw
 from core.weights import load_state, on_meta
 
 
@@ -33,10 +38,15 @@ class VisionLanguageModel(nn.Module):
         self.encoder, self.projector, self.decoder = encoder, projector, decoder
         self.image_token_id = image_token_id
         self.tiling = tiling  # core.images.Tiling, or None: the global view alone
+        self.layout = getattr(encoder, "token_layout", "rows")
+        if self.layout not in LAYOUTS:
+            raise PluginError(f"encoder {type(encoder).__name__}: token_layout {self.layout!r} is not one of "
+                              f"{', '.join(LAYOUTS)}")
         n_embd = decoder.n_embd
         # docs/architecture.md §2.3: randn * 1/sqrt(n_embed). DeepSeek-OCR spells it "view_seperator";
         # loaders map the name.
-        self.image_newline = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
+        newline = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5) if self.layout == "rows" else None
+        self.register_parameter("image_newline", newline)  # None in the flat layout: no such tensor at all
         self.view_separator = nn.Parameter(torch.randn(n_embd) / n_embd ** 0.5)
 
     @property
@@ -46,21 +56,44 @@ class VisionLanguageModel(nn.Module):
     def num_image_tokens(self, grid=None):
         """Placeholders for an image with crop grid ``grid`` (across, down), or None: the global view alone."""
         h, w = self.encoder.grid_size(*image_hw(self.image_size))
+        count = (h * (w + 1) if self.layout == "rows" else h * w) + 1
         if grid is None:
-            return h * (w + 1) + 1
+            return count
         if self.tiling is None:
             raise ValueError(f"a crop grid {tuple(grid)} for a model without crops (model.crops)")
-        return h * (w + 1) + 1 + self.tiling.local_tokens(tuple(grid))
+        return count + self.tiling.local_tokens(tuple(grid))
+
+    def describe_layout(self):
+        """One line for --dry-run: the global view's tokens and where they come from."""
+        height, width = image_hw(self.image_size)
+        h, w = self.encoder.grid_size(height, width)
+        rows = f"{h} rows of {w} + newline" if self.layout == "rows" else f"{h}x{w} flattened, no newline"
+        n = self.num_image_tokens()
+        return f"image {height}x{width} -> grid {h}x{w} -> {n} vision tokens ({rows}, + 1 separator)"
 
     def encode_images(self, pixel_values):
-        """(B,3,H,W) -> (vision features (B,h,w,C_enc), vision tokens (B, h*(w+1)+1, n_embd))."""
+        """(B,3,H,W) -> (vision features (B,h,w,C_enc), vision tokens (B, n, n_embd)), n = num_image_tokens()."""
         features = self.encoder(pixel_values)
         grid = self.projector(features)
         b, h, w, c = grid.shape
-        newline = self.image_newline.to(grid.dtype).expand(b, h, 1, c)
-        rows = torch.cat([grid, newline], dim=2).reshape(b, h * (w + 1), c)
+        if self.layout == "rows":
+            newline = self.image_newline.to(grid.dtype).expand(b, h, 1, c)
+            tokens = torch.cat([grid, newline], dim=2).reshape(b, h * (w + 1), c)
+        else:
+            tokens = grid.reshape(b, h * w, c)
         separator = self.view_separator.to(grid.dtype).expand(b, 1, c)
-        return features, torch.cat([rows, separator], dim=1)
+        return features, torch.cat([tokens, separator], dim=1)
+
+    def _local_tokens(self, local, grid):
+        """One image's projected tiles (across*down, h2, w2, C), row-major -> its local tokens (n, C)."""
+        across, down = grid
+        _, h2, w2, c = local.shape
+        if self.layout == "flat":
+            return local.reshape(-1, c)  # tile after tile (DeepSeek-OCR 2, §7.4)
+        rows = (local.reshape(down, across, h2, w2, c).permute(0, 2, 1, 3, 4)
+                .reshape(down * h2, across * w2, c))  # the tiles' grids side by side (DeepSeek-OCR's permute)
+        newline = self.image_newline.to(local.dtype).expand(down * h2, 1, c)
+        return torch.cat([rows, newline], dim=1).reshape(-1, c)
 
     def encode_views(self, pixel_values, tiles=None, grids=None):
         """Global views plus crops -> (global features, global tokens, per-sample token sequences).
@@ -81,18 +114,13 @@ class VisionLanguageModel(nn.Module):
         if sum(counts) != tiles.shape[0]:
             raise ValueError(f"grids {grids} need {sum(counts)} tiles; got {tiles.shape[0]}")
         local = self.projector(self.encoder(tiles))  # (N, h2, w2, C): all tiles of the batch in one pass
-        _, h2, w2, c = local.shape
-        newline = self.image_newline.to(local.dtype)
         sequences, start = [], 0
         for grid, count, view in zip(grids, counts, global_tokens):
             if grid is None:
                 sequences.append(view)
                 continue
-            across, down = grid
-            rows = (local[start:start + count].reshape(down, across, h2, w2, c).permute(0, 2, 1, 3, 4)
-                    .reshape(down * h2, across * w2, c))  # the tiles' grids side by side (DeepSeek-OCR's permute)
-            rows = torch.cat([rows, newline.expand(down * h2, 1, c)], dim=1).reshape(-1, c)
-            sequences.append(torch.cat([rows, view]))  # local first, then global rows + separator
+            tokens = self._local_tokens(local[start:start + count], grid)
+            sequences.append(torch.cat([tokens, view]))  # local first, then the global view + separator
             start += count
         return features, global_tokens, sequences
 
@@ -115,7 +143,7 @@ class VisionLanguageModel(nn.Module):
         """``pixel_values`` None: a text-only batch, which skips the vision tower (DESIGN.md).
 
         ``vision_features`` / ``vision_tokens`` in the output are the global view's, (B,h,w,C) and
-        (B, h*(w+1)+1, n_embd), with or without crops: what regularisers and the collapse monitor read.
+        (B, num_image_tokens(), n_embd), with or without crops: what regularisers and the collapse monitor read.
         """
         if pixel_values is None:
             if bool((input_ids == self.image_token_id).any()):
@@ -125,11 +153,18 @@ class VisionLanguageModel(nn.Module):
             features, vision_tokens, sequences = self.encode_views(pixel_values, tiles, grids)
             embeds = self.merge(input_ids, sequences)
         out = {"vision_features": features, "vision_tokens": vision_tokens}
+        ids = token_ids(self.decoder, input_ids)
         if targets is None:
-            out["logits"] = self.decoder(embeds)
+            out["logits"] = self.decoder(embeds, **ids)
         else:
-            out["loss"] = self.decoder(embeds, targets=targets)
+            out["loss"] = self.decoder(embeds, targets=targets, **ids)
         return out
+
+
+def token_ids(decoder, ids):
+    """The ``ids=`` keyword for a decoder that reads the token ids behind its embeddings (``reads_ids``,
+    core/contracts.py Decoder), the <|image|> id at vision positions; {} for one that does not."""
+    return {"ids": ids} if getattr(decoder, "reads_ids", False) else {}
 
 
 @contextlib.contextmanager
@@ -155,7 +190,7 @@ def build_model(model_config, registry):
     if "vocab_size" in dec.args and dec.args["vocab_size"] != tokenizer.vocab_size:
         raise ConfigError(f"model.decoder.vocab_size: {dec.args['vocab_size']} does not match the tokenizer's "
                           f"{tokenizer.vocab_size}; leave it out, it is taken from the tokenizer")
-    decoder = registry.build("decoder", dec.name, where="model.decoder",
+    decoder = registry.build("decoder", dec.name, where="model.decoder", context={"image_id": tokenizer.image_id},
                              **{"vocab_size": tokenizer.vocab_size, **dec.args})
     proj = model_config.projector
     projector = registry.build("projector", proj.name, where="model.projector",

@@ -1,12 +1,15 @@
 """PDF pages as page images for ``python -m core.shards`` (docs/data.md §3).
 
-A page is named like an image: ``doc.pdf#page=3`` (the PDF open parameter of RFC 8118; pages count
-from 1) or a ``PdfPage``; a bare ``doc.pdf`` is its only page. pypdfium2 (PDFium, Chrome's PDF
-renderer) draws the page on white at a chosen DPI or longest side, and the page becomes PNG bytes,
-so a shard holds a plain image and training never sees a PDF. A PDF that cannot be used is a
-``PdfSkip`` with its reason: ``missing_image``, ``empty_pdf`` (0 bytes or no page),
-``encrypted_pdf``, ``bad_pdf`` (PDFium cannot parse it), ``pdf_needs_page`` (several pages and no
-page named), ``pdf_page_out_of_range``, ``image_too_large``.
+A page is named like an image: ``doc.pdf#page=3`` (the PDF open parameter of RFC 8118; pages count from
+1) or a ``PdfPage``; a bare ``doc.pdf`` is its only page. pypdfium2 (PDFium, Chrome's PDF renderer)
+draws the page on white at a chosen DPI or longest side, and the page becomes PNG bytes, so a shard
+holds a plain image and training never sees a PDF. By longest side, a long thin page is drawn with its
+short side at least ``MIN_SHORT_SIDE`` px (its long side then exceeds the longest side asked): a 234 x
+14,295 pt page would otherwise be a 21 px wide strip whose text no model reads (docs/data.md §3).
+``page_paths`` names the pages of a PDF as ``python -m core.generate`` reads them. A PDF that cannot be
+used is a ``PdfSkip`` with its reason: ``missing_image``, ``empty_pdf`` (0 bytes or no page),
+``encrypted_pdf``, ``bad_pdf`` (PDFium cannot parse it), ``pdf_needs_page`` (several pages and no page
+named), ``pdf_page_out_of_range``, ``image_too_large``.
 """
 import io
 import os
@@ -19,6 +22,7 @@ from core.errors import ConfigError
 from core.images import DEFAULT_MAX_IMAGE_PIXELS
 
 DEFAULT_LONGEST_SIDE = 1288  # olmOCR's pipeline renders pages at this longest side (docs/data.md §3)
+MIN_SHORT_SIDE = 128  # px: a page scaled to its longest side is never drawn narrower (the module doc)
 POINTS_PER_INCH = 72  # PDF user space: 1/72 inch per unit
 PDFIUM_PASSWORD, PDFIUM_FORMAT, PDFIUM_SECURITY = 4, 3, 6  # FPDF_GetLastError codes (fpdfview.h)
 _FRAGMENT = re.compile(r"^(?P<path>.*\.pdf)(?:#page=(?P<page>\d+))?$", re.IGNORECASE)
@@ -73,10 +77,11 @@ class Render:
             raise ConfigError(f"--dpi / --longest-side must be positive, not {self.dpi or self.longest_side}")
 
     def scale(self, width_pt, height_pt):
-        """Pixels per PDF unit for a page of width x height points."""
+        """Pixels per PDF unit for a page of width x height points (by longest side, the short side is at
+        least MIN_SHORT_SIDE px)."""
         if self.dpi is not None:
             return self.dpi / POINTS_PER_INCH
-        return self.longest_side / max(width_pt, height_pt)
+        return max(self.longest_side / max(width_pt, height_pt), MIN_SHORT_SIDE / min(width_pt, height_pt))
 
 
 class PageRange:
@@ -124,6 +129,20 @@ def page_count(path):
         return len(doc)
     finally:
         doc.close()
+
+
+def page_paths(path):
+    """An image path -> the image paths it stands for: a PDF of several pages -> ``doc.pdf#page=1`` ... in
+    order; anything else (a one-page PDF, a named page, an image, a file that cannot be opened: its reader
+    says why) -> itself."""
+    page = as_pdf_page(path)
+    if page is None or page.page is not None or not os.path.isfile(page.path):
+        return [path]
+    try:
+        count = page_count(page.path)
+    except PdfSkip:
+        return [path]
+    return [path] if count == 1 else [f"{path}#page={n}" for n in range(1, count + 1)]
 
 
 def render_png(page, render, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):

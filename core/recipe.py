@@ -5,7 +5,6 @@ Every recipe key is declared here. A component is a mapping with a ``name``
 ``{name: nanochat, n_layer: 20}``. Errors name the key path and, where it
 exists in the file, the YAML line: ``recipes/x.yaml:14: stages.0.lr: ...``.
 """
-import difflib
 import math
 import os
 import types
@@ -17,9 +16,9 @@ import yaml
 
 from core import yamlfile
 from core.badsamples import ON_BAD_SAMPLE, ON_LONG_TARGET
-from core.errors import ConfigError
+from core.errors import ConfigError, closest
 from core.pluginfiles import resolve_plugin_paths
-from core.yamlfile import apply_override, parse_options  # noqa: F401 (parse_options: core.shards, core.metrics)
+from core.yamlfile import apply_override
 
 
 @attrs.define
@@ -64,11 +63,11 @@ class RunConfig:
 
     def __attrs_post_init__(self):
         if self.resume not in ("never", "auto"):
-            raise ValueError(f"resume must be never or auto, not {self.resume!r}")
+            raise FieldError("resume", f"must be never or auto, not {self.resume!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+            raise FieldError("precision", f"must be fp32 or bf16, not {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be ddp or fsdp, not {self.parallel!r}")
+            raise FieldError("parallel", f"must be ddp or fsdp, not {self.parallel!r}")
         check_ranges(self, {"log_every": 1, "threads": 1})
 
 
@@ -85,7 +84,7 @@ class Crops:
 
     def __attrs_post_init__(self):
         if self.tile_size < 1:
-            raise ValueError(f"tile_size must be at least 1, not {self.tile_size}")
+            raise FieldError("tile_size", f"must be at least 1, not {self.tile_size}")
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, not min_tiles {self.min_tiles}, "
                              f"max_tiles {self.max_tiles}")
@@ -117,9 +116,9 @@ class DataConfig:
     def __attrs_post_init__(self):
         for key, options in (("on_bad_sample", ON_BAD_SAMPLE), ("on_long_target", ON_LONG_TARGET)):
             if getattr(self, key) not in options:
-                raise ValueError(f"{key} must be {' or '.join(options)}, not {getattr(self, key)!r}")
+                raise FieldError(key, f"must be {' or '.join(options)}, not {getattr(self, key)!r}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be at least 1 (or null: no limit), not {self.max_image_pixels}")
+            raise FieldError("max_image_pixels", f"must be at least 1 (or null: no limit), not {self.max_image_pixels}")
         check_ranges(self, {"batch_size": 1, "max_len": 1, "num_workers": 0, "shuffle_buffer": 0})
 
 
@@ -149,6 +148,7 @@ class Stage:
     batch_size: int | None = None  # default: data.batch_size
     freeze: list[Component] = attrs.field(factory=list)
     regularisers: list[Component] = attrs.field(factory=list)
+    adapters: list[Component] = attrs.field(factory=list)  # train these instead of the base (core/adapters.py)
     init_from: InitFrom | None = None
     checkpoint_every: int = 0  # 0: only at the end of the stage
     checkpoint_keep: int | None = None  # keep the newest N checkpoints of the stage (None: all)
@@ -159,13 +159,13 @@ class Stage:
 
     def __attrs_post_init__(self):
         if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be adamw or muon, not {self.optimizer!r}")
+            raise FieldError("optimizer", f"must be adamw or muon, not {self.optimizer!r}")
         if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be at least 1, not {self.grad_accum}")
+            raise FieldError("grad_accum", f"must be at least 1, not {self.grad_accum}")
         if not 0.0 <= self.text_ratio <= 1.0:
-            raise ValueError(f"text_ratio must lie in [0, 1], not {self.text_ratio}")
+            raise FieldError("text_ratio", f"must lie in [0, 1], not {self.text_ratio}")
         if self.schedule not in ("constant", "step", "cosine"):
-            raise ValueError(f"schedule must be constant, step or cosine, not {self.schedule!r}")
+            raise FieldError("schedule", f"must be constant, step or cosine, not {self.schedule!r}")
         # steps: 0 skips the stage (core/run.py says so); a negative count has no meaning
         check_ranges(self, {"steps": 0, "lr": 0, "weight_decay": 0, "warmup": 0, "decay_every": 1,
                             "decay_factor": 0, "muon_lr": 0, "grad_clip": 0, "batch_size": 1,
@@ -223,10 +223,13 @@ def load_recipe(path, overrides=()):
         raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (model, data, stages, ...)")
-    for item in overrides:
-        apply_override(raw, item)
-        lines.pop(item.partition("=")[0].strip(), None)  # an overridden key is no longer on that line
-    where = _Where(path, lines)
+    given = {}
+    for key, item, label, value in yamlfile.overrides(overrides):
+        apply_override(raw, item, value)
+        for line in [k for k in lines if k == key or k.startswith(key + ".")]:
+            del lines[line]  # an overridden key (and what it held) is no longer on that line
+        given[key] = label
+    where = _Where(path, lines, given)
     recipe = structure(Recipe, raw, "", where)
     if not recipe.stages:
         raise where.error("stages", "a recipe needs at least one stage")
@@ -238,6 +241,9 @@ def load_recipe(path, overrides=()):
         if twice:  # a regulariser's head is trained and saved under its name: a second would replace the first
             raise where.error(f"stages.{i}.regularisers", f"{twice[0]!r} is listed twice; a stage takes each "
                                                           f"regulariser once (give one a larger weight instead)")
+        if stage.optimizer == "muon" and stage.adapters:  # Muon would take the adapters' low-rank factors
+            raise where.error(f"stages.{i}.optimizer", "muon orthogonalises whole weight matrices; a stage with "
+                                                       "adapters trains their low-rank factors with adamw")
         if stage.optimizer == "muon" and recipe.run.parallel == "fsdp":  # Muon orthogonalises whole matrices
             raise where.error(f"stages.{i}.optimizer",
                               "muon needs whole matrices; it does not work with run.parallel: fsdp")
@@ -263,16 +269,18 @@ def model_config_from_meta(model_meta, source):
 
 
 class _Where:
-    def __init__(self, path, lines):
-        self.path, self.lines = path, lines
+    """Where a recipe key came from: a line of the file, or an override (``overrides``: {key: label})."""
+
+    def __init__(self, path, lines, overrides=None):
+        self.path, self.lines, self.overrides = path, lines, overrides or {}
 
     def error(self, keypath, message):
-        # the nearest enclosing key that is on a known line
+        # the nearest enclosing key that an override set or that is on a known line
         probe = keypath
-        while probe and probe not in self.lines:
+        while probe and probe not in self.lines and probe not in self.overrides:
             probe = probe.rpartition(".")[0]
         line = self.lines.get(probe)
-        where = f"{self.path}:{line}" if line else self.path
+        where = self.overrides.get(probe) or (f"{self.path}:{line}" if line else self.path)
         return ConfigError(f"{where}: {keypath or '<top>'}: {message}")
 
 
@@ -347,9 +355,8 @@ def _structure_attrs(cls, value, path, where):
     fields = {f.name: f for f in attrs.fields(cls) if not f.metadata.get("internal")}
     for key in value:
         if key not in fields:
-            match = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
-            raise where.error(_join(path, key), f"unknown key{hint}; {path or 'the recipe'} takes: {', '.join(fields)}")
+            raise where.error(_join(path, key), f"unknown key{closest(key, fields)}; {path or 'the recipe'} takes: "
+                                                f"{', '.join(fields)}")
     kwargs = {}
     for name, field in fields.items():
         if name in value:

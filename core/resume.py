@@ -19,6 +19,7 @@ gathered to rank 0, which writes them (``ranks`` in the JSON, ``rng.torch.R``
 tensors), and each rank takes back its own. A checkpoint therefore resumes only
 with the world size that wrote it (``check_world_size``).
 """
+import contextlib
 import random
 
 import attrs
@@ -37,6 +38,7 @@ FIXED_ON_RESUME = {
     "optimizer": "the saved optimizer state belongs to the other optimizer",
     "freeze": "the saved optimizer state holds the parameters the old policies left trainable",
     "regularisers": "the saved regulariser heads and loss terms belong to the old list",
+    "adapters": "the saved weights and optimizer state belong to the old adapters",
     "batch_size": "the saved data position counts batches of the old size",
     "text_ratio": "the saved text-stream position belongs to the old mixing",
 }
@@ -49,6 +51,20 @@ def seed_all(seed):
     if numpy is not None:
         numpy.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def rng_kept():
+    """Draws inside the block leave the global RNGs (python's, numpy's, torch's CPU one) where they were:
+    rebuilding a checkpoint's base model seeds and draws without moving the run's own streams."""
+    python, numpy_state = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            if numpy is not None:
+                numpy.random.set_state(numpy_state)
 
 
 def capture(optimizer, scheduler, streams, step, sharded=False, stage=None):

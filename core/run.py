@@ -2,8 +2,10 @@
 
 Runs the recipe's stages in order, then evaluates the last stage's model on the
 held-out split. Before anything trains every stage is built on the meta device with its
-freeze policies and regularisers (``check_stages``), so a broken recipe or plugin of the
-last stage fails at once, not hours in. A stage with ``steps: 0`` is skipped.
+freeze policies and regularisers (``check_stages``), and the data section's datasets and
+shards are checked (core/datacheck.py), so a broken recipe or plugin of the last stage, a
+missing shard or a dataset argument it does not take fails at once, not hours in; ``--dry-run``
+does both and says what it found. A stage with ``steps: 0`` is skipped.
 
 Exit codes: 0 done; 1 a non-finite loss; 2 bad input (recipe, override, plugin name, data
 path, a plugin that breaks the hook contract): one ``error:`` line; 3 an exception raised
@@ -18,20 +20,25 @@ import time
 
 import torch
 
-from core import checkpoint, distributed, repetition
-from core import registry as plugin_registry
-from core import resume as resume_state
-from core.data import prompt_prefix
-from core.errors import ConfigError, cli_main
+from core import adapters, checkpoint, distributed, memory, repetition, resume
+from core.data import eval_samples, prompt_prefix
+from core.datacheck import check_data
+from core.errors import ConfigError, cli_main, plugin_call
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
-from core.images import image_hw
+from core.hooks import attach
+from core.loop import TrainingError, run_stage
 from core.metrics import score_pairs
-from core.model import build_model, checkpoint_activations
+from core.model import build_model, checkpoint_activations, token_ids
 from core.recipe import load_recipe
-from core.registry import attached, call_in_order, plugin_call
+from core.registry import load_plugins
 from core.report import format_parameter_table, parameter_table, write_report
 from core.threads import ThreadGovernor
-from core.train import TrainingError, apply_freeze, run_stage
+from core.train import freeze_and_adapt
+
+
+def run_folder(recipe):
+    """The run's folder, run.dir made absolute."""
+    return os.path.abspath(os.path.expanduser(recipe.run.dir))
 
 
 class RunContext:
@@ -40,37 +47,36 @@ class RunContext:
     def __init__(self, recipe, pm, registry):
         self.recipe, self.pm, self.registry = recipe, pm, registry
         self.rank, self.world_size, self.device = distributed.setup(recipe.run.device)
-        self.main = self.rank == 0  # only rank 0 prints, logs, writes checkpoints and evaluates
-        self.run_dir = os.path.abspath(os.path.expanduser(recipe.run.dir))
+        self.main = self.rank == 0  # only rank 0 prints, logs, writes checkpoints and scores the evaluation
+        self.run_dir = run_folder(recipe)
         ds = recipe.data.dataset
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
         text = recipe.data.text_dataset
         self.text_dataset = text and registry.build("dataset", text.name, where="data.text_dataset", **text.args)
-        self._eval_samples = None
+        self.eval_samples = None  # read_eval_split's, when the evaluation, a probe or a monitor needs them
+        self.loggers = None  # core.hooks.Attachment: the recipe's loggers, attached for the run
         self.threads = ThreadGovernor(recipe.run.threads)
 
-    @property
-    def eval_samples(self):
-        from core.data import eval_samples
-        if self._eval_samples is None:
-            limit = self.recipe.eval.samples if self.recipe.eval else None
-            data = self.recipe.data
-            self._eval_samples = eval_samples(plugin_call("data.dataset", self.dataset.shards, "eval"), limit=limit,
-                                              on_bad_sample=data.on_bad_sample, max_image_pixels=data.max_image_pixels)
-            if self._eval_samples.report:
-                self.log({"event": "data_report", "stage": "eval", "report": self._eval_samples.report})
-            if not self._eval_samples:
-                skipped = ", ".join(f"{reason} {sum(by.values())}" for reason, by in self._eval_samples.report.items())
-                raise ConfigError(f"data.dataset: the eval split has no usable sample (an image with its txt); "
-                                  f"skipped: {skipped or 'none, the split is empty'}")
-        return self._eval_samples
+    def read_eval_split(self):
+        """The eval split's samples (at most eval.samples), its bad samples logged; a ConfigError if none is usable."""
+        limit = self.recipe.eval.samples if self.recipe.eval else None
+        data = self.recipe.data
+        samples = eval_samples(plugin_call("data.dataset", self.dataset.shards, "eval"), limit=limit,
+                               on_bad_sample=data.on_bad_sample, max_image_pixels=data.max_image_pixels)
+        if samples.report:
+            self.log({"event": "data_report", "stage": "eval", "report": samples.report})
+        if not samples:
+            skipped = ", ".join(f"{reason} {sum(by.values())}" for reason, by in samples.report.items())
+            raise ConfigError(f"data.dataset: the eval split has no usable sample (an image with its txt); "
+                              f"skipped: {skipped or 'none, the split is empty'}")
+        return samples
 
     def say(self, text):
         distributed.print0(text)
 
     def log(self, record):
-        if self.main:  # each logger on its own: a failing one is named (core.registry.call_in_order)
-            call_in_order(self.pm.hook.vlmkit_log, record={"time": round(time.time(), 3), **record})
+        if self.main:  # a failing logger is named (core/hooks.py)
+            self.pm.hook.vlmkit_log(record={"time": round(time.time(), 3), **record})
 
 
 def list_plugins(registry):
@@ -82,7 +88,7 @@ def list_plugins(registry):
 
 def check_stages(recipe, pm, registry, show=False):
     """Build every stage on the meta device (no memory, no weights, no data): its model, freeze policies and
-    regularisers, whose hooks are checked as training would attach them, and its init_from file; then the
+    regularisers (building checks their hooks: core.hooks.check_plugin), and its init_from file; then the
     eval metrics. ``show`` prints each stage's parameter table, regulariser heads included, as training
     does. Returns the last stage's (model, tokenizer)."""
     model = tokenizer = None
@@ -94,11 +100,9 @@ def check_stages(recipe, pm, registry, show=False):
             continue
         with torch.device("meta"):
             model, tokenizer = build_model(recipe.model, registry)
-            apply_freeze(registry, pm, model, stage, where)
+            freeze_and_adapt(registry, pm, model, stage, where)
             regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
                                               context={"model": model, "tokenizer": tokenizer})
-        with attached(pm, regularisers, f"{where}.regularisers"):
-            pass  # registering checks their hook names and arguments
         checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
         if stage.init_from is not None:
             check_init_from(recipe, i, stage.init_from)
@@ -108,7 +112,8 @@ def check_stages(recipe, pm, registry, show=False):
             print(format_parameter_table(parameter_table(model, heads), title=f"{title}: parameters (meta device)"),
                   end="\n\n")
     if recipe.eval is not None:  # scored once on a made-up pair: a metric that fails fails now, not after training
-        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")])
+        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")],
+                    pm=pm)
     check_lengths(recipe, model, tokenizer)
     return model, tokenizer
 
@@ -123,7 +128,7 @@ def check_init_from(recipe, index, init_from):
         return
     name = init_from.path[len("stage:"):]
     earlier = [s.name for s in recipe.stages[:index] if s.steps]
-    folder = os.path.join(os.path.abspath(os.path.expanduser(recipe.run.dir)), name)
+    folder = os.path.join(run_folder(recipe), name)
     if name not in earlier and not os.path.isdir(folder):
         raise ConfigError(f"{where}.path: {init_from.path!r} names no earlier stage this run trains "
                           f"({', '.join(earlier) or 'none'}), and {folder} does not exist")
@@ -139,7 +144,7 @@ def check_lengths(recipe, model, tokenizer):
         vision = max([model.num_image_tokens()] + [model.num_image_tokens(g) for g in
                                                    (model.tiling.grids() if model.tiling else ())])
         try:
-            prompt = len(prompt_prefix(tokenizer, recipe.data.prompt, vision, 10 ** 9))
+            prompt = len(prompt_prefix(tokenizer, recipe.data.prompt, vision))
         except ConfigError:  # a bad prompt is named when the stage starts; a dry run may lack the tokenizer file
             prompt = None
         if prompt is not None:
@@ -148,8 +153,9 @@ def check_lengths(recipe, model, tokenizer):
     for key, length, detail in needs:
         with torch.device("meta"):
             embeds = torch.zeros(1, length, model.decoder.n_embd)
+            ids = token_ids(model.decoder, torch.zeros(1, length, dtype=torch.long))  # for a decoder that reads them
         try:
-            model.decoder(embeds)
+            model.decoder(embeds, **ids)
         except ValueError as e:
             raise ConfigError(f"{key}: sequences of {length} tokens{detail} do not fit the decoder: {e}") from e
         except Exception:
@@ -178,22 +184,31 @@ def check_device(name):
                           f"use run.device=cpu, or install a torch build for it")
 
 
-def dry_run(recipe, pm, registry):
-    """Describe each stage as check_stages builds it, then the token layout."""
+def dry_run(recipe, pm, registry, world_size=1):
+    """Describe each stage as check_stages builds it, the memory a training step of it needs per process
+    (core/memory.py), the token layout, then the data (core/datacheck.py)."""
     model, tokenizer = check_stages(recipe, pm, registry, show=True)
+    for i, stage in enumerate(recipe.stages):
+        if not stage.steps:
+            continue
+        title = f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"
+        try:
+            estimate = memory.estimate(recipe, registry, pm, i, world_size)
+        except ConfigError as e:  # a dry run without the tokenizer file cannot lay out a batch
+            print(f"{title}: no memory estimate: {e}\n")
+            continue
+        print(memory.format_estimate(estimate, title), end="\n\n")
     n = model.num_image_tokens()
-    height, width = image_hw(model.image_size)
-    h, w = model.encoder.grid_size(height, width)
-    print(f"image {height}x{width} -> grid {h}x{w} -> {n} vision tokens "
-          f"({h} rows of {w} + newline, + 1 separator)")
+    print(model.describe_layout())
     if model.tiling is not None:  # model.crops: the count depends on each image's crop grid (core/images.py)
         print(model.tiling.describe(n))
     print(f"vocabulary {tokenizer.vocab_size} (<|image|> = {tokenizer.image_id})")
     print(f"prompt layout: <|bos|> + {recipe.data.prompt.replace('<image>', f'<|image|>x{n}')!r} + answer + eos")
+    check_data(recipe, registry, model, show=True)  # last: the model is described even when the data is not there
 
 
-def resume_point(ctx, index, stage):
-    """The checkpoint a ``run.resume=auto`` stage continues from, or None (the stage starts afresh).
+def checked_resume_point(ctx, index, stage):
+    """The checkpoint.ResumePoint a ``run.resume=auto`` stage continues from, or None (the stage starts afresh).
 
     Only what ``latest.json`` names counts: the leftovers of a write that was cut off are removed first.
     A resumable point is checked against this run (world size, sharding, changed stage settings)."""
@@ -204,36 +219,35 @@ def resume_point(ctx, index, stage):
             ctx.say(f"stage {stage.name}: removed {len(removed)} file(s) of a checkpoint write that did not finish: "
                     + ", ".join(removed[:6]) + (" ..." if len(removed) > 6 else ""))
     point = checkpoint.resume_point(stage_dir)
-    if point is None or point[1].get("complete"):
+    if point is None or point.complete:
         return point
-    if point[2] is None or "train_state" not in point[1]:
-        raise ConfigError(f"run.resume: {point[0]} has no training state (train_XXXXXX.safetensors) to resume from")
-    state = point[1]["train_state"]
+    if point.tensors is None or point.train_state is None:
+        raise ConfigError(f"run.resume: {point.model_file} has no training state (train_XXXXXX.safetensors) "
+                          f"to resume from")
     # every rank reads the files: the run folder must be shared between nodes
-    resume_state.check_world_size(state, ctx.world_size, point[0],
-                                  sharded=ctx.recipe.run.parallel == "fsdp" and ctx.world_size > 1)
-    changed = resume_state.check_stage(state, stage, f"stages.{index}", point[0])
+    resume.check_world_size(point.train_state, ctx.world_size, point.model_file,
+                            sharded=ctx.recipe.run.parallel == "fsdp" and ctx.world_size > 1)
+    changed = resume.check_stage(point.train_state, stage, f"stages.{index}", point.model_file)
     if changed:
-        ctx.say(f"stage {stage.name}: resuming with the recipe's " + ", ".join(
-            f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})" for k, (old, new) in changed.items()))
+        ctx.say(f"stage {stage.name}: resuming with the recipe's "
+                + ", ".join(f"stages.{index}.{k} {new!r} (the checkpoint had {old!r})"
+                            for k, (old, new) in changed.items()))
         ctx.log({"event": "resume_changes", "stage": stage.name, "changed": {k: v[1] for k, v in changed.items()}})
     return point
 
 
-def run(recipe, dry=False):
-    pm, registry = plugin_registry.load_plugins(recipe.plugins)
-    if dry:
-        dry_run(recipe, pm, registry)
-        return None
+def start_run(recipe, pm, registry):
+    """Check what can be checked before anything is built for real (device, run folder, every stage on the
+    meta device), then the run's context: seeded RNGs, loggers, the eval split when anything reads it."""
     check_device(recipe.run.device)
-    make_run_dir(os.path.abspath(os.path.expanduser(recipe.run.dir)))
+    make_run_dir(run_folder(recipe))
     with contextlib.redirect_stdout(io.StringIO()):  # the real builds below say what matters
-        check_stages(recipe, pm, registry)
-    resume_state.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
+        model, _ = check_stages(recipe, pm, registry)
+    check_data(recipe, registry, model)  # datasets, their shards, an aspect warning: before anything trains
+    resume.seed_all(recipe.run.seed)  # plugins built from here on draw from seeded RNGs
     ctx = RunContext(recipe, pm, registry)
     loggers = registry.build_all("logger", recipe.loggers, "loggers", context={"run_dir": ctx.run_dir})
-    for j, logger in enumerate(loggers):  # for the whole run: its plugin manager goes with it
-        plugin_registry.register(pm, logger, plugin_registry.behaviour_label("loggers", j, logger))
+    ctx.loggers = attach(pm, loggers, "loggers")  # they answer vlmkit_log until run() closes them
     if ctx.world_size > 1:
         ctx.say(f"distributed: {ctx.world_size} processes ({torch.distributed.get_backend()})"
                 + (", model sharded (FSDP2)" if recipe.run.parallel == "fsdp" else ""))
@@ -246,58 +260,93 @@ def run(recipe, dry=False):
             if stage.steps:
                 checkpoint.forget(os.path.join(ctx.run_dir, stage.name))
     if recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages):
-        _ = ctx.eval_samples  # an eval split that cannot be used stops here, not after the training
-    summaries, model = [], None
-    for i, stage in enumerate(recipe.stages):
+        ctx.eval_samples = ctx.read_eval_split()  # an eval split that cannot be used stops here, not after training
+    return ctx
+
+
+def train_stages(ctx):
+    """Each stage trained, resumed or, complete in run.dir already, loaded; -> (summaries, last model, tokenizer)."""
+    summaries, model, tokenizer = [], None, None
+    for i, stage in enumerate(ctx.recipe.stages):
         if stage.steps == 0:
             ctx.say(f"stage {stage.name}: steps 0, skipped (not built, trained or saved)")
             continue
-        point = resume_point(ctx, i, stage) if recipe.run.resume == "auto" else None
-        if point is not None and point[1].get("complete"):
-            changed = resume_state.changed_settings(point[1].get("train_state", {}), stage)
-            ctx.say(f"stage {stage.name}: complete in {point[0]}; not trained again (run.resume=auto)"
-                    + ("; the recipe changed " + ", ".join(f"stages.{i}.{k}" for k in changed)
-                       + " since, which a complete stage does not take up (a new run.dir with init_from does)"
-                       if changed else ""))
-            model, tokenizer = build_model(recipe.model, registry)
-            checkpoint.load_parts(model.to(ctx.device), point[0], list(checkpoint.PARTS))
-            summaries.append(point[1]["summary"])
-            continue
-        model, tokenizer, summary = run_stage(ctx, i, stage, resume=point)
+        point = checked_resume_point(ctx, i, stage) if ctx.recipe.run.resume == "auto" else None
+        if point is not None and point.complete:
+            model, tokenizer, summary = load_complete_stage(ctx, i, stage, point)
+        else:
+            model, tokenizer, summary = run_stage(ctx, i, stage, point)
         summaries.append(summary)
-    ctx.say("\nstages:")
+    return summaries, model, tokenizer
+
+
+def load_complete_stage(ctx, index, stage, point):
+    """A stage that finished in an earlier run: its weights and summary, not trained again."""
+    changed = resume.changed_settings(point.train_state or {}, stage)
+    ctx.say(f"stage {stage.name}: complete in {point.model_file}; not trained again (run.resume=auto)"
+            + ("; the recipe changed " + ", ".join(f"stages.{index}.{k}" for k in changed)
+               + " since, which a complete stage does not take up (a new run.dir with init_from does)"
+               if changed else ""))
+    model, tokenizer = build_model(ctx.recipe.model, ctx.registry)
+    adapters.load_parts(model.to(ctx.device), point.model_file, list(checkpoint.PARTS), ctx.registry, ctx.pm)
+    return model, tokenizer, point.meta["summary"]
+
+
+def stage_lines(summaries):
+    """One line per stage for the end of the run: steps, time, speed, final loss, collapse scores."""
+    lines = []
     for s in summaries:
-        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}"
-                             for k, v in s.items() if k.startswith("collapse_"))
+        collapse = "  ".join(f"{k.removeprefix('collapse_')} {v:.3f}" for k, v in s.items()
+                             if k.startswith("collapse_"))
         loss = f"{s['loss']:.4f}" if "loss" in s else "-"  # a stage resumed at its end trained no step here
-        ctx.say(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
-                f"{s['samples_per_s']:>7.1f} samples/s  final loss {loss}"
-                + (f"  collapse monitor: {collapse}" if collapse else ""))
-    result = {"stages": summaries}
-    if recipe.eval is not None:
-        _final_evaluation(ctx, registry, model, tokenizer, result)
-    if ctx.main:
-        ctx.say(f"report: {write_report(ctx.run_dir)}")
-    ctx.say(f"\nrun folder: {ctx.run_dir}")
-    return result
+        lines.append(f"  {s['stage']:<12} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
+                     f"{s['samples_per_s']:>7.1f} samples/s  final loss {loss}"
+                     + (f"  collapse monitor: {collapse}" if collapse else ""))
+    return lines
 
 
-def _final_evaluation(ctx, registry, model, tokenizer, result):
-    """Every rank decodes its share of the eval split (core/evaluate.py); rank 0 scores, writes and prints the
-    evaluation and puts its aggregate in ``result["eval"]`` (``result["stages"]``: the stage summaries)."""
+def evaluate_run(ctx, model, tokenizer, summaries):
+    """The final evaluation on the eval split: eval.json, eval.md and eval_samples.jsonl; returns the aggregate.
+
+    Every rank calls it and decodes its share (core/evaluate.py); rank 0 scores, writes and prints, the
+    other ranks return None."""
     recipe = ctx.recipe
-    metrics = registry.build_all("metric", recipe.eval.metrics, "eval.metrics") if ctx.main else []
+    metrics = ctx.registry.build_all("metric", recipe.eval.metrics, "eval.metrics") if ctx.main else []
     rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
                                recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size,
-                               repetition.from_eval(recipe.eval, tokenizer))
+                               repetition.from_eval(recipe.eval, tokenizer), pm=ctx.pm)
     if not ctx.main:
-        return
-    write_eval(ctx.run_dir, rows, aggregate, result["stages"])
+        return None
+    write_eval(ctx.run_dir, rows, aggregate, summaries)
     ctx.log({"event": "eval", **aggregate})
     ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n"
             f"{format_samples(rows, recipe.eval.show_samples)}\n")
     ctx.say(format_summary(aggregate))
-    result["eval"] = aggregate
+    return aggregate
+
+
+def run(recipe, dry=False, world_size=None):
+    """Train the recipe's stages and evaluate the last one (``dry``: only describe them, with the memory per
+    process of ``world_size`` processes, default $WORLD_SIZE or 1); -> {"stages", "eval"}."""
+    pm, registry = load_plugins(recipe.plugins)
+    if dry:
+        dry_run(recipe, pm, registry, world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        return None
+    ctx = start_run(recipe, pm, registry)
+    with ctx.loggers:
+        summaries, model, tokenizer = train_stages(ctx)
+        ctx.say("\nstages:")
+        for line in stage_lines(summaries):
+            ctx.say(line)
+        result = {"stages": summaries}
+        if recipe.eval is not None:  # every rank decodes a share; rank 0's aggregate
+            aggregate = evaluate_run(ctx, model, tokenizer, summaries)
+            if ctx.main:
+                result["eval"] = aggregate
+    if ctx.main:
+        ctx.say(f"report: {write_report(ctx.run_dir)}")
+    ctx.say(f"\nrun folder: {ctx.run_dir}")
+    return result
 
 
 def command(argv=None):
@@ -305,19 +354,25 @@ def command(argv=None):
     parser.add_argument("recipe", nargs="?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. stages.0.steps=50")
     parser.add_argument("--list-plugins", action="store_true", help="list registered components and their sources")
-    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model")
+    parser.add_argument("--dry-run", action="store_true", help="build on the meta device and describe the model "
+                                                               "and the memory a training step needs, then check "
+                                                               "the data section's datasets and shards")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --dry-run: the processes torchrun would start (default: $WORLD_SIZE or 1)")
     args = parser.parse_intermixed_args(argv)  # overrides may come after --dry-run too
     if args.list_plugins and not args.recipe:
-        list_plugins(plugin_registry.load_plugins()[1])
+        list_plugins(load_plugins()[1])
         return 0
     if not args.recipe:
         parser.error("a recipe is required")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.list_plugins:
-        list_plugins(plugin_registry.load_plugins(recipe.plugins)[1])
+        list_plugins(load_plugins(recipe.plugins)[1])
         return 0
+    if args.world_size is not None and args.world_size < 1:
+        parser.error("--world-size must be at least 1")
     try:
-        run(recipe, dry=args.dry_run)
+        run(recipe, dry=args.dry_run, world_size=args.world_size)
     finally:
         distributed.shutdown()
     return 0

@@ -1,11 +1,13 @@
 """Write your own data as WebDataset shards; ``python -m core.shards``.
 
     python -m core.shards FORMAT SOURCE --out DIR [--name train] [--max-count 10000] [--max-size 1GB]
-                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...]
+                          [--images-root DIR] [--limit N] [--option KEY=VALUE ...] [--eval-every N]
                           [--longest-side 1288 | --dpi N] [--pages 1-3,7,10-]
 
 The last line printed is the shards' brace pattern, e.g. ``/data/out/train-{000000..000012}.tar``:
-what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``).
+what the ``shards`` dataset takes as ``data.dataset.train`` (or ``eval``); ``data.dataset.dir=DIR``
+takes DIR's ``train-*.tar`` and ``eval-*.tar`` at once. ``--eval-every N`` holds every N-th sample out
+as the eval split, ``eval-000000.tar`` ... beside the ``--name`` shards.
 
 Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
 
@@ -16,7 +18,8 @@ Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
   ``--longest-side`` pixels (default 1288, olmOCR's) or ``--dpi`` and stored as PNG; ``--pages``
   keeps only those page numbers of every PDF (the others are left out, not skipped). A text-only sample
   (``llava`` items without ``image``) has no image member.
-* ``{key}.txt``: the target text, UTF-8, exactly as read (a UTF-8 byte-order mark is dropped).
+* ``{key}.txt``: the target text, UTF-8, as read (a UTF-8 byte-order mark is dropped, and a text file's
+  trailing whitespace and newlines: ``load_text``).
 * ``{key}.json``: optional metadata: ``{"conversations": [...]}`` for ``llava`` (the turns as
   given, ``{"from": "human"|"gpt", "value": ...}``, ``<image>`` left in place; no ``txt``), ``{"prompt",
   "image", "index"}`` for ``fox``, ``{"page_info"}`` for ``omnidocbench``, the record's other fields
@@ -58,6 +61,7 @@ from core.data import IMAGE_EXTS
 from core.errors import ConfigError, cli_main
 from core.pdf import (
     DEFAULT_LONGEST_SIDE,
+    MIN_SHORT_SIDE,
     PageRange,
     PdfSkip,
     Render,
@@ -65,10 +69,10 @@ from core.pdf import (
     render_png,
 )
 from core.pluginfiles import resolve_plugin_paths
-from core.recipe import parse_options
 from core.registry import load_plugins
-from core.shardwriter import ShardWriter, fresh_partial_dir
+from core.shardwriter import HeldOut, ShardWriter, check_eval_every, fresh_partial_dir, publish, shard_pattern
 from core.sources import Skip, clean_key, count_items, split_front_matter
+from core.yamlfile import parse_options
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -87,8 +91,17 @@ class Summary:
     oversize: int = 0             # shards over max_size: each holds one sample larger than it
     replaced: int = 0             # shards of an earlier run replaced or removed
     left_out: int = 0             # PDF pages outside --pages
+    eval_pattern: str = None      # --eval-every: the held-out shards' pattern
+    eval_samples: int = 0         # and how many samples they hold (counted in samples too)
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+
+    def skip(self, reason, where):
+        """Count a skipped item under ``reason``, keeping the first few places as examples."""
+        self.skipped[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < SHOW_EXAMPLES:
+            examples.append(where)
 
 
 # ---- one item -> tar members
@@ -103,7 +116,6 @@ def parse_size(text):
     if size < 1:
         raise ConfigError(f"--max-size {text!r} must be at least 1 byte")
     return size
-
 
 
 def load_image(image, render=None):
@@ -141,7 +153,9 @@ def load_image(image, render=None):
 def load_text(text):
     """str, Path or None -> (text, front matter or None, None), or (None, None, skip reason).
 
-    A ``.md`` file's YAML front matter is split off (core.sources.split_front_matter)."""
+    A text file's trailing whitespace goes (the newline an editor ends a file with is no part of the page's
+    text, and a model would learn to emit it); a ``.md`` file's YAML front matter is split off
+    (core.sources.split_front_matter). A string from a manifest is kept exactly."""
     if isinstance(text, Path):
         try:
             data = text.read_bytes()
@@ -153,8 +167,8 @@ def load_text(text):
             return None, None, "non_utf8_text"
         if text.suffix.lower() == ".md":
             front, body = split_front_matter(data)
-            return body, front, None
-        return data, None, None
+            return body.rstrip(), front, None
+        return data.rstrip(), None, None
     return text, None, None
 
 
@@ -192,112 +206,100 @@ def members(item, render=None):
     return out, None
 
 
-def _shard_pattern(folder, name, count):
-    if count == 1:
-        return os.path.join(folder, f"{name}-000000.tar")
-    return os.path.join(folder, f"{name}-{{000000..{count - 1:06d}}}.tar")
-
-
 def write_shards(fmt, source, out, name="train", max_count=10000, max_size=10**9, images_root=None,
-                 limit=None, options=None, progress=True, registry=None, render=None):
-    """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards into
-    ``out``, PDF pages drawn as ``render`` (core.pdf.Render) says; returns a Summary (see the module doc)."""
+                 limit=None, options=None, progress=True, registry=None, render=None, eval_every=None):
+    """Read SOURCE in format ``fmt`` (a registered ``source``, built with ``options``) and write shards named
+    ``name`` into ``out``, at most ``max_count`` samples and ``max_size`` bytes each, PDF pages drawn as
+    ``render`` (core.pdf.Render) says, every ``eval_every``-th sample to the eval split; returns a Summary
+    (see the module doc)."""
     render = render or Render()
-    registry = registry or load_plugins()[1]
+    check_eval_every(eval_every, name)
+    items = read_source(registry or load_plugins()[1], fmt, source, images_root, options)
+    out = os.path.abspath(os.path.expanduser(out))
+    try:
+        os.makedirs(out, exist_ok=True)
+        tmp = str(fresh_partial_dir(out, f".{name}"))
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot write shards there ({e.strerror or e})") from e
+    summary = Summary()
+    writer = ShardWriter(tmp, name, int(max_count), int(max_size))
+    if eval_every:
+        writer = HeldOut(writer, ShardWriter(tmp, "eval", int(max_count), int(max_size)), eval_every)
+    try:
+        with tqdm(items, total=count_items(items), desc=f"{fmt} -> {name}", unit="sample", disable=not progress,
+                  file=sys.stderr) as bar:  # closed (its line ended) before an error line is printed
+            _write_items(bar, writer, summary, render, limit, out)
+        writer.close()
+        if not summary.samples:
+            raise ConfigError(f"{source}: no usable sample ({_skips_inline(summary)})")
+        summary.oversize = writer.oversize
+        summary.replaced = _publish_all(writer, out, name, summary)
+    finally:
+        writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary.shards = [os.path.join(out, os.path.basename(p)) for p in writer.paths]
+    summary.bytes = sum(os.path.getsize(p) for p in summary.shards)
+    summary.pattern = shard_pattern(out, name, len((writer.main if eval_every else writer).paths))
+    return summary
+
+
+def read_source(registry, fmt, source, images_root=None, options=None):
+    """The items of SOURCE as the ``fmt`` source plugin reads them; a ConfigError for a missing SOURCE or one
+    of the wrong kind (a file where the format reads a folder, or the reverse)."""
     reader = registry.build("source", fmt, where="FORMAT", **(options or {}))
-    if not name or re.search(r"[/\\{}*?\[\]]", name) or name.startswith("."):
-        raise ConfigError(f"--name {name!r}: a plain file name prefix, without / \\ {{ }} * ? [ ]")
-    if int(max_count) < 1:
-        raise ConfigError(f"--max-count {max_count}: must be at least 1")
-    if limit is not None and int(limit) < 1:
-        raise ConfigError(f"--limit {limit}: must be at least 1")
-    max_size = parse_size(max_size) if isinstance(max_size, str) else int(max_size)
     if not os.path.exists(source):
         raise ConfigError(f"{source}: no such file or folder")
     if reader.needs == "file" and not os.path.isfile(source):
         raise ConfigError(f"{source}: the {fmt} format needs a file")
     if reader.needs == "folder" and not os.path.isdir(source):
         raise ConfigError(f"{source}: the {fmt} format needs a folder")
-    if images_root is not None and not os.path.isdir(images_root):
-        raise ConfigError(f"--images-root {images_root}: no such folder")
-    items = reader.read(source, images_root)
-
-    out = os.path.abspath(os.path.expanduser(out))
-    try:
-        os.makedirs(out, exist_ok=True)
-        tmp = str(fresh_partial_dir(out, f".{name}"))
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from e
-
-    summary, seen = Summary(), set()
-    writer = ShardWriter(tmp, name, int(max_count), max_size)
-
-    def skip(reason, where):
-        summary.skipped[reason] += 1
-        examples = summary.examples.setdefault(reason, [])
-        if len(examples) < SHOW_EXAMPLES:
-            examples.append(where)
-
-    try:
-        with tqdm(items, total=count_items(items), desc=f"{fmt} -> {name}", unit="sample", disable=not progress,
-                  file=sys.stderr) as bar:  # closed (its line ended) before an error line is printed
-            for item in bar:
-                if isinstance(item, Skip):
-                    skip(item.reason, item.where)
-                    continue
-                page = as_pdf_page(item.image)
-                if page is not None and render.pages is not None and (page.page or 1) not in render.pages:
-                    summary.left_out += 1
-                    continue
-                key = clean_key(item.key)
-                if key in seen:
-                    skip("duplicate_key", f"{item.where} (key {key!r})")
-                    continue
-                parts, reason = members(item, render)
-                if reason:
-                    skip(reason, _example(item, reason))
-                    continue
-                seen.add(key)
-                try:
-                    writer.write(key, parts)
-                except OSError as e:  # disk full, quota: one line, and the partial folder goes
-                    raise ConfigError(f"--out {out}: cannot write a shard ({e.strerror or e})") from e
-                summary.samples += 1
-                summary.text_only += not any(ext in IMAGE_EXTS for ext, _ in parts)
-                summary.empty_kept += any(ext == "txt" and not data.strip() for ext, data in parts)
-                if summary.skipped and summary.samples % 100 == 0:
-                    bar.set_postfix(skipped=sum(summary.skipped.values()), refresh=False)
-                if limit is not None and summary.samples >= int(limit):
-                    break
-        writer.close()
-        if not summary.samples:
-            raise ConfigError(f"{source}: no usable sample ({_skips_inline(summary)})")
-        summary.oversize = writer.oversize
-        summary.replaced = _publish(writer.paths, out, name)
-    finally:
-        writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    summary.shards = [os.path.join(out, os.path.basename(p)) for p in writer.paths]
-    summary.bytes = sum(os.path.getsize(p) for p in summary.shards)
-    summary.pattern = _shard_pattern(out, name, len(summary.shards))
-    return summary
+    return reader.read(source, images_root)
 
 
-def _publish(paths, out, name):
-    """Move the finished shards into out, over an earlier run's, and remove that run's extra shards.
+def _write_items(items, writer, summary, render, limit, out):
+    """Each item's members into ``writer`` under its cleaned key, until ``limit`` samples; skips counted."""
+    seen = set()
+    for item in items:
+        if isinstance(item, Skip):
+            summary.skip(item.reason, item.where)
+            continue
+        page = as_pdf_page(item.image)
+        if page is not None and render.pages is not None and (page.page or 1) not in render.pages:
+            summary.left_out += 1
+            continue
+        key = clean_key(item.key)
+        if key in seen:
+            summary.skip("duplicate_key", f"{item.where} (key {key!r})")
+            continue
+        parts, reason = members(item, render)
+        if reason:
+            summary.skip(reason, _example(item, reason))
+            continue
+        seen.add(key)
+        try:
+            writer.write(key, parts)
+        except OSError as e:  # disk full, quota: one line, and the partial folder goes
+            raise ConfigError(f"{out}: cannot write a shard ({e.strerror or e})") from e
+        summary.samples += 1
+        summary.text_only += not any(ext in IMAGE_EXTS for ext, _ in parts)
+        summary.empty_kept += any(ext == "txt" and not data.strip() for ext, data in parts)
+        if summary.skipped and summary.samples % 100 == 0:
+            items.set_postfix(skipped=sum(summary.skipped.values()), refresh=False)
+        if limit is not None and summary.samples >= int(limit):
+            break
 
-    Returns how many shards of an earlier run were replaced or removed."""
-    old = [p for p in Path(out).iterdir() if re.fullmatch(re.escape(name) + r"-\d{6}\.tar", p.name)]
-    ours = {os.path.basename(p) for p in paths}
-    try:
-        for path in paths:
-            os.replace(path, os.path.join(out, os.path.basename(path)))
-        for path in old:
-            if path.name not in ours:
-                path.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot move the shards there ({e.strerror or e})") from e
-    return len(old)
+
+def _publish_all(writer, out, name, summary):
+    """Publish the shards, and a HeldOut writer's eval shards (their pattern and count into ``summary``);
+    returns how many shards of an earlier run were replaced."""
+    if not isinstance(writer, HeldOut):
+        return publish(writer.paths, out, name)
+    if not writer.held_count:
+        raise ConfigError(f"--eval-every {writer.every}: only {writer.written} sample(s), so none was held out; "
+                          f"give a smaller N")
+    summary.eval_samples = writer.held_count
+    summary.eval_pattern = shard_pattern(out, "eval", len(writer.held.paths))
+    return publish(writer.main.paths, out, name) + publish(writer.held.paths, out, "eval")
 
 
 def _example(item, reason):
@@ -340,10 +342,26 @@ def format_summary(summary, name="train"):
     lines.append(f"skipped {total:,} sample(s)" + (":" if total else ""))
     for reason, n in summary.skipped.most_common():
         lines.append(f"  {reason}: {n:,}  e.g. " + "; ".join(summary.examples[reason]))
+    if summary.eval_pattern:
+        lines.append(f"held out for eval (--eval-every): {summary.eval_samples:,} of the samples, in "
+                     f"{summary.eval_pattern}")
     split = name if name in ("train", "eval") else "train"
-    lines.append(f"shards (data.dataset.{split} of the shards dataset):")
+    folder = f", or data.dataset.dir={os.path.dirname(summary.pattern)}" if name in ("train", "eval") else ""
+    lines.append(f"shards (data.dataset.{split} of the shards dataset{folder}):")
     lines.append(summary.pattern)
     return "\n".join(lines)
+
+
+def check_flags(args):
+    """The command line's own values, each error naming its flag (write_shards takes them as given)."""
+    if not args.name or re.search(r"[/\\{}*?\[\]]", args.name) or args.name.startswith("."):
+        raise ConfigError(f"--name {args.name!r}: a plain file name prefix, without / \\ {{ }} * ? [ ]")
+    if args.max_count < 1:
+        raise ConfigError(f"--max-count {args.max_count}: must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1")
+    if args.images_root is not None and not os.path.isdir(args.images_root):
+        raise ConfigError(f"--images-root {args.images_root}: no such folder")
 
 
 def command(argv=None):
@@ -358,23 +376,27 @@ def command(argv=None):
     parser.add_argument("--images-root", help="folder that relative image paths are under "
                                               "(default: the SOURCE file's folder)")
     parser.add_argument("--limit", type=int, help="stop after writing this many samples")
+    parser.add_argument("--eval-every", type=int, metavar="N", help="hold every N-th sample out as the eval split: "
+                                                                   "eval-NNNNNN.tar beside the --name shards")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
-                        help="an argument of the FORMAT's reader, e.g. evaluator_quirks=true (omnidocbench)")
+                        help="an argument of the FORMAT's reader, e.g. corrected=true (omnidocbench)")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="load this plugin too (a module name or a .py file), e.g. a source of your own")
     parser.add_argument("--longest-side", type=int, help=f"render PDF pages with this many pixels on their longer "
-                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's)")
+                                                           f"side (default {DEFAULT_LONGEST_SIDE}, olmOCR's; a long "
+                                                           f"thin page keeps a short side of {MIN_SHORT_SIDE})")
     parser.add_argument("--dpi", type=float, help="render PDF pages at this resolution instead (72 = 1 px per point)")
     parser.add_argument("--pages", type=PageRange, help="only these pages of each PDF, counted from 1: 1-3,7,10-")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    check_flags(args)
     longest = args.longest_side if args.longest_side is not None or args.dpi is not None else DEFAULT_LONGEST_SIDE
     render = Render(dpi=args.dpi, longest_side=longest, pages=args.pages)
     registry = load_plugins(resolve_plugin_paths(args.plugin, os.getcwd()))[1]
     summary = write_shards(args.format, args.source, args.out, name=args.name, max_count=args.max_count,
                            max_size=parse_size(args.max_size), images_root=args.images_root, limit=args.limit,
                            options=parse_options(args.option), progress=not args.quiet, registry=registry,
-                           render=render)
+                           render=render, eval_every=args.eval_every)
     print(format_summary(summary, args.name))
     return 0
 

@@ -4,12 +4,14 @@
 samples and ``max_size`` bytes, sizes computed exactly (headers, padding, end blocks). Members
 are read-only, owned by nobody, dated 0, so the same samples give the same bytes. Writers work
 in a private ``fresh_partial_dir`` and rename it (or its files) into place when done, so a
-reader never sees half a shard set. ``python -m core.shards`` and the synthetic dataset use it.
+reader never sees half a shard set. ``python -m core.shards`` and the synthetic dataset use it;
+``HeldOut`` splits one stream of samples into two writers (``--eval-every``).
 """
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -62,6 +64,63 @@ class ShardWriter:
         if self.tar:
             self.tar.close()
         self.tar, self.count = None, 0
+
+
+class HeldOut:
+    """Two ShardWriters as one: every ``every``-th sample (the every-th, 2*every-th, ...) goes to ``held``, the
+    rest to ``main`` (``python -m core.shards --eval-every``: an eval split spread over the source)."""
+
+    def __init__(self, main, held, every):
+        self.main, self.held, self.every, self.written, self.held_count = main, held, every, 0, 0
+
+    def write(self, key, parts):
+        self.written += 1
+        hold = self.written % self.every == 0
+        (self.held if hold else self.main).write(key, parts)
+        self.held_count += hold
+
+    def close(self):
+        self.main.close()
+        self.held.close()
+
+    @property
+    def paths(self):
+        return self.main.paths + self.held.paths
+
+    @property
+    def oversize(self):
+        return self.main.oversize + self.held.oversize
+
+
+def shard_pattern(folder, name, count):
+    """The brace pattern of ``count`` shards ``folder/{name}-NNNNNN.tar`` (one shard: its path)."""
+    if count == 1:
+        return os.path.join(folder, f"{name}-000000.tar")
+    return os.path.join(folder, f"{name}-{{000000..{count - 1:06d}}}.tar")
+
+
+def check_eval_every(every, name):
+    """``--eval-every``: None, or N >= 2 beside shards not named eval (they hold the rest)."""
+    if every is not None and (int(every) < 2 or name == "eval"):
+        raise ConfigError(f"--eval-every {every}: every N-th sample (N at least 2) goes to eval-*.tar, beside "
+                          f"the --name shards (not eval)")
+
+
+def publish(paths, out, name):
+    """Move the finished shards into out, over an earlier run's, and remove that run's extra shards.
+
+    Returns how many shards of an earlier run were replaced or removed."""
+    old = [p for p in Path(out).iterdir() if re.fullmatch(re.escape(name) + r"-\d{6}\.tar", p.name)]
+    ours = {os.path.basename(p) for p in paths}
+    try:
+        for path in paths:
+            os.replace(path, os.path.join(out, os.path.basename(path)))
+        for path in old:
+            if path.name not in ours:
+                path.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot move the shards there ({e.strerror or e})") from e
+    return len(old)
 
 
 def _alive(pid):

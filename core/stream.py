@@ -1,6 +1,7 @@
 """The training stream: shards -> batches for one DDP rank, resumable and exact.
 
-The training stream (``train_batches``):
+The training stream (``open_batches``, which core/loop.py opens; ``train_batches`` is the same stream built
+from the SampleEncoding's fields, for callers with no model at hand: the data benchmark and tests):
 
 * **Splitting.** Shards go to *slots*, one per (DDP rank, DataLoader worker):
   ``slot = rank * workers + worker``. Each epoch the shard list is shuffled with
@@ -276,8 +277,9 @@ def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, 
                   shuffle_buffer=1000, num_workers=0, *, resample=False, epochs=None, on_bad_sample="skip",
                   on_long_target="truncate", max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, rank=None, world_size=None,
                   text_only=False, tiling=None):
-    """Iterator of batches (see collate, Batches); endless unless ``epochs`` is given (then the last batch of
-    each worker may be short). Deterministic for a seed, rank, world size and worker count.
+    """``open_batches`` with the SampleEncoding given as its fields: an iterator of batches (see collate,
+    Batches); endless unless ``epochs`` is given (then the last batch of each worker may be short).
+    Deterministic for a seed, rank, world size and worker count.
 
     ``tiling`` (core.images.Tiling, the model's ``tiling``): DeepSeek-OCR's crops; ``num_image_tokens`` is then
     the global view's count and each sample's prompt holds its own image's count (model.num_image_tokens(grid))."""
@@ -289,7 +291,8 @@ def train_batches(shard_paths, tokenizer, image_size, prompt, num_image_tokens, 
 
 def open_batches(shard_paths, encoding, batch_size, seed=0, shuffle_buffer=1000, num_workers=0, *, resample=False,
                  epochs=None, on_bad_sample="skip", rank=None, world_size=None):
-    """train_batches with the per-sample context as one core.data.SampleEncoding."""
+    """The training stream over ``shard_paths``, each sample encoded as ``encoding`` (core.data.SampleEncoding)
+    says: a resumable iterator of batches (Batches; see train_batches for the arguments)."""
     encoding.check()  # fail here, not in a worker
     check_policy("on_bad_sample", on_bad_sample, ON_BAD_SAMPLE)
     check_policy("on_long_target", encoding.on_long_target, ON_LONG_TARGET)

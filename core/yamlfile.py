@@ -7,6 +7,14 @@ component's keyword arguments) and fails much later inside torch. YAML 1.2's cor
 ``1e-5``, ``1E5``, ``.5``, ``+2.`` and ``.inf`` as floats, and so does this loader. Everything else
 (ints, bools, nulls, strings) is PyYAML's safe loader unchanged. Every YAML the user writes (recipe
 files, ``key=value`` overrides, ``--option KEY=VALUE``) goes through ``load``.
+
+A command-line value (``value``) that is not valid YAML but does not start a flow collection or a
+quoted string (``[``, ``{``, ``"``, ``'``) is taken as the plain string it was typed as: ``@home``,
+``a: b: c``. A key given again later overrides the earlier value, as a later override always does;
+but a key given in several words in a row gets the list of their values (``overrides``): an unquoted
+``train=x/train-{000000..000003}.tar`` reaches the command as four ``train=x/train-00000N.tar``
+words in a row, because the shell expands the braces, and the list names all four shards (the
+``shards`` dataset takes a list of patterns) instead of the last one alone.
 """
 import re
 
@@ -60,16 +68,53 @@ def _line_numbers(node, prefix="", out=None):
     return out
 
 
-def apply_override(raw, item):
-    """Set ``dotted.path=value`` in the raw recipe dict; the value is parsed as YAML (numbers, lists, ...)."""
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key.path=value")
+def value(text, what):
+    """A command-line value as YAML (``what`` names it in the error), or the plain string where YAML fails
+    and the text does not start a flow collection or a quoted string (the module doc)."""
     try:
-        parsed = load(value)
+        return load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        if not text.lstrip().startswith(("[", "{", '"', "'")):
+            return text
+        mark = getattr(e, "problem_mark", None)
+        problem = f"{getattr(e, 'problem', e)}" + (f" at column {mark.column + 1}" if mark else "")
+        raise ConfigError(f"{what}: the value is not valid YAML ({problem}); inside [...] or {{...}}, quote a "
+                          f"string holding , : [ ] {{ }} (e.g. train: 'x-{{000000..000003}}.tar')") from e
+
+
+def overrides(items):
+    """``["a.b=1", ...]`` -> [(key, first item, label, value)], values parsed, a later word for a key replacing
+    an earlier one; a key given in several words in a row gets the list of their values (a shell-expanded
+    brace pattern, the module doc). ``label`` names the override(s) in an error: ``override 'a.b=1'``."""
+    grouped, previous = {}, None
+    for item in items:
+        key, text = _key_value(item)
+        if key != previous:
+            grouped.pop(key, None)  # given again after other keys: the later value wins
+            grouped[key] = ([], [])
+        grouped[key][0].append(item)
+        grouped[key][1].append(value(text, f"override {item!r}"))
+        previous = key
+    return [(key, given[0], f"override {given[0]!r}" if len(given) == 1 else f"override {key} given {len(given)} "
+             f"times in a row", values[0] if len(values) == 1 else values) for key, (given, values) in grouped.items()]
+
+
+def _key_value(item):
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    return key.strip(), text
+
+
+_PARSE = object()
+
+
+def apply_override(raw, item, parsed=_PARSE):
+    """Set ``dotted.path=value`` in the raw recipe dict; the value is parsed as YAML (numbers, lists, ...)
+    unless ``parsed`` gives it (``overrides``)."""
+    key, text = _key_value(item)
+    if parsed is _PARSE:
+        parsed = value(text, f"override {item!r}")
     parts = key.split(".")
     node = raw
     for i, part in enumerate(parts):
@@ -97,14 +142,11 @@ def parse_options(items):
     """``["key=value", "flag", ...]`` -> {key: YAML value, flag: True}; a malformed item is a ConfigError naming it."""
     options = {}
     for item in items or ():
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not key.strip():
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE, or KEY alone for true")
         if not sep:
             options[key.strip()] = True
             continue
-        try:
-            options[key.strip()] = load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--option {item!r}: the value is not valid YAML ({e})") from e
+        options[key.strip()] = value(text, f"--option {item!r}")
     return options

@@ -2,15 +2,17 @@
 checkpoint with `python -m core.generate` and `python -m core.metrics`:
 
     python docs/own_lines.py OUT_DIR [--font default|source_sans_pro|PATH.ttf] [--count N] [--seed S] [--scale K]
+        [--txt]
     python -m core.generate RUN/vis_mid OUT_DIR/*.png --out OUT_DIR/pred.jsonl
     python -m core.metrics fox ned exact --pred OUT_DIR/pred.jsonl --gt OUT_DIR/gt.jsonl
 
 Words: a fresh sample of wonderwords' lists drawn with this script's own random stream, keeping only
 words outside the default recipe's training vocabulary (synthetic_lines, seed 0), so every word is
 unseen. Each line: 2-4 words, the first Capitalised, sometimes a number or a comma after the second
-word, ending in a period (half the lines), "!" or "?". Drawn with ImageDraw at --scale times the target
-size (default 2: 64 x 512, which the checkpoint's preprocessing resizes), font size scale x 14-18 px,
-black on white, left margin and baseline jittered.
+word, ending in a period (half the lines), "!" or "?" (``--txt`` also writes it beside its image as
+``line_NNNN.txt``: the folder that ``python -m core.shards folder`` reads). Drawn with ImageDraw at --scale
+times the target size (default 2: 64 x 512, which the checkpoint's preprocessing resizes), font size scale x
+14-18 px, black on white, left margin and baseline jittered.
 """
 import argparse
 import json
@@ -53,6 +55,7 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=256, help="number of lines")
     parser.add_argument("--seed", type=int, default=12345, help="seed of this script's own random stream")
     parser.add_argument("--scale", type=int, default=2, help="draw at this multiple of 32 x 256")
+    parser.add_argument("--txt", action="store_true", help="write each text beside its image (core.shards folder)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
@@ -75,6 +78,9 @@ def main(argv=None):
         ImageDraw.Draw(image).text((x, y), text, font=font, fill=0)
         name = f"line_{i:04d}.png"
         image.save(os.path.join(args.out, name))
+        if args.txt:
+            with open(os.path.join(args.out, name[:-4] + ".txt"), "w", encoding="utf-8") as f:
+                f.write(text)
         rows.append({"id": os.path.join(args.out, name), "text": text})
     with open(os.path.join(args.out, "gt.jsonl"), "w") as f:
         for row in rows:

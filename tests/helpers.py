@@ -1,12 +1,15 @@
-"""What the tests share: paths, the tiny model config, small builders, and a subprocess runner.
+"""What the tests share: paths, the tiny model config, small builders, tiny shards, and a subprocess runner.
 
 Fixtures live in conftest.py; plain helpers live here and are imported (``from tests.helpers import ...``).
 """
+import io
 import os
 import subprocess
 import sys
 
 import torch
+import webdataset as wds
+from PIL import Image
 
 from core.model import build_model
 from core.recipe import Component, ModelConfig
@@ -28,7 +31,7 @@ TINY = ModelConfig(
     tokenizer=Component("bytes"),
 )
 
-REAL = ModelConfig(  # recipes/deepseek_ocr_d20.yaml's sizes: DSO DeepEncoder + nanochat d20
+REAL = ModelConfig(  # recipes/deepseek_ocr_d20.yaml's sizes: DeepSeek-OCR's DeepEncoder + nanochat d20
     encoder=Component("deepencoder", {"image_size": 1024}),
     projector=Component("linear"),
     decoder=Component("nanochat", {"n_layer": 20, "n_head": 10, "n_kv_head": 10, "n_embd": 1280,
@@ -40,8 +43,6 @@ REAL = ModelConfig(  # recipes/deepseek_ocr_d20.yaml's sizes: DSO DeepEncoder + 
 def tiny(registry, seed=0):
     torch.manual_seed(seed)
     return build_model(TINY, registry)
-
-
 
 
 def run_cli(*args, env_extra=None, cwd=None, timeout=600):
@@ -65,3 +66,23 @@ def random_gpt(sizes, seed=0, **kw):
         for p in model.parameters():
             p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def png(size=8, shade=0):
+    """The bytes of a size x size PNG of one colour (``shade`` tells samples apart)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (shade, 255 - shade, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def good_sample(key, shade=0):
+    """A shard sample whose text is its key (so a batch names the samples it holds)."""
+    return {"__key__": key, "png": png(shade=shade), "txt": key.encode()}
+
+
+def write_shard(path, samples):
+    """A WebDataset tar of ``samples`` (dicts of member bytes) in this order; returns its path as a string."""
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)

@@ -2,7 +2,9 @@
 
 * core imports nothing outside core (no plugins, benchmarks or tests): it discovers plugins;
 * no import cycle among the modules of core/ and plugins/;
-* no module imports a private name (``_x``) of another module.
+* no module imports a private name (``_x``) of another module;
+* no function or method under core/ or plugins/ is longer than MAX_FUNCTION_LINES: ``end_lineno - lineno + 1``
+  of its ``def``, docstring included (decorators are above ``lineno``).
 """
 import ast
 import os
@@ -11,6 +13,7 @@ from tests.helpers import ROOT
 
 PACKAGES = ("core", "plugins")
 OURS = ("core", "plugins", "benchmarks", "tests")
+MAX_FUNCTION_LINES = 60
 
 
 def modules():
@@ -94,3 +97,20 @@ def test_the_graph_is_read():  # the checks above mean nothing if the walk found
     edges = graph()
     assert "core.train" in edges and "core.model" in edges["core.train"]
     assert "plugins.encoders.deepencoder" in edges and "plugins.encoders.sam" in edges["plugins.encoders.deepencoder"]
+
+
+def function_lengths():
+    """{"module:line name": lines} of every function and method under core/ and plugins/."""
+    out = {}
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out[f"{name}:{node.lineno} {node.name}"] = node.end_lineno - node.lineno + 1
+    return out
+
+
+def test_no_long_functions():
+    lengths = function_lengths()
+    assert any(key.endswith(" run_stage") for key in lengths)  # the walk found the functions
+    long = [f"{key}: {n} lines" for key, n in lengths.items() if n > MAX_FUNCTION_LINES]
+    assert not long, "split these into named functions:\n" + "\n".join(long)

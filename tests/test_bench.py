@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.train_step import full_length_tokens
+from core.memory import full_length_tokens
 from core.registry import load_plugins
 
 

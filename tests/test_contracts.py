@@ -28,8 +28,9 @@ def recipe(tmp_path, **changes):
     raw = {
         "run": {"dir": str(tmp_path / "run"), "threads": 1, "log_every": 1},
         "model": {"encoder": {"name": "deepencoder", "image_size": 32,
-                              "sam": dict(patch_size=8, dim=16, depth=1, heads=2, window_size=2, global_attn_indexes=[0],
-                                          out_chans=16, downsample_channels=[16, 24], downsample_strides=[1, 1]),
+                              "sam": dict(patch_size=8, dim=16, depth=1, heads=2, window_size=2,
+                                          global_attn_indexes=[0], out_chans=16, downsample_channels=[16, 24],
+                                          downsample_strides=[1, 1]),
                               "clip": dict(dim=24, depth=1, heads=2, mlp_dim=48)},
                   "projector": {"name": "linear"},
                   "decoder": {"name": "nanochat", "n_layer": 1, "n_head": 2, "n_kv_head": 2, "n_embd": 32,
@@ -61,6 +62,7 @@ def run(tmp_path, **changes):
 
 @pytest.mark.parametrize("part, component", [
     ("encoder", {"name": "pool", "image_size": 32}),
+    ("encoder", {"name": "pool", "image_size": [16, 64]}),  # a rectangle: 2 rows of 8 cells
     ("projector", {"name": "scale"}),
     ("decoder", {"name": "mean"}),
     ("tokenizer", {"name": "letters"}),
@@ -70,6 +72,13 @@ def test_a_third_party_model_part_trains_and_reads(tmp_path, part, component):
     assert [e["stage"] for e in events if e["event"] == "stage_end"] == ["s1"]
     aggregate = json.loads((run_dir / "eval.json").read_text())["aggregate"]
     assert aggregate["samples"] == 4 and aggregate["exact"] is not None
+
+
+def test_a_third_party_encoder_sees_its_rectangular_view(tmp_path, capsys):
+    path = recipe(tmp_path, **{"model.encoder": {"name": "pool", "image_size": [16, 64]}})
+    assert run_main([path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "image 16x64 -> grid 2x8 -> 19 vision tokens (2 rows of 8 + newline, + 1 separator)" in out
 
 
 def test_a_third_party_dataset_feeds_training(tmp_path):
@@ -95,6 +104,25 @@ def test_a_third_party_freeze_policy_decides_what_trains(tmp_path):
     _, events = run(tmp_path, **{"stages": [{"name": "s1", "steps": 2, "freeze": [{"name": "projector_off"}]}]})
     table = {name: (t, f) for name, t, f in next(e for e in events if e["event"] == "stage_start")["parameters"]}
     assert table["projector"][0] == 0 and table["projector"][1] > 0
+
+
+def test_a_third_party_adapter_trains_alone_and_merges(tmp_path, cli):
+    """The scale projector (no bias) with an output-scale adapter on it: the adapter checkpoint holds the scale
+    alone, python -m core.merge folds it in, and both read the same."""
+    first = {"name": "s1", "steps": 2, "lr": 1e-2}
+    second = {"name": "s2", "steps": 2, "lr": 1e-2, "init_from": {"path": "stage:s1"},
+              "adapters": [{"name": "output_scale", "layers": ["projector.linear"]}]}
+    run_dir, _ = run(tmp_path, **{"model.projector": {"name": "scale"}, "stages": [first, second]})
+    from safetensors.torch import load_file
+    assert list(load_file(str(run_dir / "s2" / "model_000002.safetensors"))) == ["projector.linear.scale"]
+    assert cli("core.merge", run_dir / "s2", tmp_path / "merged").returncode == 0
+    merged = load_file(str(tmp_path / "merged" / "model_000002.safetensors"))
+    assert "projector.linear.weight" in merged and not any("scale" in k for k in merged)
+    image = tmp_path / "page.png"
+    Image.new("RGB", (32, 32), "white").save(image)
+    texts = [cli("core.generate", folder, image, "--max-new-tokens", "4").stdout
+             for folder in (run_dir / "s2", tmp_path / "merged")]
+    assert texts[0] == texts[1] and texts[0]
 
 
 def test_a_third_party_logger_gets_every_event(tmp_path):

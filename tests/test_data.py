@@ -1,4 +1,5 @@
-"""core.data (preprocess, tokenize, stream, batch) and the synthetic_ocr / shards dataset plugins."""
+"""The data path's pieces: preprocess (core/images.py), encode_sample and collate (core/data.py), the training
+stream over synthetic shards, and the synthetic_ocr / shards dataset plugins (bad samples: test_bad_samples.py)."""
 import io
 import itertools
 import os
@@ -6,7 +7,6 @@ import re
 
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from core.data import IGNORE, collate, encode_sample, eval_samples
@@ -202,22 +202,6 @@ def test_train_batches_workers_split_shards(tmp_path):
     ds = small(tmp_path, train_samples=32)  # two shards of 16: one per worker
     a, b = batches(ds, n=8, num_workers=2), batches(ds, n=8, num_workers=2)
     assert len({k for x in a for k in x["keys"]}) == 32 and [x["keys"] for x in a] == [x["keys"] for x in b]
-
-
-def test_bad_samples_are_skipped_and_counted(tmp_path):
-    path = str(tmp_path / "bad.tar")
-    good = io.BytesIO()
-    Image.new("RGB", (64, 64), "white").save(good, format="PNG")
-    with wds.TarWriter(path, encoder=False) as sink:
-        sink.write({"__key__": "broken", "png": b"not a png", "txt": b"x"})
-        sink.write({"__key__": "mute", "jpg": good.getvalue()})
-        for i in range(6):
-            sink.write({"__key__": f"good{i}", "png": good.getvalue(), "txt": b"ok"})
-    it = train_batches([path], Bytes(), 64, PROMPT, 8, 64, batch_size=3, shuffle_buffer=1)
-    keys = [k for batch in itertools.islice(it, 2) for k in batch["keys"]]
-    assert sorted(keys) == [f"good{i}" for i in range(6)]
-    assert it.report() == {"bad_image": {path: 1}, "missing_text": {path: 1}}  # by reason and shard
-    assert it.stats == {"bad_image": 1, "missing_text": 1}
 
 
 # ---- shards plugin and missing paths

@@ -1,4 +1,5 @@
-"""torchrun with 2 gloo ranks (DDP and FSDP2): the same weights as 1 process with the same global batch, and run.resume=auto."""
+"""torchrun with 2 gloo ranks (DDP and FSDP2): the same weights as 1 process with the same global batch, and
+run.resume=auto."""
 import json
 import os
 import signal
@@ -10,14 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import resume as resume_state
+from core import resume
 from core.errors import ConfigError
 from tests.helpers import GRID_RECIPE, ROOT
 
 # Every shard holds exactly one rank batch (2 samples) and every text has the same length, so one
 # process with batch 4 sees, step by step, the union of the two ranks' batches of 2, and the mean
 # losses agree (shard order is seeded; shuffle_buffer 1 keeps the order inside a shard).
-COMMON = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", "data.dataset.word_length=[3,3]", "data.dataset.vocabulary_size=2000",
+COMMON = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", "data.dataset.word_length=[3,3]",
+          "data.dataset.vocabulary_size=2000",
           "data.dataset.train_samples=64", "data.dataset.samples_per_shard=2", "data.dataset.eval_samples=4",
           "eval.samples=4", "eval.max_new_tokens=2", "stages.0.steps=6", "stages.1.steps=3",
           "stages.0.probe_every=0", "stages.1.probe_every=0", "stages.0.monitor_every=0", "stages.1.monitor_every=0"]
@@ -71,7 +73,8 @@ def test_two_gloo_ranks_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(torchrun(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "vis_tok" / "model_000004.safetensors").exists() or not (killed / "vis_tok" / "latest.json").exists():
+    written = (killed / "vis_tok" / "model_000004.safetensors", killed / "vis_tok" / "latest.json")
+    while not all(path.exists() for path in written):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
     for pid in _workers(proc.pid):  # both ranks die at once, as on a lost node; torchrun then exits
@@ -82,7 +85,7 @@ def test_two_gloo_ranks_killed_and_resumed_match_an_uninterrupted_run(tmp_path):
 
     meta = json.loads((killed / "vis_tok" / f"meta_{done:06d}.json").read_text())
     with pytest.raises(ConfigError, match="written by 2 process"):  # 1 process cannot take 2 ranks' positions
-        resume_state.check_world_size(meta["train_state"], 1, "model.safetensors")
+        resume.check_world_size(meta["train_state"], 1, "model.safetensors")
 
     resumed = subprocess.run(torchrun(killed, "run.resume=auto"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -137,9 +140,10 @@ def test_fsdp_two_gloo_ranks_match_one_process_and_resume(tmp_path):
 
 def test_fsdp_refuses_muon_and_compile():
     from core.recipe import load_recipe
-    with pytest.raises(ConfigError, match=r"grid.yaml.*stages.1.optimizer: muon needs whole matrices"):
+    with pytest.raises(ConfigError,
+                       match=r"override 'stages.1.optimizer=muon': stages.1.optimizer: muon needs whole matrices"):
         load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "stages.1.optimizer=muon"])
     with pytest.raises(ConfigError, match=r"run.compile: not supported with run.parallel: fsdp"):
         load_recipe(GRID_RECIPE, ["run.parallel=fsdp", "run.compile=true"])
-    with pytest.raises(ConfigError, match=r"grid.yaml:\d+: run: parallel must be ddp or fsdp"):
+    with pytest.raises(ConfigError, match=r"override 'run.parallel=zero': run.parallel: must be ddp or fsdp"):
         load_recipe(GRID_RECIPE, ["run.parallel=zero"])

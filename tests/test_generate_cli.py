@@ -11,7 +11,7 @@ from core.images import preprocess
 from core.generate import generate
 from core.generate import image_prompt_ids as prompt_ids
 from core.model import build_model
-from core.generate import main, tsv_line
+from core.generate import DEFAULT_MAX_NEW_TOKENS, main, new_tokens, tsv_line
 from core.registry import load_plugins
 from tests.helpers import TINY
 
@@ -86,3 +86,75 @@ def test_unreadable_image_and_checkpoint_without_meta(saved, tmp_path, capsys):
     (tmp_path / "empty_stage").mkdir()
     assert main([str(tmp_path / "empty_stage"), images[0]]) == 2
     assert "no model_XXXXXX.safetensors checkpoint in this folder" in capsys.readouterr().err
+
+
+def test_pdf_pages_are_read_as_their_rendered_images(cli, saved, tmp_path):
+    """doc.pdf#page=N, a one-page doc.pdf and a longer doc.pdf (every page) read as the PNG core.shards stores."""
+    from benchmarks.inputs import box, pdf_bytes
+    from core.pdf import PdfPage, Render, render_png
+    _, path, _, _ = saved
+    book, single = tmp_path / "book.pdf", tmp_path / "single.pdf"
+    book.write_bytes(pdf_bytes([box(72, 500, 300, 200), box(300, 100, 200, 500)]))
+    single.write_bytes(pdf_bytes([box(72, 600, 100, 100)]))
+    pngs = []
+    for i, (pdf, page) in enumerate([(book, 1), (book, 2), (single, 1)]):
+        pngs.append(tmp_path / f"rendered{i}.png")
+        pngs[-1].write_bytes(render_png(PdfPage(str(pdf), page), Render()))
+    want = cli("core.generate", path, *pngs, "--max-new-tokens", NEW_TOKENS)
+    assert want.returncode == 0, want.stderr
+    texts = [line.split("\t", 1)[1] for line in want.stdout.splitlines()]
+    got = cli("core.generate", path, f"{book}#page=2", single, book, "--max-new-tokens", NEW_TOKENS)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.splitlines() == [tsv_line(f"{book}#page=2", texts[1]), tsv_line(str(single), texts[2]),
+                                       tsv_line(f"{book}#page=1", texts[0]), tsv_line(f"{book}#page=2", texts[1])]
+    out = tmp_path / "md"  # a PDF's pages get .md files of their own
+    assert cli("core.generate", path, book, "--out-dir", out, "--max-new-tokens", NEW_TOKENS).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["book_p1.md", "book_p2.md"]
+    missing = cli("core.generate", path, f"{tmp_path / 'nope.pdf'}#page=1")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    past = cli("core.generate", path, f"{single}#page=3")
+    assert past.returncode == 2 and "pdf_page_out_of_range: page 3 of 1" in past.stderr
+
+
+@pytest.mark.parametrize("recorded, tokens, source", [
+    ({"max_new_tokens": int(NEW_TOKENS), "max_len": 100}, int(NEW_TOKENS), "the checkpoint's eval.max_new_tokens"),
+    ({"max_len": 64}, 64 - 32, "the checkpoint's data.max_len 64 less the 32-token prompt"),  # bos, 21 + 10
+], ids=["eval-length", "max-len"])
+def test_default_length_is_what_the_checkpoint_trained_with(cli, saved, tmp_path, recorded, tokens, source):
+    root, path, images, texts = saved
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for name in ("model_000005.safetensors", "meta_000005.json"):
+        data = (root / "stage" / name).read_bytes()
+        if name.startswith("meta"):
+            data = json.dumps({**json.loads(data), **recorded}).encode()
+        (stage / name).write_bytes(data)
+    result = cli("core.generate", stage, images[0])
+    assert result.returncode == 0, result.stderr
+    assert f"max new tokens: {tokens} ({source})" in result.stderr.splitlines()
+    want = cli("core.generate", stage, images[0], "--max-new-tokens", tokens)
+    assert result.stdout == want.stdout
+    if tokens == int(NEW_TOKENS):
+        assert result.stdout.splitlines() == [tsv_line(images[0], texts[0])]
+
+
+def test_a_checkpoint_without_training_lengths_gets_the_stated_default():
+    assert new_tokens({"max_new_tokens": None, "max_len": None}, 32) == (
+        DEFAULT_MAX_NEW_TOKENS, "the default: the checkpoint's meta json records no training length")
+
+
+def test_an_image_far_from_the_model_view_is_warned_once(cli, saved, tmp_path):
+    _, path, images, _ = saved
+    strips = []
+    for i in range(3):
+        strips.append(str(tmp_path / f"strip{i}.png"))
+        Image.new("RGB", (300, 20), "white").save(strips[-1])
+    result = cli("core.generate", path, images[0], *strips, "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {strips[0]} is 15:1 (width:height) but the model's view is 1:1: it is padded to "
+                        f"the view, so its text shrinks (2 more image(s) like it)"]
+    quiet = cli("core.generate", path, *images, "--max-new-tokens", "2")  # 60 x 24 is 2.5:1, but 20 x 40 is 1:2
+    assert [line for line in quiet.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: {images[1]} is 2.5:1 (width:height) but the model's view is 1:1: it is padded to the view, so "
+        f"its text shrinks"]

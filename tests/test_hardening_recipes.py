@@ -8,8 +8,9 @@ import torch
 
 from core.errors import ConfigError
 from core.evaluate import format_samples
-from core.recipe import load_recipe, parse_options
+from core.recipe import load_recipe
 from core.run import main
+from core.yamlfile import parse_options
 from tests.helpers import DEFAULT_RECIPE, ROOT
 from tests.tiny_recipe import log_events, run, write_recipe
 
@@ -93,14 +94,24 @@ def test_values_out_of_range_are_one_line_at_load_naming_the_key(tmp_path, cache
     recipe = write_recipe(tmp_path, cache)
     with pytest.raises(ConfigError) as e:
         load_recipe(str(recipe), [override])
-    assert re.match(rf"{re.escape(str(recipe))}(:\d+)?: {re.escape(key)}: ", str(e.value)), str(e.value)
+    by_override = override.partition("=")[0] == key  # the value came from the override, not from a line of the file
+    where = re.escape(f"override {override!r}") if by_override else rf"{re.escape(str(recipe))}(:\d+)?"
+    assert re.match(rf"{where}: {re.escape(key)}: ", str(e.value)), str(e.value)
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
 # ---- 12: the real-scale dry run shows the real d20
 
-def test_the_real_scale_dry_run_shows_the_d20_vocabulary_without_the_tokenizer_file(capsys):
-    assert main([D20, "--dry-run", NO_TOKENIZER]) == 0
+def test_the_real_scale_dry_run_shows_the_d20_vocabulary_without_the_tokenizer_file(tmp_path, capsys):
+    from PIL import Image
+
+    from core.shards import write_shards
+    (tmp_path / "page.txt").write_text("a page")
+    Image.new("RGB", (64, 80), "white").save(tmp_path / "page.png")
+    shard = write_shards("folder", str(tmp_path), str(tmp_path / "data"), progress=False).pattern
+    assert main([D20, "--dry-run", NO_TOKENIZER]) == 2  # the model is described, then: no shards at data/
+    assert "error: data.dataset.train: shard 'data/train-000000.tar' does not exist" in capsys.readouterr().err
+    assert main([D20, "--dry-run", NO_TOKENIZER, f"data.dataset.train={shard}", f"data.dataset.eval={shard}"]) == 0
     out = capsys.readouterr().out
     # 560,988,160 (docs/architecture.md §1.3) + the <|image|> row of wte and of lm_head: 2 x 1,280
     assert re.search(r"^decoder +560,990,720 +0$", out, re.MULTILINE), out

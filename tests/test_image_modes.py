@@ -12,7 +12,6 @@ from core.data import SampleEncoding
 from core.generate import open_image_file
 from core.images import image_views, rgb
 from plugins.tokenizers.bytes import ByteTokenizer
-from tests.test_generate_cli import saved  # noqa: F401 (the fixture: a tiny checkpoint)
 
 SIZE = 32
 BAR = (4, 12, 28, 20)  # x0, y0, x1, y1: an opaque black bar, the "text"
@@ -97,8 +96,8 @@ def bomb_png(side=10000):
             + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b""))
 
 
-def test_generate_refuses_a_decompression_bomb_in_one_line(cli, saved, tmp_path):  # noqa: F811
-    _, path, images, _ = saved
+def test_generate_refuses_a_decompression_bomb_in_one_line(cli, tiny_checkpoint, tmp_path):
+    _, path, images, _ = tiny_checkpoint
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(bomb_png())
     assert bomb.stat().st_size < 20000

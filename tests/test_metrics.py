@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
-from core.metrics import main, score_pairs
+from core.metrics import score_pairs
 from core.registry import load_plugins
-from core.textdist import levenshtein, ned
+from core.textdist import levenshtein, ned, window_ned
 from plugins.metrics.exact import ExactMatch
 from plugins.metrics.fox import FoxMetric
 from plugins.metrics.ned import NEDMetric
@@ -24,7 +24,11 @@ def test_textdist():
     assert levenshtein("kitten", "sitting") == 3  # k->s, e->i, +g
     assert ned("kitten", "sitting") == approx(3 / 7)
     assert ned("", "abc") == 1.0
-    assert ned("", "") is None
+    assert ned("", "") is None and ned("", "", both_empty=0.0) == 0.0  # 0/0: left out, or a cost of nothing
+    assert ned("ab", "ab", both_empty=None) == 0.0
+    # the closest same-length window: "wor1d" is one substitution from "world"
+    assert window_ned("hello world", "wor1d") == approx(1 / 5) and window_ned("xxabcxx", "abc") == 0.0
+    assert window_ned("ab", "abc") is None and window_ned("abc", "") is None  # longer, or empty: no window
 
 
 def test_fox_swapped_precision_recall():
@@ -99,6 +103,33 @@ def test_fox_tokenizer_option_errors():
             FoxMetric(zh_tokenizer="jieba")
 
 
+# Fox with jieba (the default) against Fox's own scorer. Expected values: ``cal_per_metrics`` of Fox's
+# eval_tools/eval_ocr_test.py (ucaslcl/Fox, commit 68c4a0a; jieba 0.42.1, nltk 3.9.1), called as its script
+# calls it (label = GT, answer = output), METEOR left out (it needs WordNet). On OmniDocBench's demo pages the
+# two agree on every sample (docs/reading-and-scoring.md, "The metrics").
+FOX = [  # (label = GT, answer = output, precision, recall, f_measure, edit_dist) as Fox printed them
+    ("我爱北京天安门。\n北京是中国的首都。", "我爱北京天安门\n北京是首都。", 0.8, 1.0, 0.8888888888888888, 0.2222222222222222),
+    ("OCR 模型 reads pages, 每页 一次。", "OCR 模型 reads the pages, 每页一次.", 0.8888888888888888, 0.8,
+     0.8421052631578947, 0.20689655172413793),
+    ("纯文本对比测试", "纯文本对比测验", 0.75, 0.75, 0.75, 0.14285714285714285),
+]
+
+
+@pytest.mark.parametrize("label, answer, precision, recall, f1, edit", FOX)
+def test_fox_default_is_jieba_and_matches_fox(label, answer, precision, recall, f1, edit):
+    metric = FoxMetric()  # the default: jieba, installed with vlmkit
+    assert metric.zh_tokenizer == "jieba"
+    got = metric.vlmkit_metric_score(pred=answer, gt=label)
+    assert (got["precision"], got["recall"], got["f1"], got["edit_dist"]) == pytest.approx(
+        (precision, recall, f1, edit), abs=1e-15)
+
+
+def test_char_fallback_is_not_fox():
+    # Without jieba the Chinese branch splits per character: another precision on mixed text (0.9, not 8/9).
+    label, answer, precision = FOX[1][:3]
+    assert FoxMetric(zh_tokenizer="chars").vlmkit_metric_score(pred=answer, gt=label)["precision"] != precision
+
+
 def test_long_pair_ned():
     # 3000 'a' vs the same with 30 substitutions: distance 30 / 3000 = 0.01 (no nltk 2,000-char limit, §6.3)
     gt = "a" * 3000
@@ -125,8 +156,6 @@ def test_registry_and_collisions():
     assert {"fox", "ned", "exact"} <= set(registry.names("metric"))
     with pytest.raises(ConfigError, match="exact"):
         score_pairs([ExactMatch(), ExactMatch()], [(1, "a", "a")])
-
-
 
 
 def _write(path, items):
@@ -163,6 +192,7 @@ def test_cli_malformed_line(tmp_path, cli):
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"{tmp_path / 'p.jsonl'}:2" in lines[0]
 
 
-def test_cli_unknown_metric(capsys):  # in-process: a third subprocess would cost ~2 s of imports
-    assert main(["fxo", "--pred", "x", "--gt", "y"]) == 2
-    assert "did you mean 'fox'" in capsys.readouterr().err
+def test_cli_unknown_metric(cli):
+    result = cli("core.metrics", "fxo", "--pred", "x", "--gt", "y")
+    assert result.returncode == 2
+    assert "did you mean 'fox'" in result.stderr

@@ -8,17 +8,19 @@ import re
 import pytest
 
 from core.errors import ConfigError
-from core.metrics import load_pairs as _load_pairs, main, score_pairs
+from core import metrics
+from core.metrics import main, score_pairs
 from core.registry import load_plugins
-from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 from plugins.metrics.fox import FoxMetric
-from plugins.metrics.omnidocbench import OmniDocBenchText, clean_string, textblock2unicode
+from plugins.metrics.omnidocbench import OmniDocBenchText
+from plugins.metrics.omnidocbench_files import omnidocbench_page_text
+from plugins.metrics.omnidocbench_normalise import clean_string, textblock2unicode
 
 approx = pytest.approx
 
 
 def load_pairs(fmt, pred, gt=None, **options):
-    return _load_pairs(load_plugins()[1], fmt, pred, gt, options)
+    return metrics.load_pairs(load_plugins()[1], fmt, pred, gt, options)
 
 
 def odb(pred, gt):
@@ -138,9 +140,9 @@ PAGE_B = _page("doc_b.png", [_block(0, "text_block", 1, "Hello world")])
 
 
 def test_omnidocbench_page_text():
-    assert omnidocbench_page_text(PAGE_A) == "Intro\n\nFirst part middle end."
-    # evaluator quirk (§2.4): chain 2->3, 3->4 becomes [2, 3, 3, 4], block 3 twice
-    assert omnidocbench_page_text(PAGE_A, evaluator_quirks=True) == "Intro\n\nFirst part middle middle end."
+    # as the evaluator (§2.4): chain 2->3, 3->4 becomes [2, 3, 3, 4], block 3 twice
+    assert omnidocbench_page_text(PAGE_A) == "Intro\n\nFirst part middle middle end."
+    assert omnidocbench_page_text(PAGE_A, corrected=True) == "Intro\n\nFirst part middle end."
     # a None order counts as 0: sorted before order 1
     page = _page("x.jpg", [_block(0, "text_block", 1, "one"), _block(1, "reference", None, "zero")])
     assert omnidocbench_page_text(page) == "zero\n\none"

@@ -31,10 +31,10 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(cli, tmp_path, re
     (tmp_path / "poison_plugin.py").write_text(POISON)
     run_dir = tmp_path / "run"
     result = cli("core.run", GRID_RECIPE, f"run.dir={run_dir}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
-                 "plugins=[poison_plugin]", "stages.0.regularisers=[{name: poison, at: 3}]",
+                 f"plugins=[{tmp_path / 'poison_plugin.py'}]", "stages.0.regularisers=[{name: poison, at: 3}]",
                  "stages.0.checkpoint_every=2", "stages.0.steps=10", "data.batch_size=4",
                  "data.dataset.train_samples=128", "data.dataset.eval_samples=8", "eval.samples=8",
-                 "stages.0.probe_every=0", "stages.0.monitor_every=0", env_extra={"PYTHONPATH": str(tmp_path)})
+                 "stages.0.probe_every=0", "stages.0.monitor_every=0")
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: stage vis_tok step 3: loss is nan") and "poison=nan" in message

@@ -143,3 +143,17 @@ def test_one_command_with_the_render_flags(tmp_path, capsys):
     assert out.splitlines()[-1] == str(tmp_path / "out" / "train-000000.tar")
     assert main(["pdf", str(source), "--out", str(tmp_path / "x"), "--dpi", "50", "--longest-side", "9"]) == 2
     assert "error: --dpi and --longest-side: give one of them, not both" in capsys.readouterr().err
+
+
+def test_a_long_thin_page_keeps_a_usable_short_side(tmp_path):
+    """A 234 x 14,295 pt page at the default longest side would be 21 px wide: it is drawn MIN_SHORT_SIDE wide."""
+    from core.pdf import MIN_SHORT_SIDE
+    path = tmp_path / "receipt.pdf"
+    path.write_bytes(pdf_bytes([box(20, 14000, 100, 200)], size=(234, 14295)))
+    image = Image.open(io.BytesIO(render_png(PdfPage(str(path), 1), Render())))
+    assert image.width == MIN_SHORT_SIDE and abs(image.height - 14295 * MIN_SHORT_SIDE / 234) <= 1
+    x0, y0, x1, y1 = dark_box(image)  # the box is still where the page put it, at the larger scale
+    scale = MIN_SHORT_SIDE / 234
+    assert abs(x0 - 20 * scale) <= 1 and abs(x1 + 1 - 120 * scale) <= 1 and abs(y0 - 95 * scale) <= 1
+    by_dpi = Image.open(io.BytesIO(render_png(PdfPage(str(path), 1), Render(dpi=18, longest_side=None))))
+    assert abs(by_dpi.width - 234 / 4) <= 1 and abs(by_dpi.height - 14295 / 4) <= 1  # a resolution asked is kept

@@ -1,5 +1,5 @@
-"""Pretrained vision weights (issue "Real scale from pretrained weights"): vlmkit's SAM / CLIP /
-DeepEncoder load transformers' and DeepSeek-OCR's layouts exactly, and refuse loudly otherwise.
+"""Pretrained vision weights: vlmkit's SAM / CLIP / DeepEncoder load transformers' and DeepSeek-OCR's layouts
+exactly, and refuse loudly otherwise.
 
 Tiny transformers reference models with random weights are saved with save_pretrained, loaded
 through the encoders' recipe arguments (weights=, weights_format=) and run on the same input as
@@ -275,7 +275,7 @@ def test_load_state_non_strict_report_and_meta(tmp_path):
     torch.save({"state_dict": lin.state_dict(), "epoch": 3}, tmp_path / "w.pt")
     assert set(read_state_dict(tmp_path / "w.pt")) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     # a module on the meta device (a dry run) is not loaded into, and the file is not read (these bytes are no
-    # safetensors file); but it must exist, as a decoder checkpoint must (issue 15)
+    # safetensors file); but it must exist, as a decoder checkpoint must (a dry run checks every weight path)
     (tmp_path / "unread.safetensors").write_bytes(b"not read on meta")
     with torch.device("meta"):
         meta = SAMEncoder(**VLM_SAM, weights=str(tmp_path / "unread.safetensors"))

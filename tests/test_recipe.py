@@ -52,7 +52,7 @@ def test_components_and_yaml11_floats(tmp_path):
     (MINIMAL, ["stages.0.steps"], r"override 'stages.0.steps': expected key.path=value"),
     (MINIMAL, ["run.seed=abc"], r"run.seed: expected int, got str 'abc'"),
     (MINIMAL.replace("  - name: a\n    steps: 5\n", "  - name: a\n"), [], r"r.yaml:9: stages.0: missing key 'steps'"),
-    (MINIMAL + "    schedule: linear\n", [], r"stages.0: schedule must be constant, step or cosine"),
+    (MINIMAL + "    schedule: linear\n", [], r"r.yaml:12: stages.0.schedule: must be constant, step or cosine"),
 ], ids=["unknown-key", "wrong-type", "bad-index", "no-equals", "override-type", "missing", "bad-choice"])
 def test_errors_name_the_key_and_line(tmp_path, text, override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -67,3 +67,35 @@ def test_missing_recipe_file():
 def test_override_through_a_value_is_refused():
     with pytest.raises(ConfigError, match="run.seed is a value, not a section"):
         apply_override({"run": {"seed": 1}}, "run.seed.x=2")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.batch_size=-1", "override 'data.batch_size=-1': data.batch_size: must be at least 1, not -1"),
+    ("stages.0={name: a, steps: -2}", "override 'stages.0={name: a, steps: -2}': stages.0.steps: must be at least 0"),
+    ("data.on_bad_sample=maybe", "override 'data.on_bad_sample=maybe': data.on_bad_sample: must be skip or error"),
+], ids=["value", "inside-a-replaced-section", "choice"])
+def test_an_override_error_names_the_override_not_a_line_of_the_file(tmp_path, override, expected):
+    """The file's line holds another value: blaming it sends the user to the wrong place."""
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, MINIMAL), [override])
+    assert str(e.value).startswith(expected) and "r.yaml" not in str(e.value), str(e.value)
+
+
+def test_brace_patterns_and_plain_strings_in_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    # bash expands an unquoted data.dataset.train=x/train-{000000..000002}.tar into three words; the key gets
+    # all three (the shards dataset takes a list), not silently the last
+    expanded = [f"data.dataset.train=x/train-00000{i}.tar" for i in range(3)]
+    assert load_recipe(path, expanded).data.dataset.args["train"] == [f"x/train-00000{i}.tar" for i in range(3)]
+    quoted = load_recipe(path, ["data.dataset.train=x/train-{000000..000002}.tar"])
+    assert quoted.data.dataset.args["train"] == "x/train-{000000..000002}.tar"
+    # not YAML, but plainly a string: taken as typed
+    assert load_recipe(path, ["data.prompt=<image>: read: it"]).data.prompt == "<image>: read: it"
+    flow = "data.dataset={name: shards, train: '/x/train-{000000..000002}.tar'}"
+    assert load_recipe(path, [flow]).data.dataset.args == {"train": "/x/train-{000000..000002}.tar"}
+    with pytest.raises(ConfigError, match=r"override .*: the value is not valid YAML \(.*\); inside .* quote"):
+        load_recipe(path, [flow.replace("'", "")])
+    with pytest.raises(ConfigError, match=r"^override run.seed given 2 times in a row: run.seed: expected int, got"):
+        load_recipe(path, ["run.seed=1", "run.seed=2"])
+    # given again after another key, a later override replaces the earlier one, as it always has
+    assert load_recipe(path, ["run.seed=1", "data.batch_size=3", "run.seed=2"]).run.seed == 2

@@ -21,8 +21,7 @@ from core.stream import train_batches
 from plugins.datasets.shards import Shards
 from plugins.datasets.synthetic_ocr import SyntheticOCR
 from plugins.tokenizers.bytes import ByteTokenizer
-from tests.helpers import ROOT
-from tests.test_streaming import good
+from tests.helpers import ROOT, good_sample
 
 PATTERN = "shard-{000000..000003}.tar"
 
@@ -35,7 +34,7 @@ def served(tmp_path):
     for s in range(4):
         with wds.TarWriter(str(folder / f"shard-{s:06d}.tar"), encoder=False) as sink:
             for i in range(7):
-                sink.write(good(f"s{s}_{i}", 9 * i))
+                sink.write(good_sample(f"s{s}_{i}", 9 * i))
     with serve(folder) as base:
         yield folder, base
 
@@ -125,6 +124,8 @@ eval: {{samples: 4, max_new_tokens: 4, metrics: [exact]}}
 
 
 def run(tmp_path, name, train, evaluate, *extra, background=False):
+    """python -m core.run in a real process: the http run is killed with SIGKILL, and the runs it is compared
+    with start the same way."""
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(RECIPE.format(run=tmp_path / name, train=train, eval=evaluate))
     cmd = [sys.executable, "-m", "core.run", str(recipe), *extra]

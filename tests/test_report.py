@@ -1,4 +1,5 @@
-"""report.md without matplotlib: the tables stay and the report says how to get the plots."""
+"""What a run reports (core/report.py, the tensorboard logger): report.md without matplotlib keeps the tables
+and says how to get the plots; learning rates are plotted as such; the logger writes the scalars."""
 import json
 import sys
 
@@ -15,6 +16,13 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     assert 'pip install -e ".[report]"' in report
     assert "| encoder.sam | 0 | 10 |" in report and "| a | 1 | 1.0000 | 4.0000 | 3.0000 |" in report
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_logged_learning_rates_are_plotted_as_such_not_as_losses():
+    from core import report
+    events = [{"event": "train", "stage": "a", "step": 0, "loss": 1.0, "cells": 2.0, "lr": 0.1, "muon_lr": 0.02}]
+    assert set(report._series(events, "train", None)["a"]) == {"loss", "cells"}
+    assert set(report._series(events, "train", report.PLOTS["lr.png"][2])["a"]) == {"lr", "muon_lr"}
 
 
 def test_tensorboard_logger_writes_scalars(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from core.data import eval_samples
 from core.errors import ConfigError
-from core.shards import format_summary, parse_size, write_shards
+from core.shards import format_summary, main, parse_size, write_shards
 from core.sources import clean_key
 from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 from plugins.sources.fox import fox_prompt
@@ -67,7 +67,7 @@ def run(fmt, source, out, **kw):
 
 def test_folder_round_trip_through_core_data(tmp_path):
     src = tmp_path / "src"
-    texts = {"a": "hello world\n", "sub_b": "# Title\n\nline two", "c": "jpeg page", "d_e": "dotted stem ü"}
+    texts = {"a": "hello world\n", "sub_b": "# Title\n\nline two \r\n\n", "c": "jpeg page", "d_e": "  dotted stem ü"}
     files = {"a": image(src / "a.png"), "sub_b": image(src / "sub" / "b.png", (10, 20, 30), (7, 9)),
              "c": image(src / "c.jpg", (90, 90, 250)), "d_e": image(src / "d.e.png", (5, 5, 5))}
     write(src / "a.txt", texts["a"])
@@ -79,7 +79,8 @@ def test_folder_round_trip_through_core_data(tmp_path):
     assert summary.pattern == str(tmp_path / "out" / "train-{000000..000001}.tar")
     assert summary.bytes == sum(os.path.getsize(p) for p in shards(summary))
     samples = eval_samples(shards(summary))
-    assert {s["key"]: s["text"] for s in samples} == texts
+    # a text file's trailing newline and spaces are not part of the target (the model would learn to emit them)
+    assert {s["key"]: s["text"] for s in samples} == {key: text.rstrip() for key, text in texts.items()}
     for s in samples:
         if s["key"] != "c":  # PNG: pixel-equal
             original = Image.open(files[s["key"]])
@@ -87,6 +88,7 @@ def test_folder_round_trip_through_core_data(tmp_path):
     raw = members(summary)
     assert raw["c"]["jpg"] == files["c"].read_bytes()  # bytes copied as they are
     assert raw["a"]["png"] == files["a"].read_bytes()
+    assert raw["a"]["txt"] == b"hello world" and raw["d_e"]["txt"] == "  dotted stem ü".encode()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no partial folder left
 
 
@@ -267,3 +269,15 @@ def test_small_helpers():
     with pytest.raises(ConfigError, match="--max-size"):
         parse_size("lots")
     assert clean_key("a/b.c d") == "a_b_c_d" and clean_key("__x") == "k__x"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--name", "a/b"], "--name 'a/b'"), (["--max-count", "0"], "--max-count 0"), (["--limit", "0"], "--limit 0"),
+    (["--images-root", "nowhere"], "--images-root"), (["--max-size", "lots"], "--max-size 'lots'")])
+def test_the_command_names_the_flag_of_a_bad_value(tmp_path, capsys, flags, named):
+    source = tmp_path / "src"
+    source.mkdir()
+    rc = main(["folder", str(source), "--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {named}")
+    assert not (tmp_path / "out").exists()  # checked before anything is read or written

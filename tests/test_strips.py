@@ -11,14 +11,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.data import eval_samples
-from core.images import image_hw, image_views, preprocess
+from core.images import image_hw, image_views, pair, preprocess
 from core.errors import ConfigError
 from core.registry import Registry
 from plugins.datasets import synthetic_lines
 from plugins.datasets.synthetic_lines import CHARSET, SyntheticLines, confusable_pairs, load_font
 from plugins.encoders.clip import CLIPEncoder
 from plugins.encoders.deepencoder import DeepEncoder
-from plugins.encoders.sam import SAMEncoder, pair, window_partition, window_unpartition
+from plugins.encoders.sam import SAMEncoder, window_partition, window_unpartition
 
 torch.set_num_threads(1)
 
@@ -178,7 +178,8 @@ def test_configured_glyphs_are_distinguishable(lines):
     registry = Registry()
     synthetic_lines.vlmkit_register(registry)
     with pytest.raises(ConfigError, match=r"data\.dataset: .*default at 10 px draws .*'l'/'I'"):
-        registry.build("dataset", "synthetic_lines", where="data.dataset", fonts=[{"name": "default", "sizes": [10, 10]}])
+        registry.build("dataset", "synthetic_lines", where="data.dataset",
+                       fonts=[{"name": "default", "sizes": [10, 10]}])
 
 
 def test_text_fits_inside_the_image_and_is_jittered(lines):

@@ -9,18 +9,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from core import images as tiles
-from core.images import image_views
+from core import generate
 from core.errors import ConfigError
 from core.evaluate import decode_samples, sample_losses
-from core.generate import grid_batches
+from core.generate import grid_batches, load_checkpoint
+from core.images import Tiling, candidate_grids, choose_grid, image_views
 from core.model import build_model
-from core.generate import load_checkpoint, main as ocr_main
 from core.recipe import Crops, ModelConfig, load_recipe
 from core.registry import load_plugins
 from core.stream import train_batches
-from tests.helpers import GRID_RECIPE
-from tests.helpers import REAL, TINY
+from tests.helpers import GRID_RECIPE, REAL, TINY
 
 CROPS = Crops(tile_size=16, min_tiles=2, max_tiles=4)  # TINY: 32 px global (4x4 grid), 16 px tiles (2x2 each)
 PROMPT = "<image>\nFree OCR."
@@ -70,13 +68,13 @@ def picture(size, seed):
 # ---- grid choice
 
 def test_grid_rules():
-    assert tiles.choose_grid(640, 640, 640) is None and tiles.choose_grid(10, 640, 640) is None  # both sides fit
-    assert tiles.choose_grid(1280, 640, 640) == (2, 1) and tiles.choose_grid(641, 1920, 640) == (1, 3)  # aspect
-    assert tiles.choose_grid(641, 641, 640, max_tiles=6) == (2, 2)  # 3x3 exceeds max_tiles
+    assert choose_grid(640, 640, 640) is None and choose_grid(10, 640, 640) is None  # both sides fit
+    assert choose_grid(1280, 640, 640) == (2, 1) and choose_grid(641, 1920, 640) == (1, 3)  # aspect
+    assert choose_grid(641, 641, 640, max_tiles=6) == (2, 2)  # 3x3 exceeds max_tiles
     # a tie (2x2 and 3x3 are both square): the larger grid only if area > 0.5 * 640^2 * 9 = 1,843,200
-    assert tiles.choose_grid(1357, 1357, 640) == (2, 2) and tiles.choose_grid(1358, 1358, 640) == (3, 3)
-    assert tiles.choose_grid(5000, 100, 640, min_tiles=2, max_tiles=6) == (6, 1)  # the widest allowed
-    grids = tiles.candidate_grids(2, 6)
+    assert choose_grid(1357, 1357, 640) == (2, 2) and choose_grid(1358, 1358, 640) == (3, 3)
+    assert choose_grid(5000, 100, 640, min_tiles=2, max_tiles=6) == (6, 1)  # the widest allowed
+    grids = candidate_grids(2, 6)
     assert all(2 <= a * d <= 6 for a, d in grids) and (1, 1) not in grids and (3, 3) not in grids
     assert {(1, 2), (2, 1), (2, 3), (3, 2), (1, 6), (6, 1)} <= set(grids)
     assert [a * d for a, d in grids] == sorted(a * d for a, d in grids)
@@ -88,7 +86,7 @@ def test_grid_choice_matches_dso_on_random_sizes():
     sizes += [(w, h) for w in range(600, 2700, 37) for h in range(600, 2700, 41)]  # many exact-ratio ties
     for max_tiles in (6, 9):
         for w, h in sizes:
-            assert tiles.choose_grid(w, h, 640, 2, max_tiles) == dso_grid(w, h, 640, 2, max_tiles), (w, h)
+            assert choose_grid(w, h, 640, 2, max_tiles) == dso_grid(w, h, 640, 2, max_tiles), (w, h)
 
 
 def test_tiles_are_row_major_and_global_view_is_padded():
@@ -96,7 +94,7 @@ def test_tiles_are_row_major_and_global_view_is_padded():
     image = Image.new("RGB", (48, 32))
     for k, colour in enumerate(colours):  # 3 across, 2 down, one colour per 16 px cell
         image.paste(colour, (16 * (k % 3), 16 * (k // 3), 16 * (k % 3 + 1), 16 * (k // 3 + 1)))
-    tiling = tiles.Tiling(16, 2, 6, (2, 2))
+    tiling = Tiling(16, 2, 6, (2, 2))
     pixels, cut, grid = image_views(image, 32, tiling)
     assert grid == (3, 2) and cut.shape == (6, 3, 16, 16) and pixels.shape == (3, 32, 32)
     for k, colour in enumerate(colours):
@@ -244,7 +242,7 @@ def test_crop_stream_resumes_exactly(tmp_path, registry):
     list(itertools.islice(first, 2))
     again = train_batches([path], **args)
     again.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    other = train_batches([path], **{**args, "tiling": tiles.Tiling(16, 2, 6, (2, 2))})
+    other = train_batches([path], **{**args, "tiling": Tiling(16, 2, 6, (2, 2))})
     with pytest.raises(ConfigError, match=r"data state: crops is \[16, 2, 4\] in the saved state but \[16, 2, 6\]"):
         other.load_state_dict(json.loads(json.dumps(first.state_dict())))
     for a, b in zip(whole[2:], itertools.islice(again, 3)):
@@ -282,13 +280,14 @@ def test_tiny_run_with_crops_and_the_cli_uses_them(cli, tmp_path):
     assert json.loads((run_dir / "eval.json").read_text())["aggregate"]["samples"] == 5
     model, tok, meta = load_checkpoint(str(run_dir / "s1"))
     assert meta["model"]["crops"] == {"tile_size": 16, "min_tiles": 2, "max_tiles": 4}
-    assert model.tiling == tiles.Tiling(16, 2, 4, (2, 2))
+    assert model.tiling == Tiling(16, 2, 4, (2, 2))
     paths = []
     for i, size in enumerate(sizes):
         paths.append(str(tmp_path / f"page{i}.png"))
         picture(size, 200 + i).save(paths[-1])
     out = tmp_path / "preds.jsonl"  # python -m core.generate, in this process (test_generate_cli runs it as one)
-    assert ocr_main([str(run_dir / "s1"), *paths, "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    assert generate.main([str(run_dir / "s1"), *paths, "--out", str(out), "--max-new-tokens", "4",
+                          "--batch-size", "2"]) == 0
     samples = [{"key": p, "image": Image.open(p), "text": ""} for p in paths]
     expected = decode_samples(model, tok, samples, meta["prompt"], "cpu", max_new_tokens=4)
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -1,7 +1,4 @@
 """Gradient accumulation, bf16 autocast and activation checkpointing change memory and speed, not the maths."""
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -10,8 +7,8 @@ from safetensors.torch import load_file
 
 from core.errors import ConfigError
 from core.model import checkpoint_activations
-from tests.helpers import GRID_RECIPE, ROOT
-from tests.helpers import tiny
+from tests.helpers import GRID_RECIPE, tiny
+from tests.tiny_recipe import run, write_recipe
 
 # equal-length texts, so the mean of two batch means is the mean over both batches
 SAME_LENGTH = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,2]", "data.dataset.word_length=[3,3]",
@@ -21,28 +18,58 @@ SAME_LENGTH = ["run.threads=1", "data.shuffle_buffer=1", "data.dataset.words=[2,
                "stages.1.monitor_every=0"]
 
 
-def run(tmp_path, name, *overrides):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    result = subprocess.run([sys.executable, "-m", "core.run", GRID_RECIPE, f"run.dir={tmp_path / name}",
-                             f"data.dataset.cache_dir={tmp_path / 'cache'}", *SAME_LENGTH, *overrides],
-                            env=env, capture_output=True, text=True, timeout=600)
+def train_grid(cli, tmp_path, name, *overrides):
+    result = cli("core.run", GRID_RECIPE, f"run.dir={tmp_path / name}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+                 *SAME_LENGTH, *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     return tmp_path / name
 
 
-def test_grad_accum_equals_the_bigger_batch(tmp_path):
-    big = run(tmp_path, "big", "data.batch_size=8")
-    accum = run(tmp_path, "accum", "data.batch_size=4", "stages.0.grad_accum=2")
+def test_grad_accum_equals_the_bigger_batch(tmp_path, cli):
+    big = train_grid(cli, tmp_path, "big", "data.batch_size=8")
+    accum = train_grid(cli, tmp_path, "accum", "data.batch_size=4", "stages.0.grad_accum=2")
     a = load_file(str(big / "vis_tok" / "model_000003.safetensors"))
     b = load_file(str(accum / "vis_tok" / "model_000003.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
-def test_bf16_autocast_trains(tmp_path):
-    out = run(tmp_path, "bf16", "run.precision=bf16", "data.batch_size=4")
-    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    losses = [e["loss"] for e in events if e["event"] == "train"]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
+DTYPE_PROBE = '''
+import torch
+from core import hookimpl
+
+SEEN = set()  # the dtypes every nn.Linear of the model produced while training
+
+
+class DtypeProbe:
+    """Records the output dtype of every nn.Linear of the stage's model; adds no loss."""
+
+    def __init__(self, model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda _m, _i, out: SEEN.add(out.dtype))
+
+    @hookimpl
+    def vlmkit_regulariser_loss(self, model, batch, outputs):
+        return None
+
+
+@hookimpl
+def vlmkit_register(registry):
+    registry.add("regulariser", "dtype_probe", DtypeProbe)
+'''
+
+
+@pytest.mark.parametrize("precision, expected", [("bf16", {torch.bfloat16}), ("fp32", {torch.float32})])
+def test_the_precision_setting_is_the_dtype_the_matmuls_see_in_training(tmp_path_factory, tiny_data, precision,
+                                                                        expected):
+    """The run trains (finite losses: a non-finite one stops it) and every nn.Linear computes in the
+    precision's dtype, so the test fails if autocast is off."""
+    folder = tmp_path_factory.mktemp(precision)
+    (folder / "dtype_probe.py").write_text(DTYPE_PROBE)
+    recipe = write_recipe(folder, tiny_data, extra="plugins: [dtype_probe.py]\n")
+    assert run(recipe, f"run.precision={precision}", "stages.0.regularisers=[dtype_probe]") == 0
+    seen = sys.modules["vlmkit_recipe_plugin_dtype_probe"].SEEN
+    assert seen == expected
 
 
 def test_activation_checkpointing_keeps_the_gradients(registry):

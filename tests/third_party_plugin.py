@@ -16,7 +16,7 @@ from core.sources import Item, Skip
 
 
 class PoolEncoder(nn.Module):
-    """(B, 3, S, S) -> (B, S/8, S/8, 16): an 8x8 average pool and a linear map per cell."""
+    """(B, 3, H, W) -> (B, H/8, W/8, 16): a linear map of each 8x8 cell. ``image_size`` an int or [h, w]."""
 
     def __init__(self, image_size=32, out_dim=16):
         super().__init__()
@@ -163,6 +163,40 @@ class FreezeProjector:
         return {}
 
 
+class Scaled(nn.Module):
+    """A linear layer whose outputs are scaled by a learnt vector (ones at first: the layer as it was)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.scale = nn.Parameter(torch.ones(base.out_features))
+
+    def forward(self, x):
+        return self.base(x) * self.scale
+
+
+class OutputScale:
+    """An adapter: every linear layer named in ``layers`` gets a learnt output scale; merging multiplies it in."""
+
+    def __init__(self, layers=("projector.linear",)):
+        self.layers = list(layers)
+
+    @hookimpl
+    def vlmkit_adapter_attach(self, model, frozen):
+        for name in self.layers:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Scaled(model.get_submodule(name)))
+
+    @hookimpl
+    def vlmkit_adapter_merge(self, model):
+        for name in self.layers:
+            parent, _, child = name.rpartition(".")
+            wrapped = model.get_submodule(name)
+            with torch.no_grad():
+                wrapped.base.weight.mul_(wrapped.scale[:, None])
+            setattr(model.get_submodule(parent), child, wrapped.base)
+
+
 class ListLogger:
     """Writes every record's event name to ``run_dir/events.txt``."""
 
@@ -187,4 +221,5 @@ def vlmkit_register(registry):
     registry.add("metric_input", "tsv", TsvResults)
     registry.add("regulariser", "penalty", ActivationPenalty)
     registry.add("freeze", "projector_off", FreezeProjector)
+    registry.add("adapter", "output_scale", OutputScale)
     registry.add("logger", "event_list", ListLogger)

@@ -16,6 +16,7 @@ SPLITS = ("train", "eval")
 class RenderedDataset:
     name = "rendered"
     format_version = 1
+    writes_shards = True  # rendered on first use: python -m core.run --dry-run does not ask for them
 
     def shards(self, split):
         if split not in SPLITS:

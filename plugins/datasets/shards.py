@@ -1,6 +1,11 @@
-"""Generic dataset: WebDataset shards you already have, given per split as brace patterns.
+"""Generic dataset: WebDataset shards you already have, given per split as brace patterns, or as a folder.
 
     data: {dataset: {name: shards, train: "data/train-{000000..000009}.tar", eval: "data/eval-000000.tar"}}
+    data: {dataset: {name: shards, dir: data}}     # data/train-*.tar and data/eval-*.tar
+
+``dir`` is the folder ``python -m core.shards --out DIR`` wrote: a split is its ``{split}-*.tar`` files
+(``--name train``, and ``--eval-every N`` or a second run with ``--name eval``, write them); a split's
+pattern, when given, is read instead.
 
 A pattern is expanded as WebDataset expands it (``webdataset.shardlists.expand_urls``: ``::`` separates
 patterns, ``${NAME}`` is the environment variable ``WDS_NAME``, then braces), so it may be a URL that
@@ -18,14 +23,19 @@ from core.shardreader import check_shards, is_url, local_path
 
 
 class Shards:
-    def __init__(self, train=None, eval=None):
+    def __init__(self, train=None, eval=None, dir=None):
         self.patterns = {"train": train, "eval": eval}
+        if dir is not None and not os.path.isdir(os.path.expanduser(str(dir))):
+            raise ConfigError(f"dir {dir!r} is not a folder (python -m core.shards FORMAT SOURCE --out DIR writes one)")
+        self.dir = dir
 
     def shards(self, split):
         where = f"data.dataset.{split}"
         if split not in self.patterns:
             raise ConfigError(f"data.dataset: shards has no split {split!r}; splits are train, eval")
         patterns = self.patterns[split]
+        if not patterns and self.dir is not None:
+            return self._in_dir(split)
         if not patterns:
             raise ConfigError(f"{where}: no shards given for the {split} split")
         paths = []
@@ -47,6 +57,15 @@ class Shards:
             return check_shards(paths)
         except ConfigError as e:
             raise ConfigError(f"{where}: {str(e).removeprefix('data: ')}") from None
+
+
+    def _in_dir(self, split):
+        pattern = os.path.join(os.path.expanduser(str(self.dir)), f"{split}-*.tar")
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            hint = " (python -m core.shards --eval-every N holds eval samples out)" if split == "eval" else ""
+            raise ConfigError(f"data.dataset.dir: no {split} shards, {pattern!r} matches no file{hint}")
+        return check_shards(paths)
 
 
 def _expand(pattern, where):

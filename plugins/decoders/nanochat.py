@@ -12,7 +12,9 @@ Interface used by vlmkit (the vision-language model merges image embeddings betw
     gpt.grow_vocab(65537)                        # after pretrained weights load (adds <|image|>)
 
 The ``nanochat`` decoder is registered by ``nanochat_pretrained.py`` (``nanochat_decoder``): GPT's arguments
-plus ``checkpoint`` / ``checkpoint_format`` to load native or HF nanochat weights.
+plus ``checkpoint`` / ``checkpoint_format`` to load native or HF nanochat weights, and ``arch``: this file is
+"2025-10"; nanochat_2026.py's GPT2026 ("2026-07", NC-HEAD) subclasses GPT and shares the blocks (whose value
+embeddings, windows and q/k scale stay off here), the rotary tables and the KV cache.
 """
 import math
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from core.errors import ConfigError
 from core.weights import on_meta
+from plugins.decoders import nanochat_hf
 
 
 @dataclass
@@ -82,40 +85,70 @@ class ReluSquared(torch.autograd.Function):
         return grad * 2 * r
 
 
+def attend(q, k, v, cached, window=None):
+    """SDPA over (B,H,T,D) queries and the keys so far; ``window`` w: query i sees keys i-w..i (§1.6).
+
+    Without a window, NC-OCT's three cases (§1.4): Tq == Tk (also no cache) plain causal; Tq == 1 every
+    cached key; otherwise the whole cached prefix and causal within the new chunk.
+    """
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    if window is not None and Tk > window + 1:
+        if Tq == 1:  # one new token: the last window + 1 keys
+            return F.scaled_dot_product_attention(q, k[:, :, -window - 1:], v[:, :, -window - 1:], enable_gqa=gqa)
+        rows = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        cols = torch.arange(Tk, device=q.device)[None]
+        mask = (cols <= rows) & (rows - cols <= window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if not cached or Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+VE_GATE_CHANNELS = 12  # NC-HEAD's value-embedding gate reads the first 12 channels of the block input (§1.6)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, value_embed=False, qk_scale=1.0):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of the KV cache this layer writes
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.eps = config.norm_eps
+        self.qk_scale = qk_scale  # NC-HEAD: 1.2 on q and on k after the QK-norm (§1.4)
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if value_embed:  # one gate per kv head (§1.6)
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache=None):
+    def forward(self, x, cos_sin, kv_cache=None, ve=None, window=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # one matmul for q, k and v, and the rotary and QK-norm run once over q and k together: fewer,
         # larger ops (the state_dict keeps nanochat's three matrices)
-        weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
-        qkv = F.linear(x, weight).view(B, T, H + 2 * Hkv, D)
+        layers = (self.c_q, self.c_k, self.c_v)
+        if all(type(layer) is nn.Linear for layer in layers):
+            qkv = F.linear(x, torch.cat([layer.weight for layer in layers]))
+        else:  # a wrapped layer (an adapter, core/adapters.py) computes more than its weight: call each
+            qkv = torch.cat([layer(x) for layer in layers], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * Hkv, D)
         qk, v = qkv.split([H + Hkv, Hkv], dim=2)  # split, not slices: its backward is one cat, not zeros + copies
+        if ve is not None:  # v += 3·σ(gate)·ve, a gate per kv head (§1.6)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
         qk = norm(apply_rotary_emb(qk, *cos_sin), self.eps)  # QK-norm comes after the rotary (§1.4)
+        if self.qk_scale != 1.0:
+            qk = qk * self.qk_scale
         q, k = qk.split([H, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,D)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # now the whole prefix
-        Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_head != self.n_kv_head
-        if kv_cache is None or Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:  # one new token sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
-        else:  # a chunk after a cached prefix: all of the prefix, causal within the chunk (§1.4)
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = attend(q, k, v, kv_cache is not None, window)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -130,38 +163,47 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx):
+    def __init__(self, config, layer_idx, **attention):
         super().__init__()
         self.eps = config.norm_eps
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = CausalSelfAttention(config, layer_idx, **attention)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache=None):
-        x = x + self.attn(norm(x, self.eps), cos_sin, kv_cache)  # pre-norm, no dropout
+    def forward(self, x, cos_sin, kv_cache=None, ve=None, window=None):
+        x = x + self.attn(norm(x, self.eps), cos_sin, kv_cache, ve, window)  # pre-norm, no dropout
         return x + self.mlp(norm(x, self.eps))
 
 
 class GPT(nn.Module):
+    reads_ids = False  # forward needs only the embeddings (core/contracts.py, Decoder)
+
     def __init__(self, vocab_size, sequence_len=1024, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
                  rotary_base=10000.0, norm_eps=None, softcap=15.0):
         super().__init__()
-        if n_embd % n_head or (n_embd // n_head) % 2:
-            raise ConfigError(f"n_embd {n_embd} must split into n_head {n_head} heads of even size")
-        if n_head % n_kv_head:
-            raise ConfigError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
-        self.config = GPTConfig(vocab_size, sequence_len, n_layer, n_head, n_kv_head, n_embd,
-                                rotary_base, norm_eps, softcap)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            h=nn.ModuleList([Block(self.config, i) for i in range(n_layer)]),
-        ))
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)  # untied from wte
+        self._setup(GPTConfig(vocab_size, sequence_len, n_layer, n_head, n_kv_head, n_embd,
+                              rotary_base, norm_eps, softcap))
+
+    def _setup(self, config):
+        """Check the sizes, build the modules and the rotary tables, initialise unless on meta."""
+        if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
+            raise ConfigError(f"n_embd {config.n_embd} must split into n_head {config.n_head} heads of even size")
+        if config.n_head % config.n_kv_head:
+            raise ConfigError(f"n_head {config.n_head} must be a multiple of n_kv_head {config.n_kv_head}")
+        self.config = config
+        self._build(config)
         # 10x the training length so generation can run past it (§1.4); not in the state_dict
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self._set_rotary()
         if not on_meta(self):  # on meta: to_empty() then init_weights() (§1.9)
             self.init_weights()
+
+    def _build(self, c):
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c.vocab_size, c.n_embd),
+            h=nn.ModuleList([Block(c, i) for i in range(c.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)  # untied from wte
 
     @property
     def n_embd(self):
@@ -185,7 +227,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; dtypes are the caller's."""
+        """NC-OCT init (docs/architecture.md §1.5). Native also casts wte to bf16 on CUDA; we leave dtypes to the
+        caller."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 fan_out, fan_in = module.weight.shape
@@ -205,7 +248,7 @@ class GPT(nn.Module):
         embeddings merged in between are normalised the same way (docs/architecture.md §5)."""
         return self.transformer.wte(idx)
 
-    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean", ids=None):
         B, T, C = embeds.shape
         if self.cos.device != embeds.device:  # built on meta, then load_state_dict(assign=True)
             self._set_rotary(embeds.device)
@@ -214,10 +257,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence end {T0 + T} exceeds the rotary table ({self.cos.size(1)} positions)")
         cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         eps = self.config.norm_eps
-        x = norm(embeds, eps)  # the norm right after the embedding (§1.4 step 1)
-        for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache)
-        x = norm(x, eps)
+        # the norm right after the embedding (§1.4 step 1), the blocks, the final norm
+        x = norm(self.trunk(norm(embeds, eps), cos_sin, kv_cache, ids), eps)
         if targets is None:
             return self.logits(x)
         # the head and the loss only where there is a target (masked targets are -1, §1.4): an OCR sample's
@@ -229,9 +270,18 @@ class GPT(nn.Module):
             return loss.new_zeros(flat.shape).masked_scatter(scored, loss)
         return loss
 
+    def trunk(self, x, cos_sin, kv_cache, ids):
+        """The normed embeddings through the blocks; NC-OCT reads no token ids."""
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        return x
+
     def logits(self, x):
         """Final hidden states -> float logits, softcapped (§1.4)."""
-        logits = self.lm_head(x).float()
+        return self.capped(self.lm_head(x).float())
+
+    def capped(self, logits):
+        """cap·tanh(logits/cap), or the logits as they are when softcap is 0 or None (§1.4)."""
         if self.config.softcap:
             cap = self.config.softcap
             logits = cap * torch.tanh(logits / cap)
@@ -241,6 +291,10 @@ class GPT(nn.Module):
         """An empty cache shaped for this model, as nanochat's Engine builds it (§1.8)."""
         c = self.config
         return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+
+    def export_hf(self, out_dir, tokenizer):
+        """This model as transformers' NanoChatForCausalLM folder (``python -m core.export``; core/contracts.py)."""
+        return nanochat_hf.export_hf(self, out_dir, tokenizer)
 
     @torch.no_grad()
     def grow_vocab(self, new_vocab_size):
@@ -275,9 +329,11 @@ class KVCache:
         self.kv_shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.kv_cache = None
         self.pos = 0
+        self.smear = None  # NC-HEAD: what the next position smears from (nanochat_2026.py)
 
     def reset(self):
         self.pos = 0
+        self.smear = None
 
     def get_pos(self):
         return self.pos
@@ -294,6 +350,8 @@ class KVCache:
         self.kv_cache = other.kv_cache.new_empty(self.kv_shape)
         self.kv_cache[..., :other.pos, :] = other.kv_cache[..., :other.pos, :]
         self.pos = other.pos
+        if other.smear is not None:
+            self.smear = tuple(t.expand(B, *t.shape[1:]).clone() for t in other.smear)
 
     def insert_kv(self, layer_idx, k, v):
         """Write k, v (B,H,T,D) at pos..pos+T of layer_idx; return the views over 0..pos+T."""

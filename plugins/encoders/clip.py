@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core import ConfigError, hookimpl
+from core.images import pair
 from plugins.encoders import pretrained
-from plugins.encoders.sam import pair, resize_pos_grid
+from plugins.encoders.sam import resize_pos_grid
 
 
 def quick_gelu(x):
@@ -41,7 +42,8 @@ class Embeddings(nn.Module):
         self.register_buffer("position_ids", torch.arange(n_pos)[None], persistent=True)
 
     def positions(self, h, w):
-        """(1 + h*w, dim): CLS slot as is, the grid resized bicubic+antialias in fp32 (docs/architecture.md §2.2)."""
+        """(1 + h*w, dim): CLS slot as is, the grid part resized bicubic+antialias in fp32
+        (docs/architecture.md §2.2)."""
         pos = self.position_embedding(self.position_ids)[0]
         cls_pos, grid_pos = pos[:1], pos[1:]
         if (h, w) != self.grid_hw:

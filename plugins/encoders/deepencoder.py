@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from core import hookimpl
 from core.errors import ConfigError
+from core.images import pair
 from plugins.encoders import pretrained
 from plugins.encoders.clip import CLIPVisionTower
-from plugins.encoders.sam import SAMEncoder, pair
+from plugins.encoders.sam import SAMEncoder
 
 
 # DeepSeek-OCR's single-view resolution modes (docs/architecture.md §2.4): 73 / 111 / 273 / 421 vision tokens

@@ -19,10 +19,12 @@ SAM layouts (``SAMEncoder(weights=..., weights_format=...)``):
 CLIP layouts (``CLIPVisionTower(weights=..., weights_format=...)``): ``hf``
 (``CLIPModel`` / ``CLIPVisionModel``), ``deepseek_ocr`` (``model.vision_model.``) and ``vlmkit``.
 """
+import os
 import re
 
 import torch
 
+from core import hub
 from core.distributed import print0
 from core.errors import ConfigError
 from core.weights import empty_report, first_keys, load_state, on_meta, read_state_dict, resolve_weights_path
@@ -178,8 +180,7 @@ _HF_CLIP_DROP = ("text_model.", "visual_projection.", "text_projection.", "logit
 
 def _fill_position_ids(out, prefix=""):
     """DeepSeek-OCR keeps ``position_ids`` as a persistent buffer; files that lack it get arange
-    (docs/architecture.md §3.2).
-    ``prefix``: where the CLIP tower's keys sit (``clip.`` in a whole DeepEncoder)."""
+    (docs/architecture.md §3.2). ``prefix``: where the CLIP tower's keys sit (``clip.`` in a whole DeepEncoder)."""
     pos = out.get(f"{prefix}embeddings.position_embedding.weight")
     if pos is not None and f"{prefix}embeddings.position_ids" not in out:
         out[f"{prefix}embeddings.position_ids"] = torch.arange(pos.shape[0])[None]
@@ -280,6 +281,25 @@ def _is_dso_lm_key(key):
 
 # ---- loading, for the plugins ---------------------------------------------------------------------
 
+# what is downloaded of a hub repository named as weights: configs and safetensors (a .pth is named as a file)
+HUB_WEIGHT_FILES = ["*.json", "*.safetensors"]
+
+
+def locate(path, who, module):
+    """The weight file for ``path``: a local file or folder, or a hub name (core/hub.py) downloaded once.
+
+    On the meta device (a dry run) nothing is read: a local path must exist, a hub name is not looked up
+    (the stage that loads it does); None then.
+    """
+    if on_meta(module) and hub.parse(path) is not None and not os.path.exists(os.path.expanduser(str(path))):
+        print0(f"{who}: built on the meta device, weights {path} (a hub name) not looked up")
+        return None
+    located = resolve_weights_path(hub.resolve(path, f"{who}.weights", HUB_WEIGHT_FILES))
+    if on_meta(module):
+        print0(f"{who}: built on the meta device, weights {located} not read")
+    return located
+
+
 def _check_format(who, fmt, formats):
     if fmt != "auto" and fmt not in formats:
         raise ConfigError(f"{who}.weights_format: {fmt!r} is not one of auto, {', '.join(formats)}")
@@ -292,16 +312,16 @@ def _fresh_note(report):
 def _load_layout(module, path, fmt, who, kind, formats, detect, mappers, skip_for=lambda fmt: ()):
     """Read a weight file, pick its layout (given or detected), map the names and load all-or-nothing."""
     _check_format(who, fmt, formats)
-    if on_meta(module):  # a dry run: the file is not read, but it must be there (as a decoder checkpoint must)
-        print0(f"{who}: built on the meta device, weights {resolve_weights_path(path)} not read")
+    path = locate(path, who, module)
+    if on_meta(module):  # a dry run: the file is not read, but a local one must be there
         return empty_report()
     sd = read_state_dict(path)
     if fmt == "auto":
         fmt = detect(sd)
         if fmt is None:
             raise ConfigError(f"{path}: cannot tell which {kind} weight layout this is "
-                              f"(keys: {first_keys(sorted(sd))}); "
-                              f"set {who}.weights_format to one of {', '.join(formats)}")
+                              f"(keys: {first_keys(sorted(sd))}); set {who}.weights_format to one of "
+                              f"{', '.join(formats)}")
     report = load_state(module, mappers[fmt](sd), f"{path} ({fmt} layout)", skip_prefixes=skip_for(fmt),
                         name=f"{who} ({type(module).__name__})")
     print0(f"{who}: loaded {len(report['loaded'])} tensors from {path} ({fmt} layout){_fresh_note(report)}")
@@ -328,8 +348,8 @@ def load_deepencoder(module, path, who="deepencoder"):
 
     Only the vision tensors are read (a safetensors checkpoint's language model stays on disk).
     """
+    path = locate(path, who, module)
     if on_meta(module):
-        print0(f"{who}: built on the meta device, weights {resolve_weights_path(path)} not read")
         return empty_report(), {}
     sd = read_state_dict(path, keep=lambda k: not _is_dso_lm_key(k))
     if not any(k.startswith(_DSO_SAM_PREFIXES) for k in sd):

@@ -16,17 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core import ConfigError, hookimpl
+from core.images import pair
 from plugins.encoders import pretrained
-
-
-def pair(value, name="size"):
-    """An int or an [h, w] pair -> (h, w): image, patch, window and stride sizes may be rectangles
-    (a text-line strip with full-height patches); an int is the square DeepSeek-OCR uses."""
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"{name} must be an int or [height, width], not {value!r}")
 
 
 def resize_pos_grid(pos, height, width):

@@ -8,7 +8,7 @@
   Unicode whitespace; punctuation stays attached to words). jieba is a vlmkit
   dependency, so ``"auto"`` (the default) is Fox's own split: on the 18
   OmniDocBench demo pages every per-sample value equals Fox's script's
-  (tests/test_omnidocbench_fox.py). Without jieba
+  (tests/test_metrics.py, Fox against Fox). Without jieba
   (``zh_tokenizer="chars"``, or ``"auto"`` when jieba is not installed) the
   Chinese branch falls back to one token per CJK ideograph / CJK or full-width
   punctuation mark and ``str.split()`` for the rest, dropping whitespace: this

@@ -12,10 +12,10 @@ import glob
 import os
 import re
 
-from core import hookimpl
+from core.hookspecs import hookimpl
 from core.errors import ConfigError
 from core.jsonfiles import jsonl_records
-from core.metrics import GroundTruth
+from core.pairs import GroundTruth
 from plugins.metrics.olmocr_bench_checks import load_test
 
 BASELINE = "baseline"

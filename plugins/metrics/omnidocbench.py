@@ -34,7 +34,7 @@ import math
 
 from core.hookspecs import hookimpl
 from core.textdist import levenshtein
-from plugins.metrics.omnidocbench_normalise import clean_string, normalise_text, textblock2unicode  # noqa: F401
+from plugins.metrics.omnidocbench_normalise import normalise_text
 from plugins.metrics.omnidocbench_page import score_page
 from plugins.metrics.omnidocbench_teds import available as teds_available
 from plugins.metrics.omnidocbench_teds import teds

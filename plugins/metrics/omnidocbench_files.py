@@ -10,7 +10,8 @@ evaluator tries are accepted too) or a JSONL file whose ids are the image stems 
 (``python -m core.generate --out`` writes paths). A page without a prediction is skipped, as the
 evaluator skips it, and reported on stderr. The ``omnidocbench`` shard source
 (plugins/sources/omnidocbench.py) writes the same page text as each page's ``txt`` and the page as
-its ``json``, so a training run's evaluation scores the same way.
+its ``json``, so a training run's evaluation scores the same way. Both read truncated chains with
+``truncated_chains`` and take one switch, ``corrected`` (default False: as the official evaluator).
 """
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from core import hookimpl
 from core.errors import ConfigError
 from core.jsonfiles import read_json
-from core.metrics import GroundTruth, read_jsonl, report
+from core.pairs import GroundTruth, read_jsonl, report
 
 # §2.6: the categories whose text the evaluator scores, in the order it collects them.
 TEXT_CATEGORIES = ("text_block", "title", "code_txt", "code_txt_caption", "reference")
@@ -41,7 +42,7 @@ def _read_text(path):
         raise ConfigError(f"cannot read {path}: {e}") from e
 
 
-def omnidocbench_pages(path, evaluator_quirks=False):
+def omnidocbench_pages(path, corrected=False):
     """Yield (index, image path, image stem, page text, page) of every page of OmniDocBench.json (§2.5);
     a malformed page or a repeated image stem is a ConfigError naming the page."""
     pages = read_json(path)
@@ -58,16 +59,16 @@ def omnidocbench_pages(path, evaluator_quirks=False):
             raise ConfigError(f"{path}: page {i}: duplicate image stem {stem!r}")
         seen.add(stem)
         try:
-            text = omnidocbench_page_text(page, evaluator_quirks)
+            text = omnidocbench_page_text(page, corrected)
         except ValueError as e:
             raise ConfigError(f"{path}: page {i} ({image}): {e}") from e
         yield i, image, stem, text, page
 
 
-def read_omnidocbench_gt(path, evaluator_quirks=False):
+def read_omnidocbench_gt(path, corrected=False):
     """OmniDocBench.json (§2.5) -> ``{stem: (page text, page, image file name)}``, one entry per page."""
     return {stem: (text, page, os.path.basename(image.replace("\\", "/")))
-            for _, image, stem, text, page in omnidocbench_pages(path, evaluator_quirks)}
+            for _, image, stem, text, page in omnidocbench_pages(path, corrected)}
 
 
 def read_predictions(pred_path, gt):
@@ -96,21 +97,43 @@ def read_predictions(pred_path, gt):
     return pred, unknown
 
 
-def _order(block):
-    return block.get("order") or 0  # a missing or None order counts as 0 (§2.4)
+def block_order(block, missing=0):
+    """A block's ``order``; ``missing`` when it is None, 0 or absent (the evaluator sorts those as 0, §2.4)."""
+    return block.get("order") or missing
 
 
-def omnidocbench_page_text(page, evaluator_quirks=False):
+def truncated_chains(relations, corrected=False):
+    """Lists of anno_ids joined by ``truncated`` relations (§2.5 ``extra.relation``), in relation order.
+
+    As the evaluator groups them (``corrected=False``, §2.4): each relation is appended to every
+    chain already holding one of its ids, so a->b, b->c gives [a, b, b, c] (b's text twice) and two
+    chains bridged by a relation both grow. Corrected: each connected group once, each block once.
+    """
+    chains = []
+    for rel in relations:
+        if not isinstance(rel, dict) or rel.get("relation_type") != "truncated":
+            continue
+        pair = [rel.get("source_anno_id"), rel.get("target_anno_id")]
+        hits = [chain for chain in chains if pair[0] in chain or pair[1] in chain]
+        if corrected:
+            merged = [anno for chain in hits for anno in chain]
+            merged += [anno for anno in dict.fromkeys(pair) if anno not in merged]
+            chains = [chain for chain in chains if not any(chain is hit for hit in hits)] + [merged]
+        else:
+            for chain in hits:
+                chain.extend(pair)
+            if not hits:
+                chains.append(pair)
+    return chains
+
+
+def omnidocbench_page_text(page, corrected=False):
     """The evaluator's plain GT text of one page (§2.6); raises ValueError on a malformed page.
 
-    Blocks of TEXT_CATEGORIES; ``truncated`` chains from ``extra.relation`` are
-    concatenated without separator in ``order`` into their first block (which
-    gives the category and order); blocks are sorted by ``order`` (stable,
-    None = 0); non-empty texts are joined with "\\n\\n". ``ignore`` is not
-    looked at (the evaluator does not). ``evaluator_quirks=True`` reproduces
-    the evaluator's chain grouping (§2.4): each relation is appended to every
-    chain that already holds one of its ids, so a->b, b->c becomes
-    [a, b, b, c] and b's text appears twice. Off, each block appears once.
+    Blocks of TEXT_CATEGORIES; ``truncated`` chains (``truncated_chains``, with ``corrected``) are
+    concatenated without separator in ``order`` into their first block (which gives the category
+    and order); blocks are sorted by ``order`` (stable, None = 0); non-empty texts are joined with
+    "\\n\\n". ``ignore`` is not looked at (the evaluator does not).
     """
     blocks = page.get("layout_dets")
     if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
@@ -122,46 +145,33 @@ def omnidocbench_page_text(page, evaluator_quirks=False):
         if order is not None and (isinstance(order, bool) or not isinstance(order, (int, float))):
             raise ValueError(f"layout_dets[{j}].order must be a number or null")
     by_id = {b.get("anno_id"): b for b in blocks}
-    groups = _truncated_chains(page, by_id, evaluator_quirks)
+    groups = truncated_chains(_relations(page, by_id), corrected)
     in_chain = {anno for group in groups for anno in group}
     per_category = {c: [] for c in TEXT_CATEGORIES}
     for block in blocks:
         if block.get("anno_id") not in in_chain and block.get("category_type") in per_category:
-            per_category[block["category_type"]].append((_order(block), block.get("text") or ""))
+            per_category[block["category_type"]].append((block_order(block), block.get("text") or ""))
     for group in groups:
-        members = sorted((by_id[anno] for anno in group), key=_order)
+        members = sorted((by_id[anno] for anno in group), key=block_order)
         if members[0].get("category_type") in per_category:
             text = "".join(b.get("text") or "" for b in members)
-            per_category[members[0]["category_type"]].append((_order(members[0]), text))
+            per_category[members[0]["category_type"]].append((block_order(members[0]), text))
     items = sorted((item for c in TEXT_CATEGORIES for item in per_category[c]), key=lambda item: item[0])
     return "\n\n".join(text for _, text in items if text)
 
 
-def _truncated_chains(page, by_id, evaluator_quirks):
-    """Lists of anno_ids joined by ``truncated`` relations (§2.5 extra.relation), in relation order."""
+def _relations(page, by_id):
+    """``extra.relation``, checked: a list whose truncated relations name blocks of the page."""
     extra = page.get("extra") or {}
     relations = (extra.get("relation") or []) if isinstance(extra, dict) else None
     if not isinstance(relations, list):
         raise ValueError("extra.relation must be a list")
-    groups = []
     for k, rel in enumerate(relations):
-        if not isinstance(rel, dict) or rel.get("relation_type") != "truncated":
-            continue
-        pair = [rel.get("source_anno_id"), rel.get("target_anno_id")]
-        for anno in pair:
-            if anno not in by_id:
-                raise ValueError(f"extra.relation[{k}] names anno_id {anno!r}, which is not in layout_dets")
-        hits = [g for g in groups if pair[0] in g or pair[1] in g]
-        if evaluator_quirks:  # the evaluator's grouping, duplicates and all (§2.4)
-            for g in hits:
-                g.extend(pair)
-            if not hits:
-                groups.append(pair)
-        else:  # connected components, each block once
-            merged = [anno for g in hits for anno in g]
-            merged += [anno for anno in dict.fromkeys(pair) if anno not in merged]
-            groups = [g for g in groups if not any(g is h for h in hits)] + [merged]
-    return groups
+        if isinstance(rel, dict) and rel.get("relation_type") == "truncated":
+            for anno in (rel.get("source_anno_id"), rel.get("target_anno_id")):
+                if anno not in by_id:
+                    raise ValueError(f"extra.relation[{k}] names anno_id {anno!r}, which is not in layout_dets")
+    return relations
 
 
 class OmniDocBenchInput:
@@ -174,7 +184,7 @@ class OmniDocBenchInput:
         self.corrected = bool(corrected)
 
     def read(self, pred_path, gt_path=None):
-        gt = read_omnidocbench_gt(gt_path, evaluator_quirks=not self.corrected)
+        gt = read_omnidocbench_gt(gt_path, self.corrected)
         pred, unknown = read_predictions(pred_path, gt)
         report([k for k in gt if k not in pred],
                "ground-truth pages have no prediction (skipped, as OmniDocBench's evaluator skips them)")

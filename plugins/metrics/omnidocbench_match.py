@@ -19,9 +19,10 @@ from collections import Counter
 from copy import deepcopy
 
 import numpy as np
-from rapidfuzz.distance import Levenshtein
 from scipy.optimize import linear_sum_assignment
 
+from core.textdist import ned, window_ned
+from plugins.metrics.omnidocbench_files import block_order
 from plugins.metrics.omnidocbench_normalise import normalise_formula, normalise_text
 from plugins.metrics.omnidocbench_truncation import merge_consecutive
 
@@ -36,16 +37,12 @@ ATTACH = 0.4   # an unmatched block this close to part of a prediction is attach
 _ARRAY = re.compile(r"\\begin\{array\}\{(?P<spec>[^}]*)\}(?P<body>.*?)\\end\{array\}", re.S)
 
 
-def ned(a, b):
-    upper = max(len(a), len(b))
-    return Levenshtein.distance(a, b) / upper if upper else 0.0
-
-
 def distance_matrix(rows, cols):
+    """The matching cost: NED of every (row, column) pair of strings."""
     out = np.zeros((len(rows), len(cols)))
     for i, a in enumerate(rows):
         for j, b in enumerate(cols):
-            out[i][j] = ned(a, b)
+            out[i][j] = ned(a, b, both_empty=0.0)
     return out
 
 
@@ -94,8 +91,8 @@ def split_pred_arrays(pieces):
             at = body.find(line, cursor)
             at = cursor if at == -1 else at
             cursor = at + len(line)
-            start = piece["start"] + match.start("body") + at
-            out.append({**piece, "content": f"\\[{line.strip()}\\]", "start": start})
+            out.append({**piece, "content": f"\\[{line.strip()}\\]",
+                        "start": piece["start"] + match.start("body") + at})
     return out
 
 
@@ -119,8 +116,9 @@ def _pred_line(piece):
     return raw, raw
 
 
-def _order(item):
-    return item.get("order") if item.get("order") else item.get("position", [""])[0]
+def _gt_position(item):
+    """A matched block's position: its order; for None or 0 the evaluator reads ``position``, which blocks lack."""
+    return block_order(item, missing=None) or item.get("position", [""])[0]
 
 
 def _entry(cat, gt_items, gt_lines, g_idx, pred_items, pred_lines, p_idx):
@@ -134,7 +132,7 @@ def _entry(cat, gt_items, gt_lines, g_idx, pred_items, pred_lines, p_idx):
     return {"category": cat, "gt": gt, "pred": pred,
             "norm_gt": "".join(gt_lines[g][1] for g in g_idx) if has_gt else "",
             "norm_pred": "".join(pred_lines[p][1] for p in p_idx) if has_pred else "",
-            "gt_position": [_order(gt_items[g]) for g in g_idx] if has_gt else [""],
+            "gt_position": [_gt_position(gt_items[g]) for g in g_idx] if has_gt else [""],
             "pred_position": pred_items[p_idx[0]]["start"] if has_pred else "",
             "pred_category": pred_cat}
 
@@ -203,7 +201,7 @@ def match_lines(gt_norm, pred_norm):
             matches[g] = preds
     attach = {}
     for p, line in enumerate(pred_norm):  # every prediction, matched or not, may take unmatched blocks
-        close = [g for g in unmatched_gt if _window_distance(line, gt_norm[g]) < ATTACH]
+        close = [g for g in unmatched_gt if _attaches(window_ned(line, gt_norm[g]))]
         if close:
             attach[p] = close
     final, taken = {}, set()
@@ -229,16 +227,9 @@ def match_lines(gt_norm, pred_norm):
     return _pair_leftovers(final, gt_norm, pred_norm)
 
 
-def _window_distance(pred, gt):
-    """Best distance of ``gt`` to a same-length window of ``pred`` (1 when ``pred`` is shorter)."""
-    if not 0 < len(gt) <= len(pred):
-        return 1
-    best = float("inf")
-    for i in range(len(pred) - len(gt) + 1):
-        best = min(best, Levenshtein.distance(pred[i:i + len(gt)], gt) / len(gt))
-        if best == 0:
-            break
-    return best
+def _attaches(distance):
+    """Whether a block at this window distance from a prediction is attached to it (None: the block is longer)."""
+    return distance is not None and distance < ATTACH
 
 
 def _pair_leftovers(final, gt_norm, pred_norm):
@@ -253,7 +244,7 @@ def _pair_leftovers(final, gt_norm, pred_norm):
     left_pred = set(range(len(pred_norm))) - set(i for key in final for i in key if isinstance(i, int))
     if left_pred and left_gt:
         gl, pl = list(left_gt), list(left_pred)
-        cost = [[ned(gt_norm[g], pred_norm[p]) for p in pl] for g in gl]
+        cost = [[ned(gt_norm[g], pred_norm[p], both_empty=0.0) for p in pl] for g in gl]
         rows, cols = linear_sum_assignment(cost)
         pairs += [(gl[r], [pl[c]]) for r, c in zip(rows, cols)]
     elif left_pred:

@@ -9,6 +9,7 @@ from rapidfuzz.distance import Levenshtein
 from scipy.optimize import linear_sum_assignment
 
 from plugins.metrics.omnidocbench_extract import split_page
+from plugins.metrics.omnidocbench_files import block_order, truncated_chains
 from plugins.metrics.omnidocbench_html import cell_strings, normalise_table
 from plugins.metrics.omnidocbench_match import IGNORED, TEXT, distance_matrix, quick_match
 from plugins.metrics.omnidocbench_normalise import clean_string, latex_to_text
@@ -19,39 +20,10 @@ FORMULA_PRED = ("equation_inline", "equation_isolated", "")  # a display formula
 TABLE_KINDS = ("html_table", "latex_table", "md2html_table")
 
 
-def _order(block):
-    return block.get("order") or 0  # None and 0 sort first, as in the evaluator
-
-
-def _chains(relations, corrected):
-    """anno_id lists joined by ``truncated`` relations.
-
-    The evaluator appends each relation to every list already holding one of its ids, so
-    a->b, b->c gives [a, b, b, c] (b's text twice) and two lists bridged by a relation both
-    grow; corrected, each connected group appears once with each block once.
-    """
-    chains = []
-    for rel in relations:
-        if not isinstance(rel, dict) or rel.get("relation_type") != "truncated":
-            continue
-        pair = [rel.get("source_anno_id"), rel.get("target_anno_id")]
-        hits = [chain for chain in chains if pair[0] in chain or pair[1] in chain]
-        if corrected:
-            merged = [anno for chain in hits for anno in chain]
-            merged += [anno for anno in dict.fromkeys(pair) if anno not in merged]
-            chains = [chain for chain in chains if not any(chain is hit for hit in hits)] + [merged]
-        else:
-            for chain in hits:
-                chain.extend(pair)
-            if not hits:
-                chains.append(pair)
-    return chains
-
-
 def page_blocks(page, corrected=False):
     """Blocks by category, each truncated chain merged into one block (``end2end_dataset.py:53-93``)."""
     relations = ((page.get("extra") or {}).get("relation") or [])
-    chains = _chains(relations, corrected)
+    chains = truncated_chains(relations, corrected)
     in_chain = {anno for chain in chains for anno in chain}
     members, by_category = {}, {}
     for block in page.get("layout_dets") or []:
@@ -60,7 +32,7 @@ def page_blocks(page, corrected=False):
         else:
             by_category.setdefault(block.get("category_type"), []).append(block)
     for chain in chains:
-        blocks = sorted((members[a] for a in chain if a in members), key=_order)
+        blocks = sorted((members[a] for a in chain if a in members), key=block_order)
         if not blocks:
             continue
         first = blocks[0]
@@ -136,8 +108,10 @@ def score_page(page, markdown, corrected=False):
     pieces = split_page(markdown)
     mix = [p for kind, group in pieces.items() if kind not in TABLE_KINDS for p in group]
     blocks = page_blocks(page, corrected)
-    gt_mix = sorted((b for c in MATCHED for b in blocks.get(c, [])), key=_order)
-    tables, cells = _tables(sorted(blocks.get("table", []), key=_order), pieces) if blocks.get("table") else ([], [])
+    gt_mix = sorted((b for c in MATCHED for b in blocks.get(c, [])), key=block_order)
+    tables, cells = [], []
+    if blocks.get("table"):
+        tables, cells = _tables(sorted(blocks["table"], key=block_order), pieces)
     entries = quick_match(gt_mix, mix + cells, corrected)
     text = [e for e in entries if e["category"] in TEXT]
     out = {"text_block": [_edit(_sample(e["gt"], e["pred"], e["norm_gt"], e["norm_pred"])) for e in text],

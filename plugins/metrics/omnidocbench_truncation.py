@@ -8,38 +8,23 @@ closer and every part is a fuzzy substring of the block; the best run per block 
 between blocks are settled by the lowest average cost, and the chosen runs become single columns.
 """
 import numpy as np
-from rapidfuzz.distance import Levenshtein
+
+from core.textdist import ned, window_ned
 
 CLOSE = 0.25     # a block or piece this close to something is left alone
 SUBSTRING = 0.6  # each merged part must be at most this far from some window of the block
 
 
-def _ned(a, b):
-    return Levenshtein.distance(a, b) / max(len(a), len(b))
-
-
-def _substring_distance(gt, piece):
-    """Best distance of ``piece`` to a same-length window of ``gt``; None when ``piece`` is longer or empty."""
-    if not 0 < len(piece) <= len(gt):
-        return None
-    best = float("inf")
-    for i in range(len(gt) - len(piece) + 1):
-        best = min(best, Levenshtein.distance(gt[i:i + len(piece)], piece) / len(piece))
-        if best == 0:
-            break
-    return best
-
-
 def _grow(gt, run):
     """Whether adding ``run[-1]`` to ``run[:-1]`` is worth it, and whether to try one more after it."""
     current, merged = " ".join(run[:-1]), " ".join(run)
-    if _ned(gt, merged) > _ned(gt, current):
+    if ned(gt, merged, both_empty=0.0) > ned(gt, current, both_empty=0.0):
         return False, False
     for part in run[:-1]:
-        d = _substring_distance(gt, part)
+        d = window_ned(gt, part)
         if d is None or d > SUBSTRING:
             return False, False
-    added = _substring_distance(gt, run[-1])
+    added = window_ned(gt, run[-1])
     if added is None:
         return False, False
     return added < SUBSTRING, len(merged) <= len(gt)
@@ -114,7 +99,7 @@ def merge_consecutive(cost, gt_norm, pred_norm):
                 if not more:
                     break
             merged = " ".join(pred_norm[p:p + step])
-            d = Levenshtein.distance(gt_norm[g], merged) / max(len(merged), len(gt_norm[g]))
+            d = ned(gt_norm[g], merged, both_empty=0.0)
             if best is None or d < best[1]:
                 best = (list(range(p, p + step)), d)
         if best is not None:
@@ -132,5 +117,5 @@ def merge_consecutive(cost, gt_norm, pred_norm):
     new_cost = np.zeros((len(gt_norm), len(lines)))
     for i, a in enumerate(gt_norm):
         for j, b in enumerate(lines):
-            new_cost[i][j] = _ned(a, b) if (a or b) else 0
+            new_cost[i][j] = ned(a, b, both_empty=0.0)
     return new_cost, columns

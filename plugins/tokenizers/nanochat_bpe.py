@@ -3,9 +3,10 @@
 The same interface as ByteTokenizer: vocab_size, bos_id, eos_id, image_id, pad_id, special_id(name),
 encode(text), decode(ids).
 
-- The base vocabulary is the tiktoken Encoding's (65536 for d20: the BPE ranks, then nanochat's 9 special
-  tokens in the last 9 ids). ``<|image|>`` is appended as a new id equal to the base size (65536), so
-  ``vocab_size`` is one more than the checkpoint's and the decoder grows by one row (nanochat_pretrained).
+- The base vocabulary is the tiktoken Encoding's (65536 for the Oct-2025 d20, 32768 for nanochat's 2026 models:
+  the BPE ranks, then nanochat's 9 special tokens in the last 9 ids). ``<|image|>`` is appended as a new id equal
+  to the base size (65536 or 32768), so ``vocab_size`` is one more than the checkpoint's and the decoder grows by
+  one id (nanochat_pretrained; docs/architecture.md §1.10).
 - bos = ``<|bos|>``; eos = ``<|assistant_end|>`` (nanochat's chat ends a turn there and its Engine stops on
   it); pad = ``<|assistant_end|>`` too, as nanochat's SFT pads its inputs (padded targets are -1 anyway).
 - encode = tiktoken's ``encode_ordinary``: special-token text is NOT parsed ("<|bos|>" is ordinary text);
@@ -15,7 +16,8 @@ Loading (``path``: a file or nanochat's tokenizer folder), safe by default:
 - the vlmkit JSON export (``tokenizer_bpe.json``): pattern, mergeable ranks (base64 bytes -> rank) and
   special tokens, plain data. ``export_tokenizer(pkl, out)`` writes it from nanochat's ``tokenizer.pkl``,
   or from the shell: ``python -m plugins.tokenizers.nanochat_bpe tokenizer.pkl tokenizer_bpe.json``.
-- ``tokenizer.pkl`` itself only with ``allow_pickle: true``: unpickling runs whatever code the file names.
+- ``tokenizer.pkl`` itself (nanochat's file as it is, read directly) only with ``allow_pickle: true``:
+  unpickling runs whatever code the file names.
 Needs the optional dependency ``tiktoken``.
 """
 import base64
