@@ -4,8 +4,9 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; this module starts the process
 group (NCCL on GPUs, gloo on CPUs), wraps the model in DDP (or, with
 ``run.parallel: fsdp``, shards it with FSDP2: the second half of this file) and averages the
 gradients of trainable parts that live outside it (regulariser heads). Data
-are split by rank in core/stream.py; only rank 0 prints, logs, writes
-checkpoints and evaluates. Without WORLD_SIZE > 1 every function is a no-op.
+are split by rank in core/stream.py; only rank 0 prints, logs and writes
+checkpoints; every rank decodes its share of the evaluation and the probe, and rank 0 scores
+them (core/evaluate.py). Without WORLD_SIZE > 1 every function is a no-op.
 """
 import contextlib
 import os
@@ -82,6 +83,10 @@ def average_gradients(params):
 
 def rank():
     return dist.get_rank() if active() else 0
+
+
+def world_size():
+    return dist.get_world_size() if active() else 1
 
 
 def is_main():

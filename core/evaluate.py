@@ -1,4 +1,9 @@
-"""Evaluation: greedy generation on held-out samples, per-sample loss, metric plugins, the report files."""
+"""Evaluation: greedy generation on held-out samples, per-sample loss, metric plugins, the report files.
+
+Under torchrun every rank decodes (and computes the loss of) its share of the samples, every
+world-size-th one from its rank on; the shares are gathered back into sample order and rank 0
+scores them, so 1 process and N give the same per-sample values (docs/training.md, "Several GPUs").
+"""
 import html
 import json
 import os
@@ -6,7 +11,7 @@ import time
 
 import torch
 
-from core import data
+from core import data, distributed
 from core.generate import (
     generate,
     grid_batches,
@@ -21,10 +26,11 @@ from core.pairs import GroundTruth
 
 
 @torch.no_grad()
-def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32):
+def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32, repetition=None):
     """Greedy OCR of each sample's image; returns the decoded strings, in sample order.
 
-    With crops, images are batched by crop grid (one prompt length per generate call).
+    With crops, images are batched by crop grid (one prompt length per generate call). ``repetition``:
+    core.repetition.Repetition (no-repeat n-grams, stopping loops), as generate takes it.
     """
     grids = [image_grid(model, s["image"]) for s in samples]
     texts = [None] * len(samples)
@@ -33,7 +39,7 @@ def decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens=64,
             grid = grids[batch[0]]
             pixels, tiles, batch_grids = view_batch(model, [samples[i]["image"] for i in batch], grid, device)
             rows = generate(model, tokenizer, pixels, image_prompt_ids(model, tokenizer, prompt, grid),
-                            max_new_tokens, tiles=tiles, grids=batch_grids)
+                            max_new_tokens, tiles=tiles, grids=batch_grids, repetition=repetition)
             for i, ids in zip(batch, rows):
                 texts[i] = tokenizer.decode(ids)
     return texts
@@ -62,14 +68,40 @@ def sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size
     return losses
 
 
-def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens, max_len, batch_size=32, pm=None):
+def _in_order(parts, n):
+    """The ranks' lists (rank r's for ``samples[r::world]``) as one list in sample order."""
+    out = [None] * n
+    for rank, part in enumerate(parts):
+        out[rank::len(parts)] = part
+    return out
+
+
+def decode_shared(model, tokenizer, samples, prompt, device, max_new_tokens=64, batch_size=32, repetition=None):
+    """``decode_samples`` with the samples shared out between the ranks; every rank gets every text."""
+    mine = samples[distributed.rank()::distributed.world_size()]
+    texts = decode_samples(model, tokenizer, mine, prompt, device, max_new_tokens, batch_size, repetition)
+    return _in_order(distributed.gather_objects(texts), len(samples))
+
+
+def evaluate(model, tokenizer, samples, metrics, prompt, device, max_new_tokens, max_len, batch_size=32,
+             repetition=None, pm=None):
     """Rows (id, gt, pred, loss, metric values...) and the aggregate dict (metrics + samples/s); the metrics
-    answer through ``pm``, the run's plugin manager (core.metrics.score_pairs)."""
+    answer through ``pm``, the run's plugin manager (core.metrics.score_pairs).
+
+    Every rank calls it and decodes its share; rank 0 gets the rows and aggregate, the others (None, None).
+    ``samples_per_s`` counts the decoding of all ranks together (from the slowest rank's time).
+    """
     model.eval()
+    mine = samples[distributed.rank()::distributed.world_size()]
     start = time.perf_counter()
-    preds = decode_samples(model, tokenizer, samples, prompt, device, max_new_tokens, batch_size)
+    preds = decode_samples(model, tokenizer, mine, prompt, device, max_new_tokens, batch_size, repetition)
     seconds = time.perf_counter() - start
-    losses = sample_losses(model, tokenizer, samples, prompt, device, max_len, batch_size)
+    losses = sample_losses(model, tokenizer, mine, prompt, device, max_len, batch_size)
+    parts = distributed.gather_objects((preds, losses, seconds))
+    preds, losses = _in_order([p[0] for p in parts], len(samples)), _in_order([p[1] for p in parts], len(samples))
+    seconds = max(p[2] for p in parts)
+    if not distributed.is_main():
+        return None, None
     # the ground truth carries the sample's json: a metric that scores structure (OmniDocBench's blocks) reads it
     rows, aggregate = score_pairs(metrics, [(s["key"], p, GroundTruth(s["text"], s.get("meta")))
                                             for s, p in zip(samples, preds)], pm=pm)

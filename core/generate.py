@@ -6,7 +6,8 @@ KV-cached decode loop; ``<|image|>`` is masked out of the logits (DESIGN.md less
 
     python -m core.generate CHECKPOINT IMAGE [IMAGE ...] [--out OUT.jsonl] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--seed S] [--batch-size B] [--prompt P] [--no-cache]
-        [--max-image-pixels N|none]
+        [--max-image-pixels N|none] [--no-repeat-ngram N [--no-repeat-window W] [--no-repeat-exempt IDS]]
+        [--stop-loops]
 
 CHECKPOINT is a ``model_XXXXXX.safetensors`` file or a stage folder (its latest); the model is rebuilt
 from the meta json beside it. An IMAGE is any image Pillow reads or a PDF page, rendered as ``python -m
@@ -55,6 +56,7 @@ from core.pdf import PdfSkip, Render, as_pdf_page, page_paths, render_png
 from core.sources import path_key
 from core.recipe import COMPONENTS, model_config_from_meta
 from core.registry import load_plugins
+from core.repetition import Repetition, exempt_ids
 
 
 def _pick(logits, temperature, top_k, generator):
@@ -102,12 +104,13 @@ def view_batch(model, images, grid, device):
 
 @torch.no_grad()
 def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cache=True,
-             temperature=0.0, top_k=None, seed=None, tiles=None, grids=None):
+             temperature=0.0, top_k=None, seed=None, tiles=None, grids=None, repetition=None):
     """Decode up to ``max_new_tokens`` per image; returns a list of token-id lists (stop token excluded).
 
     ``prompt_ids`` is one prompt (with its <|image|> placeholders) shared by the batch, so with crops
     every image of the batch has the same grid (``grid_batches``); ``tiles``/``grids`` as in
-    VisionLanguageModel.forward.
+    VisionLanguageModel.forward. ``repetition`` (core.repetition.Repetition) bans repeated n-grams
+    and stops samples caught in a loop.
     """
     decoder = model.decoder
     batch = pixel_values.shape[0]
@@ -120,11 +123,16 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
     logits = decoder(embeds, kv_cache=cache, **token_ids(decoder, ids))[:, -1]
     picked = []
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    histories = [[] for _ in range(batch)] if repetition else None  # each row's generated ids
     for _ in range(max_new_tokens):
         logits[:, model.image_token_id] = float("-inf")
+        if histories is not None:
+            repetition.ban(logits, histories)
         token = _pick(logits, temperature, top_k, generator).masked_fill(done, tokenizer.eos_id)
         picked.append(token)
         done |= torch.isin(token, stop)
+        if histories is not None:
+            done |= torch.tensor(repetition.record(token.tolist(), histories, tokenizer), device=done.device)
         if bool(done.all()):
             break
         step = decoder.embed(token[:, None])
@@ -273,6 +281,8 @@ def read_images(model, tokenizer, prompt, args, sizes):
         torch.manual_seed(args.seed)
     grids = [size_grid(model, size) for size in sizes]
     batches = grid_batches(grids, args.batch_size)
+    repetition = Repetition(args.no_repeat_ngram, args.no_repeat_window, stop_loops=args.stop_loops,
+                            exempt=exempt_ids([t for t in args.no_repeat_exempt.split(",") if t], tokenizer))
     done, next_out = {}, 0
     for batch in tqdm(batches, desc="generating", unit="batch", file=sys.stderr, disable=len(batches) <= 1):
         grid = grids[batch[0]]
@@ -281,7 +291,7 @@ def read_images(model, tokenizer, prompt, args, sizes):
         try:
             rows = generate(model, tokenizer, pixels, image_prompt_ids(model, tokenizer, prompt, grid),
                             args.max_new_tokens, use_cache=not args.no_cache, temperature=args.temperature,
-                            top_k=args.top_k, tiles=tiles, grids=batch_grids)
+                            top_k=args.top_k, tiles=tiles, grids=batch_grids, repetition=repetition)
         except ValueError as e:  # e.g. prompt + --max-new-tokens run past the decoder's positions
             raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: {e}") from e
         done.update((i, tokenizer.decode(ids)) for i, ids in zip(batch, rows))
@@ -316,12 +326,22 @@ def parse_args(argv):
     parser.add_argument("--prompt", default=None, help="with <image> once; \\n \\t \\r \\\\ are read as escapes; "
                                                        "default: the one it was trained with")
     parser.add_argument("--no-cache", action="store_true", help="the naive decode loop without the KV cache")
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                        help="ban a token that would repeat an N-gram of the last --no-repeat-window generated tokens "
+                             "(DeepSeek-OCR's rule; 0, the default: off)")
+    parser.add_argument("--no-repeat-window", type=int, default=90, metavar="W", help="default 90")
+    parser.add_argument("--no-repeat-exempt", default="", metavar="IDS",
+                        help="comma-separated token ids (or single-token strings) never banned, e.g. <td>,</td>")
+    parser.add_argument("--stop-loops", action="store_true",
+                        help="stop an image's text once it ends in a loop (a 1-5 character pattern repeated >30 times)")
     parser.add_argument("--max-image-pixels", type=_pixels, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="refuse larger images before decoding them (default: training's data.max_image_pixels "
                              f"default, {DEFAULT_MAX_IMAGE_PIXELS:,}; none: no limit)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.temperature < 0:
         parser.error("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")
+    if args.no_repeat_ngram < 0 or args.no_repeat_window < 1:
+        parser.error("--no-repeat-ngram must be at least 0 and --no-repeat-window at least 1")
     if args.out and args.out_dir:
         parser.error("--out and --out-dir: choose one")
     return args

@@ -9,10 +9,10 @@ import attrs
 import torch
 from tqdm import tqdm
 
-from core import adapters, checkpoint, distributed, resume, stream
+from core import adapters, checkpoint, distributed, repetition, resume, stream
 from core.badsamples import format_report
 from core.data import to_device
-from core.evaluate import decode_samples
+from core.evaluate import decode_shared
 from core.monitor import collapse_scores, probe_images
 from core.errors import plugin_call
 from core.report import format_parameter_table
@@ -230,8 +230,9 @@ def _text_step(seed, stage_index, step, ratio):
 def _probe(ctx, model, tokenizer, probe, stage, step):
     """Greedy-decode the probe samples; log and return exact-match rate and mean NED."""
     recipe = ctx.recipe
-    preds = decode_samples(model, tokenizer, probe, recipe.data.prompt, ctx.device,
-                           max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size)
+    preds = decode_shared(model, tokenizer, probe, recipe.data.prompt, ctx.device,  # each rank its share
+                          max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
+                          repetition=repetition.from_eval(recipe.eval, tokenizer))
     pairs = [(p.strip(), s["text"].strip()) for p, s in zip(preds, probe)]
     result = {"exact": sum(p == g for p, g in pairs) / len(pairs),
               "ned": sum(ned(p, g, both_empty=0.0) for p, g in pairs) / len(pairs)}  # two empty strings agree

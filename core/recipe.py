@@ -184,10 +184,14 @@ class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 32
     metrics: list[Component] = attrs.field(factory=lambda: [Component("fox"), Component("ned"), Component("exact")])
+    no_repeat_ngram: int = 0  # >0: DeepSeek-OCR's no-repeat-n-gram rule while decoding (core/repetition.py)
+    no_repeat_window: int = 90  # the generated tokens no_repeat_ngram looks back over
+    no_repeat_exempt: list[str] = attrs.field(factory=list)  # token ids (or one-token strings) never banned
+    stop_loops: bool = False  # stop a sample whose text ends in a loop (a 1-5 character pattern > 30 times)
 
     def __attrs_post_init__(self):
         check_ranges(self, {"samples": 1, "probe_samples": 1, "show_samples": 0, "max_new_tokens": 1,
-                            "batch_size": 1})
+                            "batch_size": 1, "no_repeat_ngram": 0, "no_repeat_window": 1})
 
 
 @attrs.define

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from core import adapters, checkpoint, distributed, memory, resume
+from core import adapters, checkpoint, distributed, memory, repetition, resume
 from core.data import eval_samples, prompt_prefix
 from core.datacheck import check_data
 from core.errors import ConfigError, cli_main, plugin_call
@@ -47,7 +47,7 @@ class RunContext:
     def __init__(self, recipe, pm, registry):
         self.recipe, self.pm, self.registry = recipe, pm, registry
         self.rank, self.world_size, self.device = distributed.setup(recipe.run.device)
-        self.main = self.rank == 0  # only rank 0 prints, logs, writes checkpoints and evaluates
+        self.main = self.rank == 0  # only rank 0 prints, logs, writes checkpoints and scores the evaluation
         self.run_dir = run_folder(recipe)
         ds = recipe.data.dataset
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
@@ -306,11 +306,17 @@ def stage_lines(summaries):
 
 
 def evaluate_run(ctx, model, tokenizer, summaries):
-    """The final evaluation on the eval split: eval.json, eval.md and eval_samples.jsonl; returns the aggregate."""
+    """The final evaluation on the eval split: eval.json, eval.md and eval_samples.jsonl; returns the aggregate.
+
+    Every rank calls it and decodes its share (core/evaluate.py); rank 0 scores, writes and prints, the
+    other ranks return None."""
     recipe = ctx.recipe
-    metrics = ctx.registry.build_all("metric", recipe.eval.metrics, "eval.metrics")
+    metrics = ctx.registry.build_all("metric", recipe.eval.metrics, "eval.metrics") if ctx.main else []
     rows, aggregate = evaluate(model, tokenizer, ctx.eval_samples, metrics, recipe.data.prompt, ctx.device,
-                               recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size, pm=ctx.pm)
+                               recipe.eval.max_new_tokens, recipe.data.max_len, recipe.eval.batch_size,
+                               repetition.from_eval(recipe.eval, tokenizer), pm=ctx.pm)
+    if not ctx.main:
+        return None
     write_eval(ctx.run_dir, rows, aggregate, summaries)
     ctx.log({"event": "eval", **aggregate})
     ctx.say(f"\nevaluation on {len(rows)} samples of the eval split (greedy):\n"
@@ -333,8 +339,10 @@ def run(recipe, dry=False, world_size=None):
         for line in stage_lines(summaries):
             ctx.say(line)
         result = {"stages": summaries}
-        if recipe.eval is not None and ctx.main:
-            result["eval"] = evaluate_run(ctx, model, tokenizer, summaries)
+        if recipe.eval is not None:  # every rank decodes a share; rank 0's aggregate
+            aggregate = evaluate_run(ctx, model, tokenizer, summaries)
+            if ctx.main:
+                result["eval"] = aggregate
     if ctx.main:
         ctx.say(f"report: {write_report(ctx.run_dir)}")
     ctx.say(f"\nrun folder: {ctx.run_dir}")

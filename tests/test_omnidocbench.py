@@ -77,7 +77,7 @@ def test_every_page_and_average_as_the_evaluator(official, element):
     prefix = PREFIX[element]
     got = (agg[f"{prefix}_ALL_page_avg"], agg[f"{prefix}_edit_whole"], agg[f"{prefix}_edit_sample_avg"])
     assert got == pytest.approx(OFFICIAL[element]["all"], abs=1e-12)
-    assert "TEDS" in agg["odb_not_computed"] and "CDM" in agg["odb_not_computed"]
+    assert "CDM" in agg["odb_overall_missing"] and "odb_overall" not in agg
 
 
 def test_tables_out(official):

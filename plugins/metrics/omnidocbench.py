@@ -15,7 +15,14 @@ left out):
   sum(Edit_num) / sum(upper_len) on the page; ``odb_edit_whole`` = the same ratio over all
   samples; ``odb_edit_sample_avg`` = mean of the per-sample ratios; ``odb_samples``, ``odb_pages``.
 * ``odb_display_formula_*``, ``odb_table_*``, ``odb_reading_order_*``: the same three for display
-  formulas (Edit_dist only, no CDM), tables (Edit_dist only, no TEDS) and reading order.
+  formulas (Edit_dist only, no CDM), tables and reading order.
+* Tables also get TEDS and TEDS-S (``omnidocbench_teds``, with the ``tables`` extra):
+  ``odb_table_TEDS`` / ``odb_table_TEDS_structure_only`` = the mean over tables (the evaluator's
+  ``all``), ``..._page_avg`` = the mean over pages of each page's mean (its ``page`` value, which the
+  leaderboard shows x 100).
+* The v1.5 leaderboard's Overall, ((1 - text ALL_page_avg) x 100 + CDM x 100 + TEDS page avg x 100) / 3,
+  needs all three parts; CDM is not computed (it needs a LaTeX toolchain), so instead of an Overall
+  ``odb_overall_missing`` names the parts that are missing.
 
 ``corrected`` (``--option corrected`` on the command line) fixes the evaluator's bugs instead of
 reproducing them (see the doc). A plain-text pair (``--format jsonl``, an evaluation split) has no
@@ -29,11 +36,14 @@ from core.hookspecs import hookimpl
 from core.textdist import levenshtein
 from plugins.metrics.omnidocbench_normalise import normalise_text
 from plugins.metrics.omnidocbench_page import score_page
+from plugins.metrics.omnidocbench_teds import available as teds_available
+from plugins.metrics.omnidocbench_teds import teds
 
 ELEMENTS = ("text_block", "display_formula", "table", "reading_order")
 PREFIX = {"text_block": "odb", "display_formula": "odb_display_formula", "table": "odb_table",
           "reading_order": "odb_reading_order"}
-NOT_COMPUTED = "table TEDS and display_formula CDM (Edit_dist only)"
+CDM_MISSING = "display_formula CDM (needs a LaTeX toolchain; not computed)"
+TEDS_MISSING = "table TEDS (needs the tables extra: pip install 'vlmkit[tables]')"
 
 
 def _pairs(samples):
@@ -50,6 +60,40 @@ def _averages(pages):
     page_avg = math.fsum(n / u for n, u in sums) / len(sums)
     whole = sum(n for n, _ in sums) / sum(u for _, u in sums)
     return page_avg, whole, math.fsum(ratios) / len(ratios), len(ratios), len(sums)
+
+
+def _teds_pair(sample):
+    """[TEDS, TEDS-S] of a table sample, on the normalised strings (each falls back to its raw one)."""
+    pred, gt = sample["norm_pred"] or sample["pred"], sample["norm_gt"] or sample["gt"]
+    return [teds(pred, gt), teds(pred, gt, structure_only=True)]
+
+
+def _teds_averages(rows):
+    """The evaluator's TEDS numbers: the mean over tables and the mean over pages of the page means."""
+    if not teds_available():
+        return {}
+    pages = {}
+    for i, r in enumerate(rows):
+        if r.get("odb_table_teds"):
+            pages.setdefault(r.get("page", i), []).extend(r["odb_table_teds"])
+    out = {}
+    for k, name in enumerate(("odb_table_TEDS", "odb_table_TEDS_structure_only")):
+        tables = [pair[k] for page in pages.values() for pair in page]
+        page_means = [math.fsum(pair[k] for pair in page) / len(page) for page in pages.values()]
+        out[name] = math.fsum(tables) / len(tables) if tables else None
+        out[name + "_page_avg"] = math.fsum(page_means) / len(page_means) if page_means else None
+    return out
+
+
+def _overall(out):
+    """``odb_overall_missing``: which parts of the v1.5 Overall are absent (CDM always is, so no Overall)."""
+    missing = []
+    if out.get("odb_ALL_page_avg") is None:
+        missing.append("text_block Edit_dist (no text sample)")
+    if out.get("odb_table_TEDS_page_avg") is None:
+        missing.append(TEDS_MISSING if not teds_available() else "table TEDS (no ground-truth table)")
+    missing.append(CDM_MISSING)
+    return {"odb_overall_missing": "; ".join(missing)}
 
 
 class OmniDocBenchText:
@@ -78,6 +122,8 @@ class OmniDocBenchText:
                "odb_has_text": bool(samples["text_block"])}
         for element in ("text_block", "formula_as_text", "display_formula", "table", "reading_order"):
             row[f"odb_{element}"] = _pairs(samples[element])
+        if teds_available():  # every table sample, also those Edit_dist leaves out
+            row["odb_table_teds"] = [_teds_pair(s) for s in samples["table"]]
         return row
 
     def _plain(self, pred, gt):
@@ -116,7 +162,8 @@ class OmniDocBenchText:
             if element == "text_block":
                 out.update({"odb_samples": samples, "odb_pages": n_pages})
         if structured:
-            out["odb_not_computed"] = NOT_COMPUTED
+            out.update(_teds_averages(rows))
+            out.update(_overall(out))
         return out
 
 

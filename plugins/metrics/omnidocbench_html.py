@@ -22,21 +22,21 @@ _KEEP_SPACE = frozenset(("pre", "textarea"))  # whitespace inside these is not c
 _ASCII_SPACE = frozenset(" \n\t\x0c\r")
 
 
-class _Node:
+class Node:
     __slots__ = ("name", "attrs", "children", "parent")
 
     def __init__(self, name, attrs, parent):
         self.name, self.attrs, self.children, self.parent = name, attrs, [], parent
 
 
-class _Comment(str):
+class Comment(str):
     """A comment's text: a string child (it counts for ``.string``) written back as ``<!--...-->``."""
 
 
 class _TreeBuilder(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=False)  # entities are decoded here, as BeautifulSoup does
-        self.root = _Node(None, {}, None)
+        self.root = Node(None, {}, None)
         self.open = [self.root]
         self.pending = []
         self.closed_void = []  # void elements already closed, whose explicit end tag is to be ignored
@@ -57,7 +57,7 @@ class _TreeBuilder(HTMLParser):
             values[key] = "" if value is None else value  # a repeated attribute keeps its last value
         if "class" in values:  # a list-valued attribute: written back with single spaces
             values["class"] = " ".join(values["class"].split())
-        node = _Node(tag, values, self.open[-1])
+        node = Node(tag, values, self.open[-1])
         self.open[-1].children.append(node)
         self.open.append(node)
         if tag in VOID and not self_closing:
@@ -104,7 +104,7 @@ class _TreeBuilder(HTMLParser):
 
     def handle_comment(self, data):
         self._flush()
-        self.open[-1].children.append(_Comment(data))
+        self.open[-1].children.append(Comment(data))
 
 
 def parse(markup):
@@ -132,7 +132,7 @@ def _attribute(key, value):
 def _write(node, out):
     """Serialise the evaluator's table view: th as td, thead and span unwrapped, math as $alttext$."""
     for child in node.children:
-        if isinstance(child, _Comment):
+        if isinstance(child, Comment):
             out.append(f"<!--{child}-->")
         elif isinstance(child, str):
             out.append(_escape(child))
@@ -193,7 +193,7 @@ def cell_strings(table_html):
 
     def visit(node):
         for child in node.children:
-            if isinstance(child, _Node):
+            if isinstance(child, Node):
                 if child.name == "td":
                     value = _single_string(child)
                     if value:
