@@ -9,7 +9,7 @@ from core.errors import ConfigError
 from plugins.datasets import line_effects
 from plugins.datasets.synthetic_lines import SyntheticLines, confusable_pairs, font_file, load_font
 
-# the families and sizes docs/fonts.md proposes: every size must draw the 73 characters distinguishably
+# the families and sizes docs/fonts.md lists: every size must draw the 73 characters distinguishably
 PROPOSED = {"source_sans_pro_semibold": [13, 18], "source_serif_pro": [13, 18], "source_serif_pro_bold": [13, 18],
             "lato": [15, 18], "lato_bold": [13, 18], "caladea": [14, 18], "hanken_grotesk": [14, 18],
             "dejavu_serif": [13, 18], "dejavu_sans": [17, 18]}

@@ -52,7 +52,7 @@ MIN_GLYPH_DIFFERENCE = 1.5
 # Fonts that pip packages ship, by family: (module, its dict of font files, the file key of the regular
 # weight). A weight is the family name plus a suffix, e.g. ``lato_bold`` or ``source_serif_pro_semibold``.
 # Licences: SIL OFL 1.1, Caladea Apache 2.0; matplotlib (a dependency) ships DejaVu (a free licence).
-# Roboto and Manrope are not here: their I and l are the same glyph (docs/results.md, "Fonts").
+# Roboto and Manrope are not here: their I and l are the same glyph (docs/fonts.md).
 PIP_FONTS = {
     "source_sans_pro": ("font_source_sans_pro", "font_files_ttf", "SourceSansPro"),
     "source_serif_pro": ("font_source_serif_pro", "font_files_ttf", "SourceSerifPro"),
