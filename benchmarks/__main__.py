@@ -14,7 +14,10 @@ Rows, each measured here and now (the pieces live in benchmarks/, which can also
 4. the data pipeline per worker (read, decode, preprocess, tokenize, collate) against what (2) consumes,
    PDF pages rendered per core (core/pdf.py), and shards read over http://127.0.0.1 against local files;
 5. generation with and without the KV cache (benchmarks/generation.py);
-6. NED pairs/s against bare rapidfuzz.
+6. NED pairs/s against bare rapidfuzz;
+7. the real run (core.run's loop on the default recipe's stage 1 for a few steps: data, step, probe,
+   monitor, checkpoint, evaluation, report) next to (2), projected to the recipe's stage 1
+   (benchmarks/run_loop.py).
 A benchmark, never a test: nothing here asserts a speed. Takes about 3 minutes on 2 CPU cores.
 """
 import argparse
@@ -30,6 +33,7 @@ import torch
 from benchmarks import common
 from benchmarks import data as data_bench
 from benchmarks import generation as gen_bench
+from benchmarks import run_loop
 from benchmarks import train_step
 from core.errors import cli_main
 from core.recipe import load_recipe
@@ -120,6 +124,13 @@ def ned_section(quick):
             f"| {ours:,.0f} pairs/s | {raw:,.0f} pairs/s | {ours / raw:.2f} |"]
 
 
+def run_section(step, quick):
+    measured = run_loop.measure(steps=20 if quick else 100, eval_samples=32 if quick else 64)
+    rows = run_loop.format_rows(measured, run_loop.project(measured, step["seconds"]), step["seconds"])
+    return ["## 7. The real run (core.run, default recipe's stage 1, "
+            f"{measured['steps']} steps) against the bare step", "", *rows]
+
+
 def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps (about a minute)")
@@ -144,18 +155,23 @@ def command(argv=None):
         shards = common.synthetic_shards(tmp, count)
         peak, lines = peak_section(args.device, args.quick)
         report += lines + [""]
-        log("1/6 matmul peak done")
+        log("1/7 matmul peak done")
         step, lines = step_section(shards, peak, args)
         report += lines + [""]
-        log("2/6 training step done")
+        log("2/7 training step done")
         if not args.no_transformers:
             report += transformers_section(args.quick, log) + [""]
-        log("3/6 transformers comparison done")
+        log("3/7 transformers comparison done")
         report += data_section(shards, step, count - 64, tmp, args.quick) + [""]
-        log("4/6 data pipeline done")
+        log("4/7 data pipeline done")
     report += generation_section(args.quick) + [""]
-    log("5/6 generation done")
+    log("5/7 generation done")
     report += ned_section(args.quick) + [""]
+    log("6/7 NED done")
+    default = args.recipe == common.RECIPE and args.stage == 0 and not args.overrides and not args.full_length
+    if default and args.device == "cpu":
+        report += run_section(step, args.quick) + [""]  # row 7 projects the default recipe, which row 2 timed
+    log("7/7 real run done")
     report.append(f"Total {time.perf_counter() - started:.0f} s; command: python -m benchmarks "
                   + " ".join(argv if argv is not None else sys.argv[1:]))
     text = "\n".join(report)

@@ -2,20 +2,49 @@
 
 Muon (docs/architecture.md §1.7, NC-OCT): SGD momentum 0.95 with Nesterov, then the
 update is orthogonalised by 5 Newton-Schulz iterations (quintic coefficients
-3.4445, -4.7750, 2.0315, in bf16) and scaled by max(1, rows/cols)^0.5. It is
+3.4445, -4.7750, 2.0315, in bf16 where the device computes bf16 natively, else fp32: see
+``newton_schulz_dtype``) and scaled by max(1, rows/cols)^0.5. It is
 for 2-D weight matrices inside the transformer blocks; embeddings, the head,
 norms, convs and biases stay with AdamW. One optimizer object keeps one
 state_dict, one lr schedule (LambdaLR scales every group) and one resume path.
 """
+import functools
+import pathlib
+
 import torch
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # docs/architecture.md §1.7
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX-512 BF16 / AMX, arm64's BF16 extension
 
 
-def orthogonalise(update, steps=5):
-    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (singular values near 1)."""
+@functools.cache
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bf16 in hardware (its flags in /proc/cpuinfo). Without it torch emulates
+    bf16 matmuls, ~44x slower than fp32 on an AVX2 CPU (BENCHMARKS.md); no cpuinfo (macOS, Windows): False."""
+    try:
+        text = pathlib.Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    flags = {word for line in text.splitlines() if line.startswith(("flags", "Features"))
+             for word in line.split(":", 1)[-1].split()}
+    return bool(flags & BF16_CPU_FLAGS)
+
+
+def newton_schulz_dtype(device, cpu_bf16=None):
+    """bf16 on CUDA (as nanochat) and on a CPU with native bf16 (``cpu_bf16``, detected when None), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+def orthogonalise(update, steps=5, dtype=torch.bfloat16):
+    """Newton-Schulz iteration towards the nearest semi-orthogonal matrix (singular values near 1), in ``dtype``."""
     a, b, c = NS_COEFFICIENTS
-    x = update.bfloat16()
+    x = update.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -27,9 +56,12 @@ def orthogonalise(update, steps=5):
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Groups with ``kind: "muon"`` get Muon (lr, momentum), the others AdamW (lr, betas, eps, weight_decay)."""
+    """Groups with ``kind: "muon"`` get Muon (lr, momentum), the others AdamW (lr, betas, eps, weight_decay).
+    ``cpu_bf16``: whether the CPU has native bf16 (None: detect; see ``newton_schulz_dtype``)."""
 
-    def __init__(self, groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95, ns_steps=5):
+    def __init__(self, groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, momentum=0.95, ns_steps=5,
+                 cpu_bf16=None):
+        self.cpu_bf16 = cpu_bf16
         for group in groups:
             if group.get("kind") == "muon" and any(p.ndim != 2 for p in group["params"]):
                 raise ValueError("Muon takes 2-D weight matrices only")
@@ -49,7 +81,7 @@ class MuonAdamW(torch.optim.Optimizer):
         buffer = state.setdefault("momentum_buffer", torch.zeros_like(p))
         buffer.lerp_(p.grad, 1 - group["momentum"])
         update = p.grad.lerp(buffer, group["momentum"])  # Nesterov
-        update = orthogonalise(update, group["ns_steps"])
+        update = orthogonalise(update, group["ns_steps"], newton_schulz_dtype(p.device, self.cpu_bf16))
         p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
 
     def _adamw(self, p, group):

@@ -1,6 +1,6 @@
 """report.md for a run folder: what the run did, drawn and tabled from its log.jsonl and eval.json.
 
-Plots (PNG, when matplotlib is installed: ``pip install -e ".[report]"``):
+Plots (PNG; matplotlib is a dependency):
 loss per stage (each loss term), learning rate, the collapse monitor, and the
 held-out probe's exact-match rate. Tables: each stage's parameters
 (trainable / frozen per component), the stage summaries, and the evaluation.
@@ -123,7 +123,7 @@ def write_report(run_dir):
     if images:
         parts += [f"![{name[:-4]}]({name})" for name in images] + [""]
     else:
-        parts += ["Plots need matplotlib: `pip install -e \".[report]\"`, then `python -m core.report RUN_DIR`.", ""]
+        parts += ["Plots need matplotlib: `pip install matplotlib`, then `python -m core.report RUN_DIR`.", ""]
     for e in events:
         if e.get("event") == "stage_start" and e.get("parameters"):
             parts += [f"## Stage {e['stage']}: parameters", "",

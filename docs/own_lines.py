@@ -1,8 +1,7 @@
 """Render text-line images with drawing code of its own (not the training generator), for checking a
 checkpoint with `python -m core.generate` and `python -m core.metrics`:
 
-    python docs/own_lines.py OUT_DIR [--font default|source_sans_pro|PATH.ttf] [--count N] [--seed S] [--scale K]
-        [--txt]
+    python docs/own_lines.py OUT_DIR [--font NAME[,NAME...]] [--count N] [--seed S] [--scale K] [--txt]
     python -m core.generate RUN/vis_mid OUT_DIR/*.png --out OUT_DIR/pred.jsonl
     python -m core.metrics fox ned exact --pred OUT_DIR/pred.jsonl --gt OUT_DIR/gt.jsonl
 
@@ -12,7 +11,10 @@ unseen. Each line: 2-4 words, the first Capitalised, sometimes a number or a com
 word, ending in a period (half the lines), "!" or "?" (``--txt`` also writes it beside its image as
 ``line_NNNN.txt``: the folder that ``python -m core.shards folder`` reads). Drawn with ImageDraw at --scale
 times the target size (default 2: 64 x 512, which the checkpoint's preprocessing resizes), font size scale x
-14-18 px, black on white, left margin and baseline jittered.
+14-18 px, black on white, left margin and baseline jittered. ``--font`` takes any synthetic_lines font name
+(default, source_sans_pro, lato_bold, caladea, dejavu_serif, ...) or a .ttf/.otf path, or several
+separated by commas, one drawn per line: e.g. the held-out families caladea (serif), hanken_grotesk and
+dejavu_sans (sans), which the training fonts should never include.
 """
 import argparse
 import json
@@ -51,7 +53,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python docs/own_lines.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="folder for line_NNNN.png and gt.jsonl (created)")
-    parser.add_argument("--font", default="default", help="default (Aileron), source_sans_pro, or a .ttf/.otf path")
+    parser.add_argument("--font", default="default",
+                        help="synthetic_lines font names or .ttf/.otf paths, comma-separated (one per line drawn)")
     parser.add_argument("--count", type=int, default=256, help="number of lines")
     parser.add_argument("--seed", type=int, default=12345, help="seed of this script's own random stream")
     parser.add_argument("--scale", type=int, default=2, help="draw at this multiple of 32 x 256")
@@ -60,10 +63,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
     words = unseen_words()
-    path = font_file(args.font)
+    paths = [font_file(name) for name in args.font.split(",")]
     rows = []
     for i in range(args.count):
         text = sentence(rng, words)
+        path = rng.choice(paths) if len(paths) > 1 else paths[0]  # one font: the stream as before
         size = rng.randint(14, 18) * args.scale
         font = ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
         width, height = 256 * args.scale, 32 * args.scale

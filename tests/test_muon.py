@@ -50,3 +50,55 @@ def test_muon_takes_the_decoder_block_matrices_and_trains(registry):
     assert losses[-1] < losses[0]
     state = optimizer.state_dict()
     assert any("momentum_buffer" in s for s in state["state"].values())
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from core.muon import cpu_has_native_bf16
+    old, new = tmp_path / "zen2", tmp_path / "zen4"
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    new.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n")
+    assert not cpu_has_native_bf16(str(old)) and cpu_has_native_bf16(str(new))
+    assert not cpu_has_native_bf16(str(tmp_path / "absent"))
+
+
+def test_newton_schulz_is_fp32_where_bf16_is_not_native():
+    from core.muon import newton_schulz_dtype
+    assert newton_schulz_dtype("cpu", cpu_bf16=False) == torch.float32
+    assert newton_schulz_dtype("cpu", cpu_bf16=True) == torch.bfloat16
+    assert newton_schulz_dtype("cuda", cpu_bf16=False) == torch.bfloat16  # decided per device, not per host
+
+
+def _matmul_dtypes(step):
+    """The dtypes of every matmul the ``step()`` call dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in matmuls:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    return seen
+
+
+def test_default_training_step_has_no_bf16_matmul_without_native_bf16(tmp_path, monkeypatch):
+    """The default recipe's stage-1 step (Muon included) on a CPU that reports no native bf16: fp32 only;
+    the same step reporting native bf16 does use bf16 (so the count can fail)."""
+    from benchmarks.common import synthetic_shards
+    from benchmarks.train_step import TrainStep
+    from core import muon
+    step = TrainStep(synthetic_shards(str(tmp_path), 32), overrides=["data.batch_size=4"])
+    try:
+        monkeypatch.setattr(muon, "cpu_has_native_bf16", lambda: False)
+        without = _matmul_dtypes(step.run)
+        monkeypatch.setattr(muon, "cpu_has_native_bf16", lambda: True)
+        native = _matmul_dtypes(step.run)
+    finally:
+        step.close()
+    assert without and torch.bfloat16 not in without
+    assert torch.bfloat16 in native

@@ -1,9 +1,10 @@
 """Synthetic text lines: real English words in proportional TrueType fonts, written once as WebDataset shards.
 
 What a reader of real text meets, at a size a CPU trains on in minutes (docs/results.md, "The default run"):
-- fonts: Pillow's bundled default (Aileron, ``ImageFont.load_default(size=...)``, no system font needed)
-  and fonts that pip packages ship (``source_sans_pro``, a dependency; ``lato`` after
-  ``pip install font-lato``), or any .ttf/.otf path, each at a
+- fonts: Pillow's bundled default (Aileron, ``ImageFont.load_default(size=...)``, no system font needed),
+  matplotlib's DejaVu Sans and Serif, and fonts that pip packages ship in several weights (``source_sans_pro``,
+  a dependency; ``source_serif_pro``, ``lato``, ``caladea``, ``hanken_grotesk`` with vlmkit's ``fonts``
+  extra; ``PIP_FONTS``), or any .ttf/.otf path, each at a
   range of sizes; every size is checked at construction to draw each asked character distinguishably
   (Aileron draws ``I`` and ``l`` as the same glyph below 14 px, so its sizes start there);
 - words: the English word lists that the ``wonderwords`` package ships (nouns, adjectives, verbs;
@@ -12,6 +13,8 @@ What a reader of real text meets, at a size a CPU trains on in minutes (docs/res
 - layout: 1-4 words per line (greedy, a word that would overflow the line is dropped), one or a few
   lines, the block placed at a random position (x and y jitter) inside the image, so text is not
   aligned to the vision-token grid;
+- rendering variations (``effects``, off unless asked; plugins/datasets/line_effects.py): slight rotation
+  and scale, contrast, blur, noise, JPEG, each drawn per sample from the page's random stream;
 - vocabulary: the words (and numbers) are split once, by the seed, into disjoint train and held-out
   sets; eval samples use only held-out ones, so evaluation measures reading, not memorising words.
 
@@ -32,6 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from core import ConfigError, hookimpl
 from core.distributed import print0
 from core.shardwriter import ShardWriter
+from plugins.datasets import line_effects
 from plugins.datasets.rendered import RenderedDataset
 
 FORMAT_VERSION = 1  # bump when rendering or the shard format changes: it invalidates old caches
@@ -45,19 +49,55 @@ ENCLOSING = ('""', "()", "''")
 MIN_GLYPH_DIFFERENCE = 1.5
 
 
+# Fonts that pip packages ship, by family: (module, its dict of font files, the file key of the regular
+# weight). A weight is the family name plus a suffix, e.g. ``lato_bold`` or ``source_serif_pro_semibold``.
+# Licences: SIL OFL 1.1, Caladea Apache 2.0; matplotlib (a dependency) ships DejaVu (a free licence).
+# Roboto and Manrope are not here: their I and l are the same glyph (docs/fonts.md).
+PIP_FONTS = {
+    "source_sans_pro": ("font_source_sans_pro", "font_files_ttf", "SourceSansPro"),
+    "source_serif_pro": ("font_source_serif_pro", "font_files_ttf", "SourceSerifPro"),
+    "lato": ("font_lato", "font_files", "Lato"),
+    "caladea": ("font_caladea", "font_files", "Caladea"),
+    "hanken_grotesk": ("font_hanken_grotesk", "font_files_otf", "HankenGrotesk"),
+}
+MATPLOTLIB_FONTS = {"dejavu_sans": "DejaVuSans.ttf", "dejavu_sans_bold": "DejaVuSans-Bold.ttf",
+                    "dejavu_serif": "DejaVuSerif.ttf", "dejavu_serif_bold": "DejaVuSerif-Bold.ttf"}
+
+
+def _pip_font(name):
+    """A family or family_weight name -> the file its pip package ships; None when no family matches."""
+    family = max((f for f in PIP_FONTS if name == f or name.startswith(f + "_")), key=len, default=None)
+    if family is None:
+        return None
+    module, table, regular = PIP_FONTS[family]
+    package = module.replace("_", "-")
+    try:
+        files = getattr(__import__(module), table)
+    except ImportError:
+        raise ConfigError(f"font {name!r} needs its package: pip install {package} (or vlmkit's fonts extra)") \
+            from None
+    wanted = (regular + name[len(family):].replace("_", "")).lower()
+    match = [path for key, path in files.items() if key.lower() == wanted]
+    if not match:
+        weights = sorted(k[len(regular):].lower() for k in files if k.startswith(regular) and k != regular)
+        raise ConfigError(f"font {name!r}: {package} has no such weight; it has {', '.join(weights)}")
+    return match[0]
+
+
 def font_file(name):
     """A font name -> the file a pip package ships (or the path itself); None for Pillow's default."""
     if name == "default":
         return None
-    if name == "source_sans_pro":
-        import font_source_sans_pro
-        return font_source_sans_pro.font_files_ttf["SourceSansPro"]
-    if name == "lato":
-        import font_lato
-        return font_lato.font_files["Lato"]
+    if name in MATPLOTLIB_FONTS:
+        import matplotlib
+        return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", MATPLOTLIB_FONTS[name])
+    path = _pip_font(name)
+    if path is not None:
+        return path
     path = os.path.expanduser(name)
     if not os.path.isfile(path):
-        raise ConfigError(f"font {name!r}: not 'default', 'source_sans_pro', 'lato' or a font file")
+        known = ", ".join(["default", *PIP_FONTS, *MATPLOTLIB_FONTS])
+        raise ConfigError(f"font {name!r}: not a font file nor one of {known} (with a weight: lato_bold)")
     return path
 
 
@@ -111,7 +151,7 @@ class SyntheticLines(RenderedDataset):
                  word_length=(2, 10), max_chars=35, line_spacing=(1.0, 1.3), margin=1,
                  case=(0.6, 0.3, 0.1), numbers=0.08, trailing=0.2, enclosing=0.05, possessive=0.03,
                  ink=(0, 60), paper=(215, 255), heldout_fraction=0.2, train_samples=50000, eval_samples=256,
-                 samples_per_shard=5000, seed=0, fixed_samples=None, workers=None):
+                 samples_per_shard=5000, seed=0, fixed_samples=None, workers=None, effects=None):
         # every argument except cache_dir and workers decides the pixels, so they all go into the hash
         self.args = dict(image_size=list(image_size) if not isinstance(image_size, int) else image_size,
                          fonts=[dict(f) for f in fonts], words_per_line=list(words_per_line), lines=list(lines),
@@ -120,7 +160,7 @@ class SyntheticLines(RenderedDataset):
                          possessive=possessive, ink=list(ink), paper=list(paper),
                          heldout_fraction=heldout_fraction, train_samples=train_samples,
                          eval_samples=eval_samples, samples_per_shard=samples_per_shard, seed=seed,
-                         fixed_samples=fixed_samples)
+                         fixed_samples=fixed_samples, **({"effects": dict(effects)} if effects else {}))
         self.cache_dir = Path(os.path.expanduser(cache_dir))
         self.height, self.width = (image_size, image_size) if isinstance(image_size, int) else map(int, image_size)
         self.fonts = [(f["name"], int(s)) for f in fonts for s in range(f["sizes"][0], f["sizes"][1] + 1)]
@@ -130,7 +170,8 @@ class SyntheticLines(RenderedDataset):
         self.enclosing, self.possessive, self.ink, self.paper = enclosing, possessive, tuple(ink), tuple(paper)
         self.samples = {"train": fixed_samples or train_samples, "eval": fixed_samples or eval_samples}
         self.samples_per_shard, self.seed, self.fixed_samples = samples_per_shard, seed, fixed_samples
-        self.workers = workers
+        self.workers, self.effects = workers, dict(effects or {})
+        line_effects.check(self.effects)
         self._check(fonts)
         self.train_words, self.heldout_words = self._vocabulary(heldout_fraction)
 
@@ -228,6 +269,9 @@ class SyntheticLines(RenderedDataset):
         ink, paper = rng.randint(*self.ink), rng.randint(*self.paper)
         layout = {"font": [name, size], "x": x, "y": y - top, "spacing": spacing, "lines": lines,
                   "ink": ink, "paper": paper}
+        if self.effects:  # drawn only when asked: the stream, so every other sample, stays as it was
+            layout["effects"] = line_effects.choose(rng, self.effects, (x, y, block_w, block_h),
+                                                    (self.width, self.height))
         return "\n".join(lines), layout
 
     @staticmethod
@@ -244,6 +288,8 @@ class SyntheticLines(RenderedDataset):
         for i, line in enumerate(layout["lines"]):
             left = min(font.getbbox(line)[0], 0)
             d.text((layout["x"] - left, layout["y"] + i * layout["spacing"]), line, font=font, fill=layout["ink"])
+        if layout.get("effects"):
+            image = line_effects.apply(image, layout["effects"], layout["paper"])
         return image
 
     def _shard_pages(self, split, shard):
