@@ -1,4 +1,4 @@
-"""Adapters (issue 19): a LoRA stage trains only its adapters, its checkpoint is the adapter and names its base,
+"""Adapters: a LoRA stage trains only its adapters, its checkpoint is the adapter and names its base,
 merging gives the same logits, generate reads base + adapter, and resume, bf16 and activation checkpointing work."""
 import json
 import os

@@ -1,12 +1,163 @@
-"""Generation (core/generate.py): it never emits <|image|>, whatever the head favours; python -m core.generate
-reads --prompt with a shell's literal backslash-n as a newline and prints the prompt it used."""
+"""Generation (core/generate.py) and python -m core.generate: reading images, PDFs and prompts with a saved
+checkpoint (no training; a tiny random model); it never emits <|image|>, whatever the head favours."""
+import json
+
+import attrs
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
-from core.generate import generate, image_prompt_ids, main
+from core import checkpoint
+from core.images import preprocess
+from core.generate import generate, image_prompt_ids
+from core.model import build_model
+from core.generate import DEFAULT_MAX_NEW_TOKENS, main, new_tokens, tsv_line
+from core.registry import load_plugins
+from tests.helpers import TINY
 
 PROMPT = "<image>\nFree OCR."
+NEW_TOKENS = "12"
 
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A stage folder with a tiny model saved as training saves it, three PNGs, and generate()'s texts in-process."""
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    model, tok = build_model(TINY, load_plugins()[1])
+    with torch.no_grad():  # nanochat zeroes lm_head and the blocks' output projections: the image would not matter
+        for p in model.decoder.parameters():
+            if not p.any():
+                p.normal_(std=0.3)
+    model.eval()
+    meta = {"stage": "s", "model": attrs.asdict(TINY), "prompt": PROMPT, "plugins": []}  # the fields train._save writes
+    path = checkpoint.save_checkpoint(str(root / "stage"), 5, model, meta)
+    images = []
+    for i, (size, color) in enumerate([((32, 32), "white"), ((60, 24), "gray"), ((20, 40), "black")]):
+        image = Image.new("RGB", size, color)
+        ImageDraw.Draw(image).rectangle([2, 2, 2 + 6 * i, 12], fill="red")
+        images.append(str(root / f"page{i}.png"))
+        image.save(images[-1])
+    pixels = torch.stack([preprocess(Image.open(p), model.image_size) for p in images])
+    rows = generate(model, tok, pixels, image_prompt_ids(model, tok, PROMPT), int(NEW_TOKENS))
+    texts = [tok.decode(ids) for ids in rows]
+    assert len(set(texts)) > 1  # the images reach the text
+    return root, path, images, texts
+
+
+def test_out_jsonl_equals_generate_in_process(cli, saved):
+    root, _, images, texts = saved
+    out = root / "preds.jsonl"
+    result = cli("core.generate", str(root / "stage"), *images, "--out", str(out), "--max-new-tokens", NEW_TOKENS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"id": p, "text": t} for p, t in zip(images, texts)]
+
+
+def test_stdout_one_line_per_image_without_cache_in_batches(cli, saved):
+    _, path, images, texts = saved
+    result = cli("core.generate", path, *images, "--no-cache", "--batch-size", "2", "--max-new-tokens", NEW_TOKENS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [tsv_line(p, t) for p, t in zip(images, texts)]  # greedy: same as cached
+    assert "2/2" in result.stderr  # the progress bar over batches
+
+
+def test_missing_image_is_one_error_line_naming_it(cli, saved):
+    root, path, images, _ = saved
+    missing = str(root / "nope.png")
+    result = cli("core.generate", path, images[0], missing)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and missing in lines[0], result.stderr
+
+
+def test_unreadable_image_and_checkpoint_without_meta(saved, tmp_path, capsys):
+    _, path, images, _ = saved
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    assert main([path, str(not_image)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: image {str(not_image)!r}: cannot read it")
+    bare = tmp_path / "model_000001.safetensors"
+    bare.write_bytes(open(path, "rb").read())
+    assert main([str(bare), images[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bare}: no meta_XXXXXX.json")
+    (tmp_path / "empty_stage").mkdir()
+    assert main([str(tmp_path / "empty_stage"), images[0]]) == 2
+    assert "no model_XXXXXX.safetensors checkpoint in this folder" in capsys.readouterr().err
+
+
+def test_pdf_pages_are_read_as_their_rendered_images(cli, saved, tmp_path):
+    """doc.pdf#page=N, a one-page doc.pdf and a longer doc.pdf (every page) read as the PNG core.shards stores."""
+    from benchmarks.inputs import box, pdf_bytes
+    from core.pdf import PdfPage, Render, render_png
+    _, path, _, _ = saved
+    book, single = tmp_path / "book.pdf", tmp_path / "single.pdf"
+    book.write_bytes(pdf_bytes([box(72, 500, 300, 200), box(300, 100, 200, 500)]))
+    single.write_bytes(pdf_bytes([box(72, 600, 100, 100)]))
+    pngs = []
+    for i, (pdf, page) in enumerate([(book, 1), (book, 2), (single, 1)]):
+        pngs.append(tmp_path / f"rendered{i}.png")
+        pngs[-1].write_bytes(render_png(PdfPage(str(pdf), page), Render()))
+    want = cli("core.generate", path, *pngs, "--max-new-tokens", NEW_TOKENS)
+    assert want.returncode == 0, want.stderr
+    texts = [line.split("\t", 1)[1] for line in want.stdout.splitlines()]
+    got = cli("core.generate", path, f"{book}#page=2", single, book, "--max-new-tokens", NEW_TOKENS)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.splitlines() == [tsv_line(f"{book}#page=2", texts[1]), tsv_line(str(single), texts[2]),
+                                       tsv_line(f"{book}#page=1", texts[0]), tsv_line(f"{book}#page=2", texts[1])]
+    out = tmp_path / "md"  # a PDF's pages get .md files of their own
+    assert cli("core.generate", path, book, "--out-dir", out, "--max-new-tokens", NEW_TOKENS).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["book_p1.md", "book_p2.md"]
+    missing = cli("core.generate", path, f"{tmp_path / 'nope.pdf'}#page=1")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    past = cli("core.generate", path, f"{single}#page=3")
+    assert past.returncode == 2 and "pdf_page_out_of_range: page 3 of 1" in past.stderr
+
+
+@pytest.mark.parametrize("recorded, tokens, source", [
+    ({"max_new_tokens": int(NEW_TOKENS), "max_len": 100}, int(NEW_TOKENS), "the checkpoint's eval.max_new_tokens"),
+    ({"max_len": 64}, 64 - 32, "the checkpoint's data.max_len 64 less the 32-token prompt"),  # bos, 21 + 10
+], ids=["eval-length", "max-len"])
+def test_default_length_is_what_the_checkpoint_trained_with(cli, saved, tmp_path, recorded, tokens, source):
+    root, path, images, texts = saved
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for name in ("model_000005.safetensors", "meta_000005.json"):
+        data = (root / "stage" / name).read_bytes()
+        if name.startswith("meta"):
+            data = json.dumps({**json.loads(data), **recorded}).encode()
+        (stage / name).write_bytes(data)
+    result = cli("core.generate", stage, images[0])
+    assert result.returncode == 0, result.stderr
+    assert f"max new tokens: {tokens} ({source})" in result.stderr.splitlines()
+    want = cli("core.generate", stage, images[0], "--max-new-tokens", tokens)
+    assert result.stdout == want.stdout
+    if tokens == int(NEW_TOKENS):
+        assert result.stdout.splitlines() == [tsv_line(images[0], texts[0])]
+
+
+def test_a_checkpoint_without_training_lengths_gets_the_stated_default():
+    assert new_tokens({"max_new_tokens": None, "max_len": None}, 32) == (
+        DEFAULT_MAX_NEW_TOKENS, "the default: the checkpoint's meta json records no training length")
+
+
+def test_an_image_far_from_the_model_view_is_warned_once(cli, saved, tmp_path):
+    _, path, images, _ = saved
+    strips = []
+    for i in range(3):
+        strips.append(str(tmp_path / f"strip{i}.png"))
+        Image.new("RGB", (300, 20), "white").save(strips[-1])
+    result = cli("core.generate", path, images[0], *strips, "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {strips[0]} is 15:1 (width:height) but the model's view is 1:1: it is padded to "
+                        f"the view, so its text shrinks (2 more image(s) like it)"]
+    quiet = cli("core.generate", path, *images, "--max-new-tokens", "2")  # 60 x 24 is 2.5:1, but 20 x 40 is 1:2
+    assert [line for line in quiet.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: {images[1]} is 2.5:1 (width:height) but the model's view is 1:1: it is padded to the view, so "
+        f"its text shrinks"]
 
 def favour_image_token(model, image_id, boost=1e4):
     """A forward hook on lm_head that makes <|image|> the largest logit by far, at every position."""

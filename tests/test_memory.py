@@ -1,4 +1,4 @@
-"""--dry-run's memory estimate (core/memory.py, issue 19): within 25% of the peak a real training step reaches on
+"""--dry-run's memory estimate (core/memory.py): within 25% of the peak a real training step reaches on
 the CPU (benchmarks/memory.py measures it with torch's allocator events), and what parallelism and adapters change."""
 import pytest
 

@@ -17,7 +17,6 @@ from core.shards import format_summary, main, parse_size, write_shards
 from core.sources import clean_key
 from plugins.metrics.omnidocbench_files import omnidocbench_page_text
 from plugins.sources.fox import fox_prompt
-from tests.helpers import run_cli
 
 
 def image(path, color=(200, 30, 30), size=(12, 8), fmt=None):
@@ -136,11 +135,11 @@ def test_jsonl_manifest_and_images_root(tmp_path):
     assert summary.samples == 1 and list(members(summary)) == ["img_p1"]
 
 
-def test_malformed_jsonl_line_is_one_error_line(tmp_path):
+def test_malformed_jsonl_line_is_one_error_line(tmp_path, cli):
     image(tmp_path / "p.png")
     manifest = jsonl(tmp_path / "m.jsonl", [{"image": "p.png", "text": "ok"}, '{"image": "p.png", "text": '])
     out = tmp_path / "out"
-    proc = run_cli("core.shards", "jsonl", str(manifest), "--out", str(out), timeout=60)
+    proc = cli("core.shards", "jsonl", str(manifest), "--out", str(out))
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{manifest}:2:" in errors[0] and "not valid JSON" in errors[0]

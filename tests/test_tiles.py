@@ -285,7 +285,7 @@ def test_tiny_run_with_crops_and_the_cli_uses_them(cli, tmp_path):
     for i, size in enumerate(sizes):
         paths.append(str(tmp_path / f"page{i}.png"))
         picture(size, 200 + i).save(paths[-1])
-    out = tmp_path / "preds.jsonl"  # python -m core.generate, in this process (test_generate_cli runs it as one)
+    out = tmp_path / "preds.jsonl"  # python -m core.generate, in this process
     assert generate.main([str(run_dir / "s1"), *paths, "--out", str(out), "--max-new-tokens", "4",
                           "--batch-size", "2"]) == 0
     samples = [{"key": p, "image": Image.open(p), "text": ""} for p in paths]

@@ -1,5 +1,5 @@
-"""Issue 15, recipes and inputs: YAML 1.2 numbers (7), every weight path checked by --dry-run (8), steps: 0 and
-values out of range (10), the real-scale dry run shows the real d20 (12), README examples do what they say (13)."""
+"""What a recipe is checked for before anything trains: YAML 1.2 numbers, every weight path in --dry-run, steps: 0
+and values out of range, the real-scale dry run without its files, and the README's examples doing what they say."""
 import os
 import re
 
@@ -29,7 +29,7 @@ def one_line_error(capsys):
     return err
 
 
-# ---- 7: numbers as people write them
+# ---- numbers as people write them
 
 def test_exponent_floats_without_a_dot_are_numbers_in_component_args_overrides_and_options(tmp_path, cache):
     recipe = write_recipe(tmp_path, cache)
@@ -48,7 +48,7 @@ def test_a_string_where_a_component_takes_a_number_is_one_line_at_load(tmp_path,
     assert one_line_error(capsys).endswith("stages.0.regularisers.0.weight: expected a number, got the string '0.5'")
 
 
-# ---- 8: every weight path is checked by a dry run
+# ---- every weight path is checked by a dry run
 
 @pytest.mark.parametrize("override", ["model.encoder.sam.weights=/nonexistent/sam.safetensors",
                                       "model.encoder.clip.weights=/nonexistent/clip",
@@ -65,7 +65,7 @@ def test_a_missing_init_from_file_fails_the_dry_run(capsys):
     assert "init_from: checkpoint '/nonexistent/model.safetensors' does not exist" in one_line_error(capsys)
 
 
-# ---- 10: steps 0, and values out of range
+# ---- steps 0, and values out of range
 
 def test_a_stage_with_steps_0_is_skipped_and_said(tmp_path, cache, capsys):
     recipe = write_recipe(tmp_path, cache)
@@ -100,7 +100,7 @@ def test_values_out_of_range_are_one_line_at_load_naming_the_key(tmp_path, cache
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-# ---- 12: the real-scale dry run shows the real d20
+# ---- the real-scale dry run shows the real d20
 
 def test_the_real_scale_dry_run_shows_the_d20_vocabulary_without_the_tokenizer_file(tmp_path, capsys):
     from PIL import Image
@@ -130,7 +130,7 @@ def test_without_the_file_text_cannot_be_encoded_and_training_needs_it(capsys):
         NanochatBPETokenizer("/nonexistent/tokenizer_bpe.json", vocab_size=65536)  # not a dry run
 
 
-# ---- 13: the README's examples and previews
+# ---- the README's examples and previews
 
 def _readme():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
