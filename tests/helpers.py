@@ -13,6 +13,8 @@ from PIL import Image
 
 from core.model import build_model
 from core.recipe import Component, ModelConfig
+from core.stream import train_batches
+from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "two_stage.yaml")
@@ -86,3 +88,20 @@ def write_shard(path, samples):
         for sample in samples:
             sink.write(sample)
     return str(path)
+
+
+# A training stream of tiny samples: 8 px images, 4 image tokens, answers of up to 12 bytes
+# (test_streaming.py, test_bad_samples.py).
+PROMPT = "<image>\nFree OCR."
+PREFIX = 1 + 4 + len("\nFree OCR.")  # bos, 4 image tokens, the prompt's tail
+MAX_LEN = PREFIX + 12  # room for 12 answer bytes
+
+
+def stream(paths, **kw):
+    args = dict(tokenizer=Bytes(), image_size=8, prompt=PROMPT, num_image_tokens=4, max_len=MAX_LEN,
+                batch_size=3, shuffle_buffer=4)
+    return train_batches(paths, **{**args, **kw})
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["keys"]]

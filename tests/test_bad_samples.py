@@ -23,21 +23,10 @@ from core.recipe import load_recipe
 from core.shardreader import read_shard
 from core.stream import train_batches
 from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
-from tests.helpers import GRID_RECIPE, ROOT, good_sample, png, write_shard
-
-PROMPT = "<image>\nFree OCR."
-PREFIX = 1 + 4 + len("\nFree OCR.")  # bos, 4 image tokens, the prompt's tail
-MAX_LEN = PREFIX + 12  # room for 12 answer bytes
+from tests.helpers import PROMPT, keys_of, stream, GRID_RECIPE, ROOT, good_sample, png, write_shard
 
 
-def stream(paths, **kw):
-    args = dict(tokenizer=Bytes(), image_size=8, prompt=PROMPT, num_image_tokens=4, max_len=MAX_LEN,
-                batch_size=3, shuffle_buffer=4)
-    return train_batches(paths, **{**args, **kw})
 
-
-def keys_of(batches):
-    return [k for b in batches for k in b["keys"]]
 
 
 def png_header_only(width, height):

@@ -1,52 +1,20 @@
-"""Generation (core/generate.py) and python -m core.generate: reading images, PDFs and prompts with a saved
+"""Generation (core/generate.py) and python -m core.generate: reading images, PDFs and prompts with a tiny_checkpoint
 checkpoint (no training; a tiny random model); it never emits <|image|>, whatever the head favours."""
 import json
 
-import attrs
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from core import checkpoint
-from core.images import preprocess
 from core.generate import generate, image_prompt_ids
-from core.model import build_model
 from core.generate import DEFAULT_MAX_NEW_TOKENS, main, new_tokens, tsv_line
-from core.registry import load_plugins
-from tests.helpers import TINY
 
 PROMPT = "<image>\nFree OCR."
 NEW_TOKENS = "12"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A stage folder with a tiny model saved as training saves it, three PNGs, and generate()'s texts in-process."""
-    root = tmp_path_factory.mktemp("generate")
-    torch.manual_seed(0)
-    model, tok = build_model(TINY, load_plugins()[1])
-    with torch.no_grad():  # nanochat zeroes lm_head and the blocks' output projections: the image would not matter
-        for p in model.decoder.parameters():
-            if not p.any():
-                p.normal_(std=0.3)
-    model.eval()
-    meta = {"stage": "s", "model": attrs.asdict(TINY), "prompt": PROMPT, "plugins": []}  # the fields train._save writes
-    path = checkpoint.save_checkpoint(str(root / "stage"), 5, model, meta)
-    images = []
-    for i, (size, color) in enumerate([((32, 32), "white"), ((60, 24), "gray"), ((20, 40), "black")]):
-        image = Image.new("RGB", size, color)
-        ImageDraw.Draw(image).rectangle([2, 2, 2 + 6 * i, 12], fill="red")
-        images.append(str(root / f"page{i}.png"))
-        image.save(images[-1])
-    pixels = torch.stack([preprocess(Image.open(p), model.image_size) for p in images])
-    rows = generate(model, tok, pixels, image_prompt_ids(model, tok, PROMPT), int(NEW_TOKENS))
-    texts = [tok.decode(ids) for ids in rows]
-    assert len(set(texts)) > 1  # the images reach the text
-    return root, path, images, texts
-
-
-def test_out_jsonl_equals_generate_in_process(cli, saved):
-    root, _, images, texts = saved
+def test_out_jsonl_equals_generate_in_process(cli, tiny_checkpoint):
+    root, _, images, texts = tiny_checkpoint
     out = root / "preds.jsonl"
     result = cli("core.generate", str(root / "stage"), *images, "--out", str(out), "--max-new-tokens", NEW_TOKENS)
     assert result.returncode == 0, result.stderr
@@ -55,16 +23,16 @@ def test_out_jsonl_equals_generate_in_process(cli, saved):
     assert rows == [{"id": p, "text": t} for p, t in zip(images, texts)]
 
 
-def test_stdout_one_line_per_image_without_cache_in_batches(cli, saved):
-    _, path, images, texts = saved
+def test_stdout_one_line_per_image_without_cache_in_batches(cli, tiny_checkpoint):
+    _, path, images, texts = tiny_checkpoint
     result = cli("core.generate", path, *images, "--no-cache", "--batch-size", "2", "--max-new-tokens", NEW_TOKENS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [tsv_line(p, t) for p, t in zip(images, texts)]  # greedy: same as cached
     assert "2/2" in result.stderr  # the progress bar over batches
 
 
-def test_missing_image_is_one_error_line_naming_it(cli, saved):
-    root, path, images, _ = saved
+def test_missing_image_is_one_error_line_naming_it(cli, tiny_checkpoint):
+    root, path, images, _ = tiny_checkpoint
     missing = str(root / "nope.png")
     result = cli("core.generate", path, images[0], missing)
     lines = result.stderr.strip().splitlines()
@@ -72,8 +40,8 @@ def test_missing_image_is_one_error_line_naming_it(cli, saved):
     assert len(lines) == 1 and lines[0].startswith("error: ") and missing in lines[0], result.stderr
 
 
-def test_unreadable_image_and_checkpoint_without_meta(saved, tmp_path, capsys):
-    _, path, images, _ = saved
+def test_unreadable_image_and_checkpoint_without_meta(tiny_checkpoint, tmp_path, capsys):
+    _, path, images, _ = tiny_checkpoint
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
     assert main([path, str(not_image)]) == 2
@@ -88,11 +56,11 @@ def test_unreadable_image_and_checkpoint_without_meta(saved, tmp_path, capsys):
     assert "no model_XXXXXX.safetensors checkpoint in this folder" in capsys.readouterr().err
 
 
-def test_pdf_pages_are_read_as_their_rendered_images(cli, saved, tmp_path):
+def test_pdf_pages_are_read_as_their_rendered_images(cli, tiny_checkpoint, tmp_path):
     """doc.pdf#page=N, a one-page doc.pdf and a longer doc.pdf (every page) read as the PNG core.shards stores."""
     from benchmarks.inputs import box, pdf_bytes
     from core.pdf import PdfPage, Render, render_png
-    _, path, _, _ = saved
+    _, path, _, _ = tiny_checkpoint
     book, single = tmp_path / "book.pdf", tmp_path / "single.pdf"
     book.write_bytes(pdf_bytes([box(72, 500, 300, 200), box(300, 100, 200, 500)]))
     single.write_bytes(pdf_bytes([box(72, 600, 100, 100)]))
@@ -120,8 +88,8 @@ def test_pdf_pages_are_read_as_their_rendered_images(cli, saved, tmp_path):
     ({"max_new_tokens": int(NEW_TOKENS), "max_len": 100}, int(NEW_TOKENS), "the checkpoint's eval.max_new_tokens"),
     ({"max_len": 64}, 64 - 32, "the checkpoint's data.max_len 64 less the 32-token prompt"),  # bos, 21 + 10
 ], ids=["eval-length", "max-len"])
-def test_default_length_is_what_the_checkpoint_trained_with(cli, saved, tmp_path, recorded, tokens, source):
-    root, path, images, texts = saved
+def test_default_length_is_what_the_checkpoint_trained_with(cli, tiny_checkpoint, tmp_path, recorded, tokens, source):
+    root, path, images, texts = tiny_checkpoint
     stage = tmp_path / "stage"
     stage.mkdir()
     for name in ("model_000005.safetensors", "meta_000005.json"):
@@ -143,8 +111,8 @@ def test_a_checkpoint_without_training_lengths_gets_the_stated_default():
         DEFAULT_MAX_NEW_TOKENS, "the default: the checkpoint's meta json records no training length")
 
 
-def test_an_image_far_from_the_model_view_is_warned_once(cli, saved, tmp_path):
-    _, path, images, _ = saved
+def test_an_image_far_from_the_model_view_is_warned_once(cli, tiny_checkpoint, tmp_path):
+    _, path, images, _ = tiny_checkpoint
     strips = []
     for i in range(3):
         strips.append(str(tmp_path / f"strip{i}.png"))

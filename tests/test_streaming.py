@@ -7,14 +7,9 @@ import json
 import pytest
 import torch
 
-from core.stream import train_batches
 from core.errors import ConfigError
-from plugins.tokenizers.bytes import ByteTokenizer as Bytes  # bos 256, eos 257, image 258, pad 259
-from tests.helpers import good_sample, write_shard
+from tests.helpers import good_sample, keys_of, stream, write_shard
 
-PROMPT = "<image>\nFree OCR."
-PREFIX = 1 + 4 + len("\nFree OCR.")  # bos, 4 image tokens, the prompt's tail
-MAX_LEN = PREFIX + 12  # room for 12 answer bytes
 
 
 def shard_set(tmp_path, shards, per_shard):
@@ -22,14 +17,6 @@ def shard_set(tmp_path, shards, per_shard):
                         [good_sample(f"s{s}_{i}", 9 * i) for i in range(per_shard)]) for s in range(shards)]
 
 
-def stream(paths, **kw):
-    args = dict(tokenizer=Bytes(), image_size=8, prompt=PROMPT, num_image_tokens=4, max_len=MAX_LEN,
-                batch_size=3, shuffle_buffer=4)
-    return train_batches(paths, **{**args, **kw})
-
-
-def keys_of(batches):
-    return [k for b in batches for k in b["keys"]]
 
 
 # ---- splitting over ranks and workers
