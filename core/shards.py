@@ -11,19 +11,14 @@ as the eval split, ``eval-000000.tar`` ... beside the ``--name`` shards.
 
 Sample schema (one sample = the tar members sharing a key, WebDataset's naming):
 
-* ``{key}.png`` / ``.jpg`` / ``.jpeg`` / ``.webp``: the page image, the original file's bytes
-  (extension from the file name; for embedded or oddly named images, from the format Pillow
-  detects). Every image is checked with Pillow's ``verify()`` first. A PDF page (an image path
-  ``doc.pdf#page=N``, or a ``pdf`` source's page; core/pdf.py) is rendered with pypdfium2 at
-  ``--longest-side`` pixels (default 1288, olmOCR's) or ``--dpi`` and stored as PNG; ``--pages``
-  keeps only those page numbers of every PDF (the others are left out, not skipped). A text-only sample
-  (``llava`` items without ``image``) has no image member.
+* ``{key}.png`` / ``.jpg`` / ``.jpeg`` / ``.webp``: the page image, the original file's bytes, checked
+  with Pillow's ``verify()``. A PDF page (``doc.pdf#page=N``, or a ``pdf`` source's page; core/pdf.py)
+  is rendered at ``--longest-side`` pixels (default 1288, olmOCR's) or ``--dpi`` and stored as PNG;
+  ``--pages`` keeps only those pages. A text-only sample (``llava`` without ``image``) has no image.
 * ``{key}.txt``: the target text, UTF-8, as read (a UTF-8 byte-order mark is dropped, and a text file's
   trailing whitespace and newlines: ``load_text``).
-* ``{key}.json``: optional metadata: ``{"conversations": [...]}`` for ``llava`` (the turns as
-  given, ``{"from": "human"|"gpt", "value": ...}``, ``<image>`` left in place; no ``txt``), ``{"prompt",
-  "image", "index"}`` for ``fox``, ``{"page_info"}`` for ``omnidocbench``, the record's other fields
-  for ``olmocr`` and the line's ``meta`` object for ``jsonl``.
+* ``{key}.json``: optional metadata, what the source plugin gives (each plugins/sources/ file says what);
+  ``{"conversations": [...]}`` takes the place of ``txt`` for ``llava``.
 * Keys are unique; ``.``, ``/``, ``\\`` and whitespace in them become ``_`` (a WebDataset key ends at
   the first dot); a later sample whose key is taken is skipped as ``duplicate_key``.
 
@@ -32,15 +27,11 @@ FORMAT is a registered ``source`` plugin; the built-ins, with their accepted key
 Shards are ``{name}-000000.tar``, ``{name}-000001.tar``, ... each with at most ``--max-count``
 samples and ``--max-size`` bytes (a single sample larger than that gets a shard of its own).
 They are written into ``DIR/.{name}.partial-PID`` and moved into DIR only when all are done,
-replacing every ``{name}-NNNNNN.tar`` of an earlier run; an interrupted run leaves nothing in DIR.
+replacing an earlier run's ``{name}-NNNNNN.tar``; an interrupted run leaves nothing in DIR.
 
-Skipped samples are counted by reason (missing_image, bad_image, unsupported_image_type,
-missing_text, non_utf8_text, empty_text, duplicate_key; for PDFs empty_pdf, encrypted_pdf, bad_pdf,
-pdf_needs_page, pdf_page_out_of_range, image_too_large) with the first examples of each. A ``.md``
-text's YAML front matter (``---`` lines around ``key: value`` lines at its start) goes into the
-json member under ``front_matter``, not into ``txt`` (core.sources.split_front_matter).
-Malformed input (a line that is not JSON, a field of the wrong type) stops the run with one
-``error:`` line naming the file, line or item and key, exit code 2.
+Skipped samples are counted by reason (docs/data.md lists them) with the first examples of each. A
+``.md`` text's YAML front matter goes into the json member, not into ``txt``. Malformed input stops
+the run with one ``error:`` line naming the file, line or item and key, exit code 2.
 """
 import argparse
 import io
