@@ -393,8 +393,7 @@ def command(argv=None):
 
 
 def main(argv=None):
-    """The command line: ``command`` with errors as one line and an exit code."""
-    return cli_main(command, argv)
+    return cli_main(command, argv)  # errors as one line and an exit code
 
 
 if __name__ == "__main__":
