@@ -16,6 +16,8 @@ from benchmarks.inputs import page_of_lines, pdf_bytes
 from core.metrics import main
 from tests.helpers import GRID_RECIPE
 
+pytest.importorskip("fuzzysearch", reason="the order test needs the olmocr-bench extra")
+
 DATA = Path(__file__).parent / "data" / "olmocr_bench"
 OFFICIAL = {
     "tests": {"blank_page": True, "present_within_diffs": True, "present_markup": True, "present_exact_miss": False,

@@ -103,7 +103,7 @@ def _normalised(test, where):
         if (key in ("text", "before", "after") or given) and not test[key].strip() and kind != "table":
             raise ConfigError(f"{where}: {key} is empty after normalisation")
     if kind == "order" and find_near_matches is None:
-        raise ConfigError(f"{where}: an order test needs the fuzzysearch package: pip install 'vlmkit[olmocr_bench]'")
+        raise ConfigError(f"{where}: an order test needs the fuzzysearch package: pip install 'vlmkit[olmocr-bench]'")
     if kind == "order" and test["max_diffs"] > min(len(test["before"]), len(test["after"])) // 2:
         raise ConfigError(f"{where}: max_diffs is more than half of before or after")
     if kind == "format" and test["format"] not in ("heading", "bold", "italic"):
