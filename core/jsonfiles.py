@@ -1,8 +1,17 @@
-"""Reading JSON and JSONL files that users bring: every failure is one ConfigError naming file (and line)."""
+"""Reading the text, JSON and JSONL files users bring: every failure is one ConfigError naming file (and line)."""
 import gzip
 import json
 
 from core.errors import ConfigError
+
+
+def read_text(path):
+    """A UTF-8 text file's contents; a file that cannot be read or decoded is one ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
 
 
 def read_json(path):

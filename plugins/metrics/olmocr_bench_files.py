@@ -14,7 +14,7 @@ import re
 
 from core.hookspecs import hookimpl
 from core.errors import ConfigError
-from core.jsonfiles import jsonl_records
+from core.jsonfiles import jsonl_records, read_text
 from core.pairs import GroundTruth
 from plugins.metrics.olmocr_bench_checks import load_test
 
@@ -81,14 +81,6 @@ def page_id(pdf, page):
     return f"{pdf[:-4] if pdf.lower().endswith('.pdf') else pdf}_pg{page}"
 
 
-def _read(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
-
-
 def candidate_readings(folder, pages):
     """{(pdf, page): [texts]} from a candidate folder, found as the benchmark finds them: a PDF's files match
     ``<pdf without extension>_pg<digits>_repeat<digits>.md`` (relative path); a page's are those whose name
@@ -101,7 +93,7 @@ def candidate_readings(folder, pages):
     for pdf in {pdf for pdf, _ in pages}:
         pattern = re.compile(rf"^{re.escape(os.path.splitext(pdf)[0])}_pg\d+_repeat\d+\.md$")
         by_pdf[pdf] = sorted(f for f in files if pattern.match(f))
-    return {(pdf, page): [_read(os.path.join(folder, f)) for f in by_pdf[pdf]
+    return {(pdf, page): [read_text(os.path.join(folder, f)) for f in by_pdf[pdf]
                           if f"_pg{page}_" in os.path.basename(f)] for pdf, page in pages}
 
 

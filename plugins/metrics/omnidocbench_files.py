@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core import hookimpl
 from core.errors import ConfigError
-from core.jsonfiles import read_json
+from core.jsonfiles import read_json, read_text
 from core.pairs import GroundTruth, read_jsonl, report
 
 # §2.6: the categories whose text the evaluator scores, in the order it collects them.
@@ -32,14 +32,6 @@ class PageGroundTruth(GroundTruth):
         obj = super().__new__(cls, text, page)
         obj.corrected = corrected
         return obj
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
 
 
 def omnidocbench_pages(path, corrected=False):
@@ -82,7 +74,7 @@ def read_predictions(pred_path, gt):
             base = stem.replace(".pdf", "")
             for name in (f"{stem}.md", f"{base}.mmd", f"{base}.md", f"{image_name}.md"):
                 if os.path.isfile(os.path.join(pred_path, name)):
-                    pred[stem] = _read_text(os.path.join(pred_path, name))
+                    pred[stem] = read_text(os.path.join(pred_path, name))
                     used.add(name)
                     break
         unknown = sorted(f.name for f in Path(pred_path).glob("*.md") if f.is_file() and f.name not in used)
