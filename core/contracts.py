@@ -77,6 +77,9 @@ class Decoder(Protocol):
     return one line saying what was written (``python -m core.export``). ``reads_ids: bool``: when
     true, every call also passes ``ids=`` (B, T), the token ids behind the embeddings, the <|image|> id
     at vision positions (a decoder with value embeddings looked up by id needs them).
+    ``keeps_last: bool``: when true, ``forward`` also takes ``last_only=True`` and then returns the
+    logits of the last position only, (B, 1, vocab): generation's prefill runs the head once per row
+    instead of once per prompt position (at a 65,536 vocabulary that is most of the prefill's time).
     """
     n_embd: int
 

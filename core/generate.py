@@ -51,7 +51,7 @@ from core.images import (
     open_header,
     upright_size,
 )
-from core.model import build_model, token_ids
+from core.model import build_model, last_only, token_ids
 from core.pdf import PdfSkip, Render, as_pdf_page, page_paths, render_png
 from core.sources import path_key
 from core.recipe import COMPONENTS, model_config_from_meta
@@ -120,7 +120,7 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
     embeds = model.merge(ids, vision_tokens)
     stop = torch.tensor([tokenizer.eos_id, tokenizer.bos_id], device=ids.device)
     cache = decoder.make_kv_cache(batch, embeds.shape[1] + max_new_tokens) if use_cache else None
-    logits = decoder(embeds, kv_cache=cache, **token_ids(decoder, ids))[:, -1]
+    logits = decoder(embeds, kv_cache=cache, **token_ids(decoder, ids), **last_only(decoder))[:, -1]
     picked = []
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     histories = [[] for _ in range(batch)] if repetition else None  # each row's generated ids

@@ -167,6 +167,12 @@ def token_ids(decoder, ids):
     return {"ids": ids} if getattr(decoder, "reads_ids", False) else {}
 
 
+def last_only(decoder):
+    """The ``last_only=True`` keyword for a decoder that can give the last position's logits alone
+    (``keeps_last``, core/contracts.py Decoder); {} for one that cannot (generation then slices)."""
+    return {"last_only": True} if getattr(decoder, "keeps_last", False) else {}
+
+
 @contextlib.contextmanager
 def evaluating(model):
     """Eval mode inside; afterwards every module's own mode back, so frozen parts stay in eval mode

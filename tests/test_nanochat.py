@@ -237,3 +237,17 @@ def test_registers_decoder():
 def test_bad_head_split_is_refused():
     with pytest.raises(ConfigError, match="n_head"):
         GPT(vocab_size=8, n_embd=30, n_head=4)
+
+
+@torch.no_grad()
+def test_last_only_gives_the_last_positions_logits_with_and_without_cache():
+    """Generation's prefill (core/contracts.py Decoder ``keeps_last``): the head on the last position alone."""
+    model = tiny()
+    assert model.keeps_last
+    embeds = model.embed(torch.randint(0, TINY["vocab_size"], (2, 7)))
+    last = model(embeds, last_only=True)
+    assert last.shape == (2, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, model(embeds)[:, -1:], atol=1e-5, rtol=0)
+    cache = model.make_kv_cache(batch_size=2, seq_len=16)
+    torch.testing.assert_close(model(embeds, kv_cache=cache, last_only=True), last, atol=1e-5, rtol=0)
+    assert cache.get_pos() == 7  # every position went into the cache, only the head was cut

@@ -47,6 +47,7 @@ def _without_autocast(forward):
 
 class DeepseekV2MoE(nn.Module):
     """Embeddings in, logits out; see the module docstring."""
+    keeps_last = True  # forward(last_only=True): the head on the last position only (generation's prefill)
 
     def __init__(self, vocab_size=None, weights=None, **config):
         super().__init__()
@@ -99,10 +100,10 @@ class DeepseekV2MoE(nn.Module):
     def embed(self, ids):
         return self.model.embed_tokens(ids)
 
-    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         x = self.model(inputs_embeds=embeds, cache=kv_cache, use_cache=kv_cache is not None).last_hidden_state
         if targets is None:
-            return self.lm_head(x).float()
+            return self.lm_head(x[:, -1:] if last_only else x).float()
         # the head only where there is a target (-1: none): 129280 rows per position are the largest activation
         flat = targets.reshape(-1)
         scored = flat != -1

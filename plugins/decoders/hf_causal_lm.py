@@ -122,6 +122,7 @@ def build_config(transformers, folder, overrides, vocab_size):
 
 class HFCausalLM(nn.Module):
     """A transformers ``...ForCausalLM`` behind vlmkit's Decoder contract (core/contracts.py)."""
+    keeps_last = True  # forward(last_only=True) is transformers' logits_to_keep=1
 
     def __init__(self, lm):
         super().__init__()
@@ -142,7 +143,7 @@ class HFCausalLM(nn.Module):
     def embed(self, ids):
         return self.lm.get_input_embeddings()(ids)
 
-    def forward(self, embeds, targets=None, kv_cache=None):
+    def forward(self, embeds, targets=None, kv_cache=None, last_only=False):
         """Logits (float) or, with ``targets`` (-1: none), the mean cross-entropy over the targets.
 
         The head runs only at positions where some row has a target (an OCR sample's image and prompt
@@ -153,7 +154,8 @@ class HFCausalLM(nn.Module):
         if self.max_positions and end > self.max_positions:
             raise ValueError(f"sequence end {end} exceeds the model's max_position_embeddings ({self.max_positions})")
         if targets is None:
-            out = self.lm(inputs_embeds=embeds, use_cache=kv_cache is not None, **{self._cache_arg: kv_cache})
+            out = self.lm(inputs_embeds=embeds, use_cache=kv_cache is not None, logits_to_keep=int(last_only),
+                          **{self._cache_arg: kv_cache})
             return out.logits.float()
         keep = (targets != -1).any(dim=0).nonzero().squeeze(1)
         logits = self.lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=keep).logits

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.cpulinear import Linear, linear
 from core.errors import ConfigError
 from core.weights import on_meta
 from plugins.decoders import nanochat_hf
@@ -119,10 +120,10 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.eps = config.norm_eps
         self.qk_scale = qk_scale  # NC-HEAD: 1.2 on q and on k after the QK-norm (§1.4)
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=False)
         if value_embed:  # one gate per kv head (§1.6)
             self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
@@ -132,8 +133,8 @@ class CausalSelfAttention(nn.Module):
         # one matmul for q, k and v, and the rotary and QK-norm run once over q and k together: fewer,
         # larger ops (the state_dict keeps nanochat's three matrices)
         layers = (self.c_q, self.c_k, self.c_v)
-        if all(type(layer) is nn.Linear for layer in layers):
-            qkv = F.linear(x, torch.cat([layer.weight for layer in layers]))
+        if all(type(layer) is Linear for layer in layers):
+            qkv = linear(x, torch.cat([layer.weight for layer in layers]))
         else:  # a wrapped layer (an adapter, core/adapters.py) computes more than its weight: call each
             qkv = torch.cat([layer(x) for layer in layers], dim=-1)
         qkv = qkv.view(B, T, H + 2 * Hkv, D)
@@ -155,8 +156,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.c_proj(ReluSquared.apply(self.c_fc(x)))  # relu² (§1.4)
@@ -176,6 +177,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     reads_ids = False  # forward needs only the embeddings (core/contracts.py, Decoder)
+    keeps_last = True  # forward(last_only=True): the head on the last position only (generation's prefill)
 
     def __init__(self, vocab_size, sequence_len=1024, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
                  rotary_base=10000.0, norm_eps=None, softcap=15.0):
@@ -203,7 +205,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(c.vocab_size, c.n_embd),
             h=nn.ModuleList([Block(c, i) for i in range(c.n_layer)]),
         ))
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)  # untied from wte
+        self.lm_head = Linear(c.n_embd, c.vocab_size, bias=False)  # untied from wte
 
     @property
     def n_embd(self):
@@ -248,7 +250,7 @@ class GPT(nn.Module):
         embeddings merged in between are normalised the same way (docs/architecture.md §5)."""
         return self.transformer.wte(idx)
 
-    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean", ids=None):
+    def forward(self, embeds, targets=None, kv_cache=None, loss_reduction="mean", ids=None, last_only=False):
         B, T, C = embeds.shape
         if self.cos.device != embeds.device:  # built on meta, then load_state_dict(assign=True)
             self._set_rotary(embeds.device)
@@ -258,9 +260,10 @@ class GPT(nn.Module):
         cos_sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         eps = self.config.norm_eps
         # the norm right after the embedding (§1.4 step 1), the blocks, the final norm
-        x = norm(self.trunk(norm(embeds, eps), cos_sin, kv_cache, ids), eps)
+        x = self.trunk(norm(embeds, eps), cos_sin, kv_cache, ids)
         if targets is None:
-            return self.logits(x)
+            return self.logits(norm(x[:, -1:] if last_only else x, eps))
+        x = norm(x, eps)
         # the head and the loss only where there is a target (masked targets are -1, §1.4): an OCR sample's
         # image and prompt positions never are, and at d20 the head is 65536 x 1280 per position
         flat = targets.reshape(-1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from core.cpulinear import Linear
 from core.errors import ConfigError
 from plugins.decoders.nanochat import GPT, Block, GPTConfig
 
@@ -83,7 +84,7 @@ class GPT2026(GPT):
             wte=nn.Embedding(rows, c.n_embd),
             h=nn.ModuleList([Block(c, i, value_embed=i in ve_layers, qk_scale=QK_SCALE) for i in range(c.n_layer)]),
         ))
-        self.lm_head = nn.Linear(c.n_embd, rows, bias=False)
+        self.lm_head = Linear(c.n_embd, rows, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(c.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(c.n_layer))
         self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
