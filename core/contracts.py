@@ -138,7 +138,9 @@ class MetricInput(Protocol):
 
     ``read(pred_path, gt_path)`` -> a list of ``(id, pred, gt, page)`` (page None, or a page key
     that page-averaging metrics group by). ``needs_gt``: whether ``--gt`` is required (False: the
-    file holds both sides, and ``--gt`` is refused).
+    file holds both sides, and ``--gt`` is refused). Optional: ``several_gt: bool``: when true,
+    ``gt_path`` may also be a list of paths (``--gt``/``--tests`` given several, as a shell expands
+    ``BENCH/*.jsonl``); otherwise several are refused in one line.
     """
     needs_gt: bool
 

@@ -37,14 +37,20 @@ PROGRESS_MIN = 1000  # show a progress bar above this many pairs
 # ---- reading pairs
 
 def load_pairs(registry, fmt, pred_path, gt_path=None, options=None):
-    """The ``(id, pred, gt, page)`` pairs of ``fmt``'s files (page may be None)."""
-    if fmt == NATIVE_FORMAT:
+    """The ``(id, pred, gt, page)`` pairs of ``fmt``'s files (page may be None). ``gt_path``: a path, or a
+    list of them (one is a path; several only for a reader with ``several_gt``, core/contracts.py)."""
+    if isinstance(gt_path, (list, tuple)) and len(gt_path) == 1:
+        gt_path = gt_path[0]
+    reader = None if fmt == NATIVE_FORMAT else registry.build("metric_input", fmt, where="--format",
+                                                               **(options or {}))
+    if isinstance(gt_path, (list, tuple)) and not getattr(reader, "several_gt", False):
+        raise ConfigError(f"--gt: --format {fmt} reads one ground-truth path, got {len(gt_path)}")
+    if reader is None:
         if options:
             raise ConfigError(f"--option: the {NATIVE_FORMAT} format takes no options")
         if gt_path is None:
             raise ConfigError(f"--gt is required with --format {fmt}")
         return pair_up(read_jsonl(gt_path, allow_page=True), read_jsonl(pred_path))
-    reader = registry.build("metric_input", fmt, where="--format", **(options or {}))
     if gt_path is None and reader.needs_gt:
         raise ConfigError(f"--gt is required with --format {fmt}")
     if gt_path is not None and not reader.needs_gt:
@@ -93,7 +99,9 @@ def command(argv=None):
     parser = argparse.ArgumentParser(prog="python -m core.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("metrics", nargs="+", metavar="NAME", help="registered metric names, e.g. fox ned exact")
     parser.add_argument("--pred", required=True, help="predictions file (or folder of .md for omnidocbench)")
-    parser.add_argument("--gt", help="ground-truth file (not with --format fox)")
+    parser.add_argument("--gt", "--tests", dest="gt", nargs="+", metavar="GT",
+                        help="ground-truth file (not with --format fox); some formats take several, e.g. "
+                             "olmocr_bench's test files BENCH/*.jsonl")
     parser.add_argument("--format", default=NATIVE_FORMAT,
                         help="input format: jsonl (default) or a registered metric_input (fox, omnidocbench, ...)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",

@@ -44,9 +44,10 @@ def bench(root):
     return root
 
 
-def _score(capsys, gt, pred, tmp_path):
+def _score(capsys, gt, pred, tmp_path, option="--gt"):
     rows_path = tmp_path / "rows.jsonl"
-    assert main(["olmocr_bench", "--format", "olmocr_bench", "--gt", str(gt), "--pred", str(pred),
+    gts = [str(path) for path in gt] if isinstance(gt, list) else [str(gt)]
+    assert main(["olmocr_bench", "--format", "olmocr_bench", option, *gts, "--pred", str(pred),
                  "--per-sample", str(rows_path)]) == 0
     aggregate = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
@@ -77,6 +78,23 @@ def test_one_jsonl_file_takes_only_its_pdfs(tmp_path, capsys):
     root = bench(tmp_path / "bench")
     aggregate, tests = _score(capsys, root / "blanks.jsonl", DATA / "candidate", tmp_path)
     assert set(tests) == {"blank_page"} and aggregate["olmocr_bench_sources"] == {"blanks.jsonl": [1, 1]}
+
+
+def test_tests_given_as_the_shells_star_jsonl_score_as_the_folder(tmp_path, capsys):
+    root = bench(tmp_path / "bench")
+    folder = _score(capsys, root, DATA / "candidate", tmp_path)
+    star = _score(capsys, sorted(root.glob("*.jsonl")), DATA / "candidate", tmp_path, option="--tests")
+    assert star == folder  # every file of the folder: its PDFs too (the baseline tests)
+    some = _score(capsys, [root / "blanks.jsonl"], DATA / "candidate", tmp_path, option="--tests")
+    assert set(some[1]) == {"blank_page"}
+
+
+def test_several_ground_truth_files_where_a_format_reads_one_is_one_line(tmp_path, cli):
+    gt = tmp_path / "gt.jsonl"
+    gt.write_text('{"id": "a", "text": "x"}\n')
+    result = cli("core.metrics", "ned", "--gt", gt, gt, "--pred", gt)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --gt: --format jsonl reads one ground-truth path, got 2")
 
 
 @pytest.mark.parametrize("line, message", [

@@ -1,8 +1,8 @@
 """olmOCR-Bench's files: its test JSONL, its PDFs, and a candidate's folder of readings (docs/metrics-olmocr-bench.md).
 
-Registers the metric input ``olmocr_bench``: ``--gt`` is the benchmark folder (every ``*.jsonl`` in
-it is a source of tests, ``pdfs/`` holds the PDFs, searched recursively) or one of its ``.jsonl``
-files (then only the PDFs its tests name); ``--pred`` is a candidate's folder of readings, searched
+Registers the metric input ``olmocr_bench``: ``--gt`` (or ``--tests``) is the benchmark folder (every
+``*.jsonl`` in it is a source of tests, ``pdfs/`` holds the PDFs, searched recursively) or some of its
+``.jsonl`` files (then only the PDFs their tests name; all of them are the folder); ``--pred`` is a candidate's folder of readings, searched
 recursively, named ``<pdf path without .pdf>_pg<page>_repeat<N>.md``. Each PDF without a
 ``baseline`` test gets one on page 1, from the source ``baseline``, as the benchmark adds it. A
 sample is one page: the ground truth carries the page's tests (``meta["olmocr_bench"]``), the
@@ -31,7 +31,19 @@ class Readings(str):
 
 
 def _layout(path):
-    """(the JSONL files, the PDF folder, whether only the PDFs the tests name count) of ``--gt``."""
+    """(the JSONL files, the PDF folder, whether only the PDFs the tests name count) of ``--gt``: the folder,
+    one of its .jsonl files, or several of them (a shell's ``BENCH/*.jsonl``; all of a folder's are the folder)."""
+    if isinstance(path, (list, tuple)):
+        for file in path:
+            if not os.path.isfile(file):
+                raise ConfigError(f"{file}: no such .jsonl test file")
+        folders = {os.path.dirname(os.path.abspath(file)) for file in path}
+        if len(folders) != 1:
+            raise ConfigError(f"--tests: the test files come from {len(folders)} folders; give one benchmark's")
+        (folder,) = folders
+        files = sorted(os.path.abspath(file) for file in path)
+        whole = files == sorted(os.path.abspath(f) for f in glob.glob(os.path.join(folder, "*.jsonl")))
+        return files, os.path.join(folder, "pdfs"), not whole
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.jsonl")))
         if not files:
@@ -98,8 +110,10 @@ def candidate_readings(folder, pages):
 
 
 class OlmOCRBenchInput:
-    """``--gt BENCH|BENCH/x.jsonl --pred CANDIDATE_FOLDER``: one pair per page with tests, in (pdf, page) order."""
+    """``--gt BENCH|BENCH/x.jsonl --pred CANDIDATE_FOLDER`` (or ``--tests BENCH/*.jsonl``): one pair per page
+    with tests, in (pdf, page) order."""
     needs_gt = True
+    several_gt = True
 
     def read(self, pred_path, gt_path=None):
         pages, _ = load_pages(gt_path)
