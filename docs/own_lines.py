@@ -13,8 +13,8 @@ word, ending in a period (half the lines), "!" or "?" (``--txt`` also writes it 
 times the target size (default 2: 64 x 512, which the checkpoint's preprocessing resizes), font size scale x
 14-18 px, black on white, left margin and baseline jittered. ``--font`` takes any synthetic_lines font name
 (default, source_sans_pro, lato_bold, caladea, dejavu_serif, ...) or a .ttf/.otf path, or several
-separated by commas, one drawn per line: e.g. the held-out families caladea (serif), hanken_grotesk and
-dejavu_sans (sans), which the training fonts should never include.
+separated by commas, one drawn per line: e.g. the held-out families caladea (serif) and hanken_grotesk
+(sans), which the training fonts should never include (docs/fonts.md).
 """
 import argparse
 import json
