@@ -4,10 +4,10 @@ Registers the metric input ``olmocr_bench``: ``--gt`` (or ``--tests``) is the be
 ``*.jsonl`` in it is a source of tests, ``pdfs/`` holds the PDFs, searched recursively) or some of its
 ``.jsonl`` files (then only the PDFs their tests name; all of them are the folder); ``--pred`` is a
 candidate's folder of readings, searched recursively, named
-``<pdf path without .pdf>_pg<page>_repeat<N>.md``. Each PDF without a ``baseline`` test gets one on page 1, from the source
-``baseline``, as the benchmark adds it. A sample is one page: the ground truth carries the page's tests
-(``meta["olmocr_bench"]``), the prediction every repeat of the page (``Readings``; as a string it is the
-first one).
+``<pdf path without .pdf>_pg<page>_repeat<N>.md``. Each PDF without a ``baseline`` test gets one on
+page 1, from the source ``baseline``, as the benchmark adds it. A sample is one page: the ground truth
+carries the page's tests (``meta["olmocr_bench"]``), the prediction every repeat of the page
+(``Readings``; as a string it is the first one).
 """
 import glob
 import os
