@@ -22,7 +22,6 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-
 class Linear(torch.nn.Linear):
     """``nn.Linear`` whose forward is ``linear``: the same parameters, state_dict keys and hooks, and an
     adapter that wraps an ``nn.Linear`` (peft's LoRA) wraps it too."""
