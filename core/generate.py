@@ -140,7 +140,7 @@ def generate(model, tokenizer, pixel_values, prompt_ids, max_new_tokens, use_cac
             logits = decoder(step, kv_cache=cache, **token_ids(decoder, token[:, None]))[:, -1]
         else:
             embeds, ids = torch.cat([embeds, step], dim=1), torch.cat([ids, token[:, None]], dim=1)
-            logits = decoder(embeds, **token_ids(decoder, ids))[:, -1]
+            logits = decoder(embeds, **token_ids(decoder, ids), **last_only(decoder))[:, -1]
     results = []
     for row in torch.stack(picked, dim=1).tolist() if picked else [[]] * batch:
         cut = next((i for i, t in enumerate(row) if t in (tokenizer.eos_id, tokenizer.bos_id)), len(row))
