@@ -1,10 +1,11 @@
 """The ``data`` section checked before anything trains: ``check_data``, which ``--dry-run`` and a run's start call.
 
-Each dataset (``data.dataset``, ``data.text_dataset``) is built as the run builds it, so an argument its
-constructor does not take is one error line naming the recipe key, and the splits the run will read are
-asked for their shards: a pattern that matches nothing or a shard that is not there is one error line too,
-not a failure after the first stage. A dataset that writes its shards on first use (``writes_shards``,
-core/contracts.py: the synthetic ones render them) is not asked, so a dry run renders nothing.
+Each dataset (``data.dataset``, ``data.text_dataset``, one with a stage's ``dataset`` changes) is built as the
+run builds it, so an argument its constructor does not take is one error line naming the recipe key, and the
+splits the run will read are asked for their shards: a pattern that matches nothing or a shard that is not
+there is one error line too, not a failure after the first stage. A dataset that writes its shards on first
+use (``writes_shards``, core/contracts.py: the synthetic ones render them) is not asked, so a dry run renders
+nothing.
 
 Then the first ``SCAN`` images of the train split are measured from their headers: those far wider or
 taller than the model's view (core.images.far_aspect) are padded to it, so their text shrinks; one warning
@@ -20,6 +21,7 @@ from core.errors import ConfigError
 from core.images import far_aspect, open_header, upright_size
 from core.registry import plugin_call
 from core.shardreader import check_shards, is_url, read_shard
+from core.stageconfig import stage_dataset
 
 SCAN = 64  # train images measured for the aspect warning
 
@@ -31,7 +33,15 @@ def needed_splits(recipe):
     splits = {"data.dataset": [s for s, used in (("train", trains), ("eval", evaluates)) if used]}
     if recipe.data.text_dataset is not None:
         splits["data.text_dataset"] = ["train"] if any(s.steps and s.text_ratio for s in recipe.stages) else []
+    splits.update({f"stages.{i}.dataset": ["train"] for i, s in enumerate(recipe.stages) if s.steps and s.dataset})
     return splits
+
+
+def _component(recipe, key):
+    """The dataset Component a needed_splits key names."""
+    if key.startswith("stages."):
+        return stage_dataset(recipe, int(key.split(".")[1]))
+    return getattr(recipe.data, key.partition(".")[2])
 
 
 def check_data(recipe, registry, model, show=False):
@@ -40,7 +50,7 @@ def check_data(recipe, registry, model, show=False):
     prints what each split holds (--dry-run)."""
     train = None
     for key, splits in needed_splits(recipe).items():
-        component = getattr(recipe.data, key.partition(".")[2])
+        component = _component(recipe, key)
         dataset = registry.build("dataset", component.name, where=key, **component.args)
         if getattr(dataset, "writes_shards", False):
             if show:

@@ -9,6 +9,7 @@ checkpoints; every rank decodes its share of the evaluation and the probe, and r
 them (core/evaluate.py). Without WORLD_SIZE > 1 every function is a no-op.
 """
 import contextlib
+import gc
 import os
 import warnings
 
@@ -118,8 +119,15 @@ def barrier():
         dist.barrier()
 
 
-def shutdown():
+def shutdown(completed=True):
+    """Leave the process group while the interpreter is whole. Unreachable objects of the run (an FSDP module's
+    pending collective work holds tensors) are freed first: freed at interpreter exit instead, a gloo thread
+    that still holds them aborts the process ("terminate called without an active exception"). A run that
+    ``completed`` waits for every rank first (a failed one does not: the others may never get there)."""
     if active():
+        gc.collect()
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ from core.badsamples import format_report
 from core.data import to_device
 from core.evaluate import decode_shared
 from core.monitor import collapse_scores, probe_images
+from core.stageconfig import stage_model
 from core.errors import plugin_call
 from core.report import format_parameter_table
 from core.textdist import ned
@@ -32,7 +33,7 @@ class StageLoop:
         recipe, stage = ctx.recipe, prep.stage
         self.ctx, self.index, self.prep, self.stage = ctx, index, prep, stage
         self.batch_size = stage.batch_size or recipe.data.batch_size
-        self.batches = self._open(ctx.dataset, False, recipe.run.seed + index)
+        self.batches = self._open(ctx.stage_dataset(index), False, recipe.run.seed + index)
         self.text_batches = None
         if stage.text_ratio:
             self.text_batches = self._open(ctx.text_dataset, True, recipe.run.seed + index + 7919)
@@ -131,7 +132,8 @@ class StageLoop:
         prep, ctx = self.prep, self.ctx
         if not prep.sharded:
             return prep.model
-        return distributed.plain_copy(prep.model, lambda: adapters.build_like(ctx.recipe.model, ctx.registry, ctx.pm,
+        config = stage_model(ctx.recipe, self.index)
+        return distributed.plain_copy(prep.model, lambda: adapters.build_like(config, ctx.registry, ctx.pm,
                                                                               prep.adapted).to(ctx.device))
 
     def save(self, step, summary=None):
@@ -149,7 +151,7 @@ class StageLoop:
             return path
         # enough to rebuild the model from the checkpoint alone (python -m core.generate)
         meta = {"stage": stage.name, "recipe": ctx.recipe.source, "losses": self.losses,
-                "model": attrs.asdict(ctx.recipe.model), "prompt": ctx.recipe.data.prompt,
+                "model": attrs.asdict(stage_model(ctx.recipe, self.index)), "prompt": ctx.recipe.data.prompt,
                 "plugins": ctx.recipe.plugins, **({"complete": True, "summary": summary} if summary else {}),
                 # the lengths it was trained to write: python -m core.generate's default --max-new-tokens
                 "max_len": ctx.recipe.data.max_len,

@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from core import data
 from core.images import image_hw
 from core.model import build_model
+from core.stageconfig import stage_model
 from core.train import prepare_model, train_step
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
@@ -184,7 +185,7 @@ def trace_stage(recipe, registry, pm, index):
     """(peak bytes, prepared counts) of two training steps of stage ``index`` on fake tensors: see the module doc."""
     stage = recipe.stages[index]
     with torch.device("meta"):  # pretrained files named in the recipe are not read on the meta device
-        model, tokenizer = build_model(recipe.model, registry)
+        model, tokenizer = build_model(stage_model(recipe, index), registry)
     batch = full_batch(recipe, model, tokenizer, stage.batch_size or recipe.data.batch_size, device="meta")
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = PeakTracker(fake)

@@ -62,12 +62,9 @@ class RunConfig:
     parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 shards the model; core/distributed.py)
 
     def __attrs_post_init__(self):
-        if self.resume not in ("never", "auto"):
-            raise FieldError("resume", f"must be never or auto, not {self.resume!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise FieldError("precision", f"must be fp32 or bf16, not {self.precision!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise FieldError("parallel", f"must be ddp or fsdp, not {self.parallel!r}")
+        for key, *options in (("resume", "never", "auto"), ("precision", "fp32", "bf16"), ("parallel", "ddp", "fsdp")):
+            if getattr(self, key) not in options:
+                raise FieldError(key, f"must be {' or '.join(options)}, not {getattr(self, key)!r}")
         check_ranges(self, {"log_every": 1, "threads": 1})
 
 
@@ -88,6 +85,9 @@ class Crops:
         if not 1 <= self.min_tiles <= self.max_tiles:
             raise ValueError(f"need 1 <= min_tiles <= max_tiles, not min_tiles {self.min_tiles}, "
                              f"max_tiles {self.max_tiles}")
+
+
+COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
 
 
 @attrs.define
@@ -156,6 +156,8 @@ class Stage:
     stop_when_exact: bool = False  # with probe_every: stop the stage once every probe sample is read exactly
     monitor_every: int = 0  # >0: every N steps log the collapse monitor (core/monitor.py)
     text_ratio: float = 0.0  # the share of steps that train on a text-only batch from data.text_dataset
+    model: dict | None = None  # this stage's changes to model, e.g. {decoder: {n_layer: 1}} (core/stageconfig.py)
+    dataset: dict | None = None  # this stage's changes to data.dataset, e.g. {effects: {blur: 0.5}}
 
     def __attrs_post_init__(self):
         if self.optimizer not in ("adamw", "muon"):
@@ -164,6 +166,10 @@ class Stage:
             raise FieldError("grad_accum", f"must be at least 1, not {self.grad_accum}")
         if not 0.0 <= self.text_ratio <= 1.0:
             raise FieldError("text_ratio", f"must lie in [0, 1], not {self.text_ratio}")
+        for key, change in (self.model or {}).items():
+            if key not in COMPONENTS or not isinstance(change, dict):
+                raise FieldError(f"model.{key}", f"a stage changes components ({', '.join(COMPONENTS)}), each with "
+                                                 f"a mapping of arguments, not {key}: {change!r}")
         if self.schedule not in ("constant", "step", "cosine"):
             raise FieldError("schedule", f"must be constant, step or cosine, not {self.schedule!r}")
         # steps: 0 skips the stage (core/run.py says so); a negative count has no meaning
@@ -259,7 +265,9 @@ def load_recipe(path, overrides=()):
     return recipe
 
 
-COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
+def run_folder(recipe):
+    """The run's folder, run.dir made absolute."""
+    return os.path.abspath(os.path.expanduser(recipe.run.dir))
 
 
 def model_config_from_meta(model_meta, source):

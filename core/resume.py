@@ -41,6 +41,8 @@ FIXED_ON_RESUME = {
     "adapters": "the saved weights and optimizer state belong to the old adapters",
     "batch_size": "the saved data position counts batches of the old size",
     "text_ratio": "the saved text-stream position belongs to the old mixing",
+    "model": "the saved weights belong to the model the stage built",
+    "dataset": "the saved data position belongs to the old dataset's shards",
 }
 IGNORED_ON_RESUME = ("init_from",)  # a resumed stage takes its weights from the checkpoint
 

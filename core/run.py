@@ -21,24 +21,19 @@ import time
 import torch
 
 from core import adapters, checkpoint, distributed, memory, repetition, resume
-from core.data import eval_samples, prompt_prefix
+from core.data import eval_samples
 from core.datacheck import check_data
 from core.errors import ConfigError, cli_main, plugin_call
 from core.evaluate import evaluate, format_samples, format_summary, write_eval
 from core.hooks import attach
 from core.loop import TrainingError, run_stage
-from core.metrics import score_pairs
-from core.model import build_model, checkpoint_activations, token_ids
-from core.recipe import load_recipe
+from core.model import build_model
+from core.recipe import load_recipe, run_folder
 from core.registry import load_plugins
-from core.report import format_parameter_table, parameter_table, write_report
+from core.report import write_report
+from core.stageconfig import stage_dataset, stage_model
 from core.threads import ThreadGovernor
-from core.train import freeze_and_adapt
-
-
-def run_folder(recipe):
-    """The run's folder, run.dir made absolute."""
-    return os.path.abspath(os.path.expanduser(recipe.run.dir))
+from core.stagecheck import check_stages
 
 
 class RunContext:
@@ -53,9 +48,18 @@ class RunContext:
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
         text = recipe.data.text_dataset
         self.text_dataset = text and registry.build("dataset", text.name, where="data.text_dataset", **text.args)
+        self.datasets = {repr(ds): self.dataset}  # by component: stages that change data.dataset (stage_dataset)
         self.eval_samples = None  # read_eval_split's, when the evaluation, a probe or a monitor needs them
         self.loggers = None  # core.hooks.Attachment: the recipe's loggers, attached for the run
         self.threads = ThreadGovernor(recipe.run.threads)
+
+    def stage_dataset(self, index):
+        """The dataset stage ``index`` trains on: data.dataset, or one built with the stage's changes."""
+        component = stage_dataset(self.recipe, index)
+        if repr(component) not in self.datasets:
+            self.datasets[repr(component)] = self.registry.build("dataset", component.name,
+                                                                 where=f"stages.{index}.dataset", **component.args)
+        return self.datasets[repr(component)]
 
     def read_eval_split(self):
         """The eval split's samples (at most eval.samples), its bad samples logged; a ConfigError if none is usable."""
@@ -84,82 +88,6 @@ def list_plugins(registry):
     width = max(len(f"{k} {n}") for k, n, _ in rows)
     for kind, name, source in rows:
         print(f"{kind + ' ' + name:<{width}}  {source}")
-
-
-def check_stages(recipe, pm, registry, show=False):
-    """Build every stage on the meta device (no memory, no weights, no data): its model, freeze policies and
-    regularisers (building checks their hooks: core.hooks.check_plugin), and its init_from file; then the
-    eval metrics. ``show`` prints each stage's parameter table, regulariser heads included, as training
-    does. Returns the last stage's (model, tokenizer)."""
-    model = tokenizer = None
-    for i, stage in enumerate(recipe.stages):
-        where, title = f"stages.{i}", f"stage {i + 1}/{len(recipe.stages)} {stage.name!r}"
-        if stage.steps == 0:
-            if show:
-                print(f"{title}: steps 0, skipped\n")
-            continue
-        with torch.device("meta"):
-            model, tokenizer = build_model(recipe.model, registry)
-            freeze_and_adapt(registry, pm, model, stage, where)
-            regularisers = registry.build_all("regulariser", stage.regularisers, f"{where}.regularisers",
-                                              context={"model": model, "tokenizer": tokenizer})
-        checkpoint_activations(model, stage.activation_checkpointing, f"{where}.activation_checkpointing")
-        if stage.init_from is not None:
-            check_init_from(recipe, i, stage.init_from)
-        if show:
-            heads = {f"regulariser.{c.name}": r for c, r in zip(stage.regularisers, regularisers)
-                     if isinstance(r, torch.nn.Module)}
-            print(format_parameter_table(parameter_table(model, heads), title=f"{title}: parameters (meta device)"),
-                  end="\n\n")
-    if recipe.eval is not None:  # scored once on a made-up pair: a metric that fails fails now, not after training
-        score_pairs(registry.build_all("metric", recipe.eval.metrics, "eval.metrics"), [("check", "a b c", "a b")],
-                    pm=pm)
-    check_lengths(recipe, model, tokenizer)
-    return model, tokenizer
-
-
-def check_init_from(recipe, index, init_from):
-    """A stage's init_from before anything trains: known parts; a file that exists; ``stage:NAME`` an earlier
-    stage this run trains, or a folder an earlier run left in run.dir (a stage skipped with steps: 0)."""
-    where = f"stages.{index}.init_from"
-    checkpoint.check_parts(init_from.parts, f"{where}.parts")
-    if not init_from.path.startswith("stage:"):
-        checkpoint.resolve(init_from.path, None, init_from.parts)
-        return
-    name = init_from.path[len("stage:"):]
-    earlier = [s.name for s in recipe.stages[:index] if s.steps]
-    folder = os.path.join(run_folder(recipe), name)
-    if name not in earlier and not os.path.isdir(folder):
-        raise ConfigError(f"{where}.path: {init_from.path!r} names no earlier stage this run trains "
-                          f"({', '.join(earlier) or 'none'}), and {folder} does not exist")
-
-
-def check_lengths(recipe, model, tokenizer):
-    """The decoder must take the longest sequence the recipe asks of it: data.max_len in training, the prompt
-    with its vision tokens plus eval.max_new_tokens in the probe and evaluation. Run it on the meta device
-    (shapes only, no compute) so a decoder that refuses (nanochat's rotary table) says so now, not after
-    training."""
-    needs = [("data.max_len", recipe.data.max_len, "")]
-    if recipe.eval is not None:
-        vision = max([model.num_image_tokens()] + [model.num_image_tokens(g) for g in
-                                                   (model.tiling.grids() if model.tiling else ())])
-        try:
-            prompt = len(prompt_prefix(tokenizer, recipe.data.prompt, vision))
-        except ConfigError:  # a bad prompt is named when the stage starts; a dry run may lack the tokenizer file
-            prompt = None
-        if prompt is not None:
-            needs.append(("eval.max_new_tokens", prompt + recipe.eval.max_new_tokens,
-                          f" (the prompt with {vision} vision tokens is {prompt}, + {recipe.eval.max_new_tokens} new)"))
-    for key, length, detail in needs:
-        with torch.device("meta"):
-            embeds = torch.zeros(1, length, model.decoder.n_embd)
-            ids = token_ids(model.decoder, torch.zeros(1, length, dtype=torch.long))  # for a decoder that reads them
-        try:
-            model.decoder(embeds, **ids)
-        except ValueError as e:
-            raise ConfigError(f"{key}: sequences of {length} tokens{detail} do not fit the decoder: {e}") from e
-        except Exception:
-            pass
 
 
 def make_run_dir(path):
@@ -287,7 +215,7 @@ def load_complete_stage(ctx, index, stage, point):
             + ("; the recipe changed " + ", ".join(f"stages.{index}.{k}" for k in changed)
                + " since, which a complete stage does not take up (a new run.dir with init_from does)"
                if changed else ""))
-    model, tokenizer = build_model(ctx.recipe.model, ctx.registry)
+    model, tokenizer = build_model(stage_model(ctx.recipe, index), ctx.registry)
     adapters.load_parts(model.to(ctx.device), point.model_file, list(checkpoint.PARTS), ctx.registry, ctx.pm)
     return model, tokenizer, point.meta["summary"]
 
@@ -373,8 +301,10 @@ def command(argv=None):
         parser.error("--world-size must be at least 1")
     try:
         run(recipe, dry=args.dry_run, world_size=args.world_size)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(completed=False)
+        raise
+    distributed.shutdown()
     return 0
 
 

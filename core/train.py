@@ -18,6 +18,7 @@ from core.errors import ConfigError
 from core.hooks import attach
 from core.model import build_model, checkpoint_activations
 from core.muon import MuonAdamW, muon_matrices
+from core.stageconfig import stage_model
 from core.report import parameter_table
 
 
@@ -134,7 +135,7 @@ def prepare_stage(recipe, registry, pm, index, device, run_dir=None, point=None,
     ``point``: a checkpoint.ResumePoint to continue from. ``init_from=False`` skips the stage's init_from weights
     (a benchmark times the step, not the weights)."""
     resume.seed_all(recipe.run.seed + 1000 * index)  # python's and numpy's RNGs too: plugins draw from them
-    model, tokenizer = build_model(recipe.model, registry)
+    model, tokenizer = build_model(stage_model(recipe, index), registry)
     model.to(device)
     base = adapters.load_start(recipe, registry, pm, index, model, run_dir, point, say, init_from)
     return prepare_model(recipe, registry, pm, index, model, tokenizer, device, point, base)

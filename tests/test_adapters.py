@@ -110,7 +110,7 @@ def test_an_adapter_checkpoint_of_the_default_recipe_is_under_5_percent_of_the_f
              f"data.dataset.cache_dir={cache / 'lines'}", "eval=null", f"run.dir={tmp_path}", "stages.0.steps=1",
              "stages.1.steps=1", "stages.0.probe_every=0", "stages.1.probe_every=0", "stages.0.monitor_every=0",
              "stages.1.monitor_every=0", "stages.1.optimizer=adamw",
-             "stages.1.init_from.parts=[encoder,projector,decoder,vision_layout]",
+             "stages.1.init_from.parts=[encoder,projector,decoder,vision_layout]", "stages.0.model=null",
              'stages.1.adapters=[{name: lora, r: 8, alpha: 16, targets: ["decoder.*.attn.*", "encoder.clip.*"]}]']
     assert run(DEFAULT_RECIPE, *small) == 0
     full = os.path.getsize(tmp_path / "vis_tok" / "model_000001.safetensors")

@@ -5,7 +5,7 @@ A fragment (a ``model:`` or ``stages:`` block, say) is merged onto a base recipe
 the recipe its first line names (``# in a recipe like recipes/deepseek_ocr_d20.yaml``). Sections merge key
 by key, a component (a mapping with a ``name``) replaces the base's whole, and a stage merges onto the base
 stage of the same name. The result goes through the recipe loader and is built on the meta device as a dry
-run builds it (core.run.check_stages): validation only, no weights, no training. A block that names files
+run builds it (core.stagecheck.check_stages): validation only, no weights, no training. A block that names files
 the reader brings (weights, shards) may fail only on such a file, and only one the block itself names.
 A block that is deliberately not a recipe is fenced with another language tag.
 """
@@ -22,7 +22,7 @@ from core import yamlfile
 from core.errors import ConfigError
 from core.recipe import load_recipe
 from core.registry import load_plugins
-from core.run import check_stages
+from core.stagecheck import check_stages
 from tests.helpers import DEFAULT_RECIPE, ROOT
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
