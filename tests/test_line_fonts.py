@@ -12,7 +12,7 @@ from plugins.datasets.synthetic_lines import SyntheticLines, confusable_pairs, f
 # the families and sizes docs/fonts.md lists: every size must draw the 73 characters distinguishably
 PROPOSED = {"source_sans_pro_semibold": [13, 18], "source_serif_pro": [13, 18], "source_serif_pro_bold": [13, 18],
             "lato": [15, 18], "lato_bold": [13, 18], "caladea": [14, 18], "hanken_grotesk": [14, 18],
-            "dejavu_serif": [13, 18], "dejavu_sans": [17, 18]}
+            "dejavu_serif": [13, 18], "dejavu_sans": [17, 18], "stix": [15, 18], "stix_bold": [14, 18]}
 
 
 def test_pip_and_matplotlib_fonts_by_family_and_weight(tmp_path):
@@ -27,6 +27,7 @@ def test_pip_and_matplotlib_fonts_by_family_and_weight(tmp_path):
     with pytest.raises(ConfigError, match="not a font file nor one of default"):
         font_file("roboto")  # its I and l are one glyph: not offered
     assert confusable_pairs(load_font("dejavu_sans", 16))  # why dejavu_sans starts at 17 px (its i and l)
+    assert font_file("stix").endswith("STIXGeneral.ttf") and confusable_pairs(load_font("stix", 14))
 
 
 def _pages(effects, count=40):
@@ -57,6 +58,13 @@ def test_variations_change_pixels_reproducibly_and_keep_the_text_legible():
         assert np.array_equal(varied, np.asarray(lines.draw(layout), dtype=float))  # the layout decides
         assert np.abs(varied - plain).mean() > 1.0
         assert np.corrcoef(plain.ravel(), varied.ravel())[0, 1] > 0.5  # still the same text
+
+
+def test_variations_are_drawn_on_the_training_split_only():
+    lines = SyntheticLines(fonts=[{"name": "source_sans_pro", "sizes": [13, 18]}], train_samples=30, eval_samples=30,
+                           effects={"probability": 1.0, "blur": 1.0, "noise": 10.0})
+    assert all(layout["effects"] for _, layout in lines.pages("train"))
+    assert not any("effects" in layout for _, layout in lines.pages("eval"))  # the held-out lines are read clean
 
 
 def test_bad_effects_are_refused_with_the_key():

@@ -2,9 +2,9 @@
 
 What a reader of real text meets, at a size a CPU trains on in minutes (docs/results.md, "The default run"):
 - fonts: Pillow's bundled default (Aileron, ``ImageFont.load_default(size=...)``, no system font needed),
-  matplotlib's DejaVu Sans and Serif, and fonts that pip packages ship in several weights (``source_sans_pro``,
-  a dependency; ``source_serif_pro``, ``lato``, ``caladea``, ``hanken_grotesk`` with vlmkit's ``fonts``
-  extra; ``PIP_FONTS``), or any .ttf/.otf path, each at a
+  matplotlib's DejaVu Sans and Serif and STIX General, and fonts that pip packages ship in several weights
+  (``source_sans_pro``, ``source_serif_pro``, ``lato``: dependencies; ``caladea``, ``hanken_grotesk``, which
+  no recipe trains on, with vlmkit's ``fonts`` extra; ``PIP_FONTS``), or any .ttf/.otf path, each at a
   range of sizes; every size is checked at construction to draw each asked character distinguishably
   (Aileron draws ``I`` and ``l`` as the same glyph below 14 px, so its sizes start there);
 - words: the English word lists that the ``wonderwords`` package ships (nouns, adjectives, verbs;
@@ -14,7 +14,8 @@ What a reader of real text meets, at a size a CPU trains on in minutes (docs/res
   lines, the block placed at a random position (x and y jitter) inside the image, so text is not
   aligned to the vision-token grid;
 - rendering variations (``effects``, off unless asked; plugins/datasets/line_effects.py): slight rotation
-  and scale, contrast, blur, noise, JPEG, each drawn per sample from the page's random stream;
+  and scale, contrast, blur, noise, JPEG, each drawn per sample from the page's random stream, on the
+  training split only (augmentation: the held-out split is read as drawn);
 - vocabulary: the words (and numbers) are split once, by the seed, into disjoint train and held-out
   sets; eval samples use only held-out ones, so evaluation measures reading, not memorising words.
 
@@ -38,7 +39,7 @@ from core.shardwriter import ShardWriter
 from plugins.datasets import line_effects
 from plugins.datasets.rendered import RenderedDataset
 
-FORMAT_VERSION = 1  # bump when rendering or the shard format changes: it invalidates old caches
+FORMAT_VERSION = 2  # bump when rendering or the shard format changes (2: effects on the train split only)
 CHARSET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:'\"!?()-"
 TRAILING = ".,;:!?"
 ENCLOSING = ('""', "()", "''")
@@ -61,7 +62,8 @@ PIP_FONTS = {
     "hanken_grotesk": ("font_hanken_grotesk", "font_files_otf", "HankenGrotesk"),
 }
 MATPLOTLIB_FONTS = {"dejavu_sans": "DejaVuSans.ttf", "dejavu_sans_bold": "DejaVuSans-Bold.ttf",
-                    "dejavu_serif": "DejaVuSerif.ttf", "dejavu_serif_bold": "DejaVuSerif-Bold.ttf"}
+                    "dejavu_serif": "DejaVuSerif.ttf", "dejavu_serif_bold": "DejaVuSerif-Bold.ttf",
+                    "stix": "STIXGeneral.ttf", "stix_bold": "STIXGeneralBol.ttf"}
 
 
 def _pip_font(name):
@@ -237,8 +239,9 @@ class SyntheticLines(RenderedDataset):
         _, top, _, bottom = font.getbbox(CHARSET)
         return bottom - top
 
-    def page(self, rng, vocab):
-        """-> (text, layout): text is the lines joined by newlines; layout what _draw needs."""
+    def page(self, rng, vocab, effects=True):
+        """-> (text, layout): text is the lines joined by newlines; layout what _draw needs. ``effects``: False
+        draws the sample without the rendering variations (the held-out split is read clean)."""
         name, size = rng.choice(self.fonts)
         font = load_font(name, size)
         _, top, _, bottom = font.getbbox(CHARSET)
@@ -269,7 +272,7 @@ class SyntheticLines(RenderedDataset):
         ink, paper = rng.randint(*self.ink), rng.randint(*self.paper)
         layout = {"font": [name, size], "x": x, "y": y - top, "spacing": spacing, "lines": lines,
                   "ink": ink, "paper": paper}
-        if self.effects:  # drawn only when asked: the stream, so every other sample, stays as it was
+        if self.effects and effects:  # drawn only when asked: the stream, so every other sample, stays as it was
             layout["effects"] = line_effects.choose(rng, self.effects, (x, y, block_w, block_h),
                                                     (self.width, self.height))
         return "\n".join(lines), layout
@@ -301,7 +304,7 @@ class SyntheticLines(RenderedDataset):
         rng = random.Random(f"synthetic_lines:{self.seed}:{split}:{shard}")
         start = shard * self.samples_per_shard
         for _ in range(start, min(start + self.samples_per_shard, self.samples[split])):
-            yield self.page(rng, vocab)
+            yield self.page(rng, vocab, effects=split == "train")
 
     def pages(self, split):
         """Every (text, layout) of the split, in shard order (deterministic for the arguments)."""
