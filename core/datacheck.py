@@ -21,27 +21,23 @@ from core.errors import ConfigError
 from core.images import far_aspect, open_header, upright_size
 from core.registry import plugin_call
 from core.shardreader import check_shards, is_url, read_shard
-from core.stageconfig import stage_dataset
+from core.stageconfig import dataset_key, stage_dataset
 
 SCAN = 64  # train images measured for the aspect warning
 
 
 def needed_splits(recipe):
-    """{recipe key: [split, ...]}: the datasets the run builds and the splits it reads from each."""
+    """{recipe key: (dataset Component, [split, ...])}: the datasets the run builds and the splits it reads."""
     trains = any(stage.steps for stage in recipe.stages)
     evaluates = recipe.eval is not None or any(s.probe_every or s.monitor_every for s in recipe.stages if s.steps)
-    splits = {"data.dataset": [s for s, used in (("train", trains), ("eval", evaluates)) if used]}
+    reads = [s for s, used in (("train", trains), ("eval", evaluates)) if used]
+    splits = {"data.dataset": (recipe.data.dataset, reads)}
     if recipe.data.text_dataset is not None:
-        splits["data.text_dataset"] = ["train"] if any(s.steps and s.text_ratio for s in recipe.stages) else []
-    splits.update({f"stages.{i}.dataset": ["train"] for i, s in enumerate(recipe.stages) if s.steps and s.dataset})
+        texts = any(s.steps and s.text_ratio for s in recipe.stages)
+        splits["data.text_dataset"] = (recipe.data.text_dataset, ["train"] if texts else [])
+    splits.update({dataset_key(recipe, i): (stage_dataset(recipe, i), ["train"])
+                   for i, s in enumerate(recipe.stages) if s.steps and s.dataset})
     return splits
-
-
-def _component(recipe, key):
-    """The dataset Component a needed_splits key names."""
-    if key.startswith("stages."):
-        return stage_dataset(recipe, int(key.split(".")[1]))
-    return getattr(recipe.data, key.partition(".")[2])
 
 
 def check_data(recipe, registry, model, show=False):
@@ -49,8 +45,7 @@ def check_data(recipe, registry, model, show=False):
     key if one cannot be used), then warn once if train images are far from ``model``'s view. ``show``
     prints what each split holds (--dry-run)."""
     train = None
-    for key, splits in needed_splits(recipe).items():
-        component = _component(recipe, key)
+    for key, (component, splits) in needed_splits(recipe).items():
         dataset = registry.build("dataset", component.name, where=key, **component.args)
         if getattr(dataset, "writes_shards", False):
             if show:

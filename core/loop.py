@@ -33,11 +33,10 @@ class StageLoop:
         recipe, stage = ctx.recipe, prep.stage
         self.ctx, self.index, self.prep, self.stage = ctx, index, prep, stage
         self.batch_size = stage.batch_size or recipe.data.batch_size
-        key = f"stages.{index}.dataset" if stage.dataset else "data.dataset"  # what a failing plugin call names
-        self.batches = self._open(ctx.stage_dataset(index), key, False, recipe.run.seed + index)
+        self.batches = self._open(*ctx.stage_dataset(index), False, recipe.run.seed + index)
         self.text_batches = None
         if stage.text_ratio:
-            self.text_batches = self._open(ctx.text_dataset, "data.text_dataset", True, recipe.run.seed + index + 7919)
+            self.text_batches = self._open("data.text_dataset", ctx.text_dataset, True, recipe.run.seed + index + 7919)
         self.streams = {"image": self.batches, "text": self.text_batches}
         self.first_step, self.last_good, self.losses = 0, None, {}
         if point is not None:
@@ -53,7 +52,7 @@ class StageLoop:
                       "trainable": sum(p.numel() for p in prep.trainable), "parameters": prep.table})
         self.start = time.perf_counter()
 
-    def _open(self, dataset, key, text_only, seed):
+    def _open(self, key, dataset, text_only, seed):
         d, prep = self.ctx.recipe.data, self.prep
         shards = plugin_call(key, dataset.shards, "train")
         return stream.open_batches(shards, sample_encoding(d, prep.model, prep.tokenizer, text_only),

@@ -31,7 +31,7 @@ from core.model import build_model
 from core.recipe import load_recipe, run_folder
 from core.registry import load_plugins
 from core.report import write_report
-from core.stageconfig import stage_dataset, stage_model
+from core.stageconfig import dataset_key, stage_dataset, stage_model
 from core.threads import ThreadGovernor
 from core.stagecheck import check_stages
 
@@ -48,18 +48,18 @@ class RunContext:
         self.dataset = registry.build("dataset", ds.name, where="data.dataset", **ds.args)
         text = recipe.data.text_dataset
         self.text_dataset = text and registry.build("dataset", text.name, where="data.text_dataset", **text.args)
-        self.datasets = {repr(ds): self.dataset}  # by component: stages that change data.dataset (stage_dataset)
+        self.datasets = {"data.dataset": self.dataset}  # by recipe key: and those of stages that change it
         self.eval_samples = None  # read_eval_split's, when the evaluation, a probe or a monitor needs them
         self.loggers = None  # core.hooks.Attachment: the recipe's loggers, attached for the run
         self.threads = ThreadGovernor(recipe.run.threads)
 
     def stage_dataset(self, index):
-        """The dataset stage ``index`` trains on: data.dataset, or one built with the stage's changes."""
-        component = stage_dataset(self.recipe, index)
-        if repr(component) not in self.datasets:
-            self.datasets[repr(component)] = self.registry.build("dataset", component.name,
-                                                                 where=f"stages.{index}.dataset", **component.args)
-        return self.datasets[repr(component)]
+        """(recipe key, dataset) stage ``index`` trains on: data.dataset, or one built with the stage's changes."""
+        key = dataset_key(self.recipe, index)
+        if key not in self.datasets:
+            component = stage_dataset(self.recipe, index)
+            self.datasets[key] = self.registry.build("dataset", component.name, where=key, **component.args)
+        return key, self.datasets[key]
 
     def read_eval_split(self):
         """The eval split's samples (at most eval.samples), its bad samples logged; a ConfigError if none is usable."""

@@ -55,7 +55,7 @@ def check_stages(recipe, pm, registry, show=False):
     return model, tokenizer
 
 
-def check_init_from(recipe, index, init_from, built=None, state=None):
+def check_init_from(recipe, index, init_from, built, state):
     """A stage's init_from before anything trains: known parts; a file that exists; ``stage:NAME`` an earlier
     stage this run trains, or a folder an earlier run left in run.dir (a stage skipped with steps: 0); the parts
     of the same keys and shapes in both (``built``: earlier stages' state dicts, ``state``: this one's)."""
@@ -70,7 +70,7 @@ def check_init_from(recipe, index, init_from, built=None, state=None):
     if name not in earlier and not os.path.isdir(folder):
         raise ConfigError(f"{where}.path: {init_from.path!r} names no earlier stage this run trains "
                           f"({', '.join(earlier) or 'none'}), and {folder} does not exist")
-    if built and name in built:  # e.g. stage 1 trains a smaller decoder (stages.N.model) than stage 2 reads with
+    if name in built:  # e.g. stage 1 trains a smaller decoder (stages.N.model) than stage 2 reads with
         prefixes = tuple(x for p in init_from.parts for x in checkpoint.PARTS[p])
         mine, theirs = ({k: v for k, v in d.items() if k.startswith(prefixes)} for d in (state, built[name]))
         problems = describe_problems(compare_keys(mine, theirs))

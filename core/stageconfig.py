@@ -23,6 +23,11 @@ def stage_dataset(recipe, index):
     return changed(recipe.data.dataset, recipe.stages[index].dataset or {})
 
 
+def dataset_key(recipe, index):
+    """The recipe key that names stage ``index``'s dataset in errors: its own changes, or data.dataset."""
+    return f"stages.{index}.dataset" if recipe.stages[index].dataset else "data.dataset"
+
+
 def changed(component, change):
     """``component`` with the mapping ``change`` merged in."""
     args = {k: v for k, v in change.items() if k != "name"}
