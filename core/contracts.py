@@ -37,7 +37,9 @@ class Encoder(Protocol):
     rectangle, e.g. a text strip; other images are padded to its aspect): core.images.image_hw reads both.
     ``forward(pixel_values)``: (B, 3, H, W) in [-1, 1], (H, W) the view's size -> (B, h, w, out_dim),
     rows top to bottom. ``grid_size(height, width)`` -> (h, w), the grid an image of that size gives.
-    Optional: ``feature_parts() -> {name: slice}`` (which output channels come from which
+    Optional: ``muon_matrices() -> iterable of parameter names`` (relative to the encoder) that a stage's
+    ``muon_parts: [encoder]`` orthogonalises (default: core.muon.muon_matrices);
+    ``feature_parts() -> {name: slice}`` (which output channels come from which
     sub-network; the collapse monitor scores each, parameter tables list each);
     ``pretrained_extras: dict`` (tensors of the whole model that came with the encoder's
     checkpoint: ``projector.*``, ``image_newline``, ``view_separator``; loaded by the model builder);
@@ -72,8 +74,9 @@ class Decoder(Protocol):
     that ``forward`` fills and reads one chunk after another (generation).
     Optional: ``muon_matrices() -> iterable of parameter names`` (relative to the decoder) that
     ``optimizer: muon`` orthogonalises; without it every 2-D weight of the decoder's
-    ``nn.ModuleList`` blocks is taken. ``export_hf(out_dir, tokenizer) -> str``: write the language
-    model as a folder transformers' ``from_pretrained`` loads (its special ids from ``tokenizer``);
+    ``nn.ModuleList`` blocks (and any convolution filter) is taken: core.muon.muon_matrices.
+    ``export_hf(out_dir, tokenizer) -> str``: write the language model as a folder transformers'
+    ``from_pretrained`` loads (its special ids from ``tokenizer``);
     return one line saying what was written (``python -m core.export``). ``reads_ids: bool``: when
     true, every call also passes ``ids=`` (B, T), the token ids behind the embeddings, the <|image|> id
     at vision positions (a decoder with value embeddings looked up by id needs them).

@@ -1,12 +1,14 @@
-"""nanochat's Muon for the decoder's matrices, AdamW for everything else, as one optimizer.
+"""nanochat's Muon for the matrices of the parts a stage names, AdamW for everything else, as one optimizer.
 
 Muon (docs/architecture.md §1.7, NC-OCT): SGD momentum 0.95 with Nesterov, then the
 update is orthogonalised by 5 Newton-Schulz iterations (quintic coefficients
 3.4445, -4.7750, 2.0315, in bf16 where the device computes bf16 natively, else fp32: see
-``newton_schulz_dtype``) and scaled by max(1, rows/cols)^0.5. It is
-for 2-D weight matrices inside the transformer blocks; embeddings, the head,
-norms, convs and biases stay with AdamW. One optimizer object keeps one
-state_dict, one lr schedule (LambdaLR scales every group) and one resume path.
+``newton_schulz_dtype``) and scaled by max(1, rows/cols)^0.5. nanochat gives it the 2-D weight
+matrices inside the transformer blocks; embeddings, the head, norms and biases stay with AdamW.
+``stages.N.muon_parts`` can add the encoder: its blocks' matrices and its convolution filters, each
+filter bank orthogonalised as one out x (in * kh * kw) matrix, as Keller Jordan's CIFAR-10 speedruns do
+(on the tiny default that ends stage 1's CTC plateau ~600 steps sooner: docs/results.md). One optimizer
+object keeps one state_dict, one lr schedule (LambdaLR scales every group) and one resume path.
 """
 import functools
 import pathlib
@@ -63,8 +65,8 @@ class MuonAdamW(torch.optim.Optimizer):
                  cpu_bf16=None):
         self.cpu_bf16 = cpu_bf16
         for group in groups:
-            if group.get("kind") == "muon" and any(p.ndim != 2 for p in group["params"]):
-                raise ValueError("Muon takes 2-D weight matrices only")
+            if group.get("kind") == "muon" and any(p.ndim < 2 for p in group["params"]):
+                raise ValueError("Muon takes weight matrices and convolution filters only")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
                         ns_steps=ns_steps, kind="adamw")
         super().__init__(groups, defaults)
@@ -80,9 +82,9 @@ class MuonAdamW(torch.optim.Optimizer):
         state = self.state[p]
         buffer = state.setdefault("momentum_buffer", torch.zeros_like(p))
         buffer.lerp_(p.grad, 1 - group["momentum"])
-        update = p.grad.lerp(buffer, group["momentum"])  # Nesterov
+        update = p.grad.lerp(buffer, group["momentum"]).flatten(1)  # Nesterov; a filter bank as out x in*kh*kw
         update = orthogonalise(update, group["ns_steps"], newton_schulz_dtype(p.device, self.cpu_bf16))
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+        p.add_(update.view_as(p), alpha=-group["lr"] * max(1.0, update.size(-2) / update.size(-1)) ** 0.5)
 
     def _adamw(self, p, group):
         state = self.state[p]
@@ -99,12 +101,16 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
 
 
-def muon_matrices(decoder):
-    """Names (relative to the decoder) of the matrices Muon takes: the decoder's own ``muon_matrices()``
-    (core/contracts.py ``Decoder``, optional), else every 2-D weight inside its ``nn.ModuleList`` blocks:
-    for nanochat the attention and MLP matrices, not the embedding or the head (docs/architecture.md §1.7)."""
-    if hasattr(decoder, "muon_matrices"):
-        return set(decoder.muon_matrices())
-    lists = [path for path, m in decoder.named_modules() if isinstance(m, torch.nn.ModuleList)]
-    return {name for name, p in decoder.named_parameters()
-            if p.ndim == 2 and any(name.startswith(path + ".") for path in lists)}
+def muon_matrices(part):
+    """Names (relative to ``part``) of the weights Muon takes: the part's own ``muon_matrices()``
+    (core/contracts.py, optional for encoders and decoders), else every 2-D ``weight`` inside its
+    ``nn.ModuleList`` blocks (for nanochat the attention and MLP matrices, not the embedding or the head:
+    docs/architecture.md §1.7; for SAM not its relative-position tables) and every convolution filter
+    (for the DeepEncoder SAM's patch embedding, neck and downsampling convolutions)."""
+    if hasattr(part, "muon_matrices"):
+        return set(part.muon_matrices())
+    lists = [path for path, m in part.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    convs = {f"{path}.weight" for path, m in part.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
+    return {name for name, p in part.named_parameters()
+            if name in convs or (p.ndim == 2 and name.endswith("weight")
+                                 and any(name.startswith(path + ".") for path in lists))}

@@ -88,6 +88,7 @@ class Crops:
 
 
 COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
+MODEL_PARTS = COMPONENTS[:3]  # the ones with weights
 
 
 @attrs.define
@@ -140,8 +141,9 @@ class Stage:
     schedule: str = "constant"  # constant | step | cosine
     decay_every: int | None = None  # step schedule: multiply by decay_factor every N steps
     decay_factor: float = 0.1
-    optimizer: str = "adamw"  # adamw | muon: nanochat's Muon for the decoder's block matrices, AdamW for the rest
+    optimizer: str = "adamw"  # adamw | muon: nanochat's Muon for the matrices of muon_parts, AdamW for the rest
     muon_lr: float = 0.02  # docs/architecture.md §1.7
+    muon_parts: list[str] = attrs.field(factory=lambda: ["decoder"])  # core/muon.py muon_matrices: + encoder
     grad_clip: float = 1.0
     grad_accum: int = 1  # batches per optimizer step (the effective batch is batch_size * grad_accum * ranks)
     activation_checkpointing: list[str] = attrs.field(factory=list)  # components whose blocks recompute in backward
@@ -162,6 +164,8 @@ class Stage:
     def __attrs_post_init__(self):
         if self.optimizer not in ("adamw", "muon"):
             raise FieldError("optimizer", f"must be adamw or muon, not {self.optimizer!r}")
+        if not set(self.muon_parts) <= set(MODEL_PARTS):
+            raise FieldError("muon_parts", f"parts are {', '.join(MODEL_PARTS)}, not {self.muon_parts}")
         if self.grad_accum < 1:
             raise FieldError("grad_accum", f"must be at least 1, not {self.grad_accum}")
         if not 0.0 <= self.text_ratio <= 1.0:

@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - numpy comes with most torch installs
 # stage keys whose change the saved optimizer state cannot follow: a resume refuses them
 FIXED_ON_RESUME = {
     "optimizer": "the saved optimizer state belongs to the other optimizer",
+    "muon_parts": "the saved optimizer state holds Muon's and AdamW's parameters as the old parts split them",
     "freeze": "the saved optimizer state holds the parameters the old policies left trainable",
     "regularisers": "the saved regulariser heads and loss terms belong to the old list",
     "adapters": "the saved weights and optimizer state belong to the old adapters",

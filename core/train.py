@@ -68,13 +68,15 @@ def freeze_and_adapt(registry, pm, model, stage, where):
     return multipliers, adapted
 
 
-def parameter_groups(model, extra_modules, multipliers, lr, muon_lr=None):
+def parameter_groups(model, extra_modules, multipliers, lr, muon_lr=None, muon_parts=("decoder",)):
     """Optimizer groups over exactly the trainable parameters, one per (lr multiplier, kind).
 
-    With ``muon_lr`` the decoder's block matrices (core.muon.muon_matrices) form Muon groups at that lr;
-    the rest is AdamW.
+    With ``muon_lr`` the matrices of the ``muon_parts`` (core.muon.muon_matrices) form Muon groups at
+    that lr; the rest is AdamW.
     """
-    muon = {f"decoder.{n}" for n in muon_matrices(model.decoder)} if muon_lr is not None else set()
+    muon = set()
+    if muon_lr is not None:
+        muon = {f"{part}.{n}" for part in muon_parts for n in muon_matrices(getattr(model, part))}
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -161,7 +163,7 @@ def prepare_model(recipe, registry, pm, index, model, tokenizer, device, point=N
 
     table = parameter_table(model, extra_modules)
     groups = parameter_groups(model, extra_modules, multipliers, stage.lr,
-                              muon_lr=stage.muon_lr if stage.optimizer == "muon" else None)
+                              muon_lr=stage.muon_lr if stage.optimizer == "muon" else None, muon_parts=stage.muon_parts)
     trainable = [p for g in groups for p in g["params"]]
     if not trainable:
         raise ConfigError(f"{where}.freeze: every parameter is frozen; nothing to train")

@@ -1,7 +1,10 @@
 """nanochat's Muon: orthogonalised updates for the decoder's matrices, AdamW for the rest."""
+import pytest
 import torch
 
+from core.errors import ConfigError
 from core.muon import MuonAdamW, orthogonalise
+from core.recipe import load_recipe
 from core.train import parameter_groups
 from tests.helpers import tiny
 
@@ -50,6 +53,40 @@ def test_muon_takes_the_decoder_block_matrices_and_trains(registry):
     assert losses[-1] < losses[0]
     state = optimizer.state_dict()
     assert any("momentum_buffer" in s for s in state["state"].values())
+
+
+def test_muon_parts_adds_the_encoders_block_matrices_and_convolution_filters(registry):
+    model, _ = tiny(registry)
+    groups = parameter_groups(model, {}, {}, lr=1e-3, muon_lr=0.02, muon_parts=["decoder", "encoder"])
+    muon = {id(p) for g in groups if g["kind"] == "muon" for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert {"encoder.sam.patch_embed.proj.weight", "encoder.sam.neck.0.weight", "encoder.sam.net_3.weight",
+            "encoder.sam.blocks.0.attn.qkv.weight", "encoder.clip.transformer.layers.0.mlp.fc1.weight",
+            "decoder.transformer.h.0.attn.c_q.weight"} <= names
+    # position tables, norms, biases and the frozen CLIP patch embedding stay out
+    assert not any("rel_pos" in n or "pos_embed" in n or "norm" in n or n.endswith("bias") for n in names)
+    assert "encoder.clip.embeddings.patch_embedding.weight" not in names
+    plain = parameter_groups(model, {}, {}, lr=1e-3, muon_lr=0.02)
+    assert not any(n.startswith("encoder.") for n, p in model.named_parameters()
+                   if id(p) in {id(q) for g in plain if g["kind"] == "muon" for q in g["params"]})
+
+
+def test_muon_orthogonalises_a_filter_bank_as_one_matrix():
+    torch.manual_seed(0)
+    filters = torch.nn.Parameter(torch.zeros(8, 3, 4, 2))  # out 8 x (3 * 4 * 2 = 24)
+    optimizer = MuonAdamW([{"params": [filters], "kind": "muon", "lr": 1.0, "momentum": 0.0}], lr=1.0)
+    filters.grad = torch.randn(8, 3, 4, 2)
+    optimizer.step()
+    step = filters.detach().flatten(1)
+    s = torch.linalg.svdvals(step)
+    assert s.numel() == 8 and s.max() < 1.3 and s.min() > 0.5  # one 8 x 24 matrix, wide: no extra scale
+    with pytest.raises(ValueError, match="matrices and convolution filters"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(4))], "kind": "muon"}])
+
+
+def test_an_unknown_muon_part_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"stages.0.muon_parts: parts are encoder, projector, decoder"):
+        load_recipe("recipes/two_stage.yaml", ["stages.0.muon_parts=[encoder, tokenizer]"])
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):

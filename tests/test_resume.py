@@ -153,6 +153,7 @@ def test_a_changed_lr_on_resume_is_applied_said_and_logged(tmp_path, tiny_data, 
 
 
 @pytest.mark.parametrize("override, key", [("stages.0.optimizer=muon", "stages.0.optimizer"),
+                                           ("stages.0.muon_parts=[decoder, encoder]", "stages.0.muon_parts"),
                                            ("stages.0.regularisers=[cell_reading]", "stages.0.regularisers"),
                                            ("stages.0.batch_size=2", "stages.0.batch_size")])
 def test_a_change_the_saved_state_cannot_follow_is_refused_in_one_line(tmp_path, tiny_data, monkeypatch, capsys,
