@@ -7,8 +7,8 @@ update is orthogonalised by 5 Newton-Schulz iterations (quintic coefficients
 matrices inside the transformer blocks; embeddings, the head, norms and biases stay with AdamW.
 ``stages.N.muon_parts`` can add the encoder: its blocks' matrices and its convolution filters, each
 filter bank orthogonalised as one out x (in * kh * kw) matrix, as Keller Jordan's CIFAR-10 speedruns do
-(on the tiny default that ends stage 1's CTC plateau ~600 steps sooner: docs/results.md). One optimizer
-object keeps one state_dict, one lr schedule (LambdaLR scales every group) and one resume path.
+(on the tiny default stage 1's CTC plateau then ends at ~250 steps instead of ~800: docs/results.md).
+One optimizer object keeps one state_dict, one lr schedule (LambdaLR scales every group) and one resume path.
 """
 import functools
 import pathlib

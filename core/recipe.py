@@ -88,7 +88,7 @@ class Crops:
 
 
 COMPONENTS = ("encoder", "projector", "decoder", "tokenizer")  # the components of ModelConfig
-MODEL_PARTS = COMPONENTS[:3]  # the ones with weights
+MODEL_PARTS = tuple(c for c in COMPONENTS if c != "tokenizer")  # the components with weights
 
 
 @attrs.define

@@ -1,4 +1,4 @@
-"""nanochat's Muon: orthogonalised updates for the decoder's matrices, AdamW for the rest."""
+"""nanochat's Muon: orthogonalised updates for the matrices of the parts a stage names, AdamW for the rest."""
 import pytest
 import torch
 
