@@ -104,6 +104,8 @@ def check(snippet, tmp_path):
     try:
         build(path, fragment)
     except ConfigError as e:
+        if "pip install" in str(e):  # an optional extra this install lacks (README: `.[dev]` alone)
+            pytest.skip(str(e))
         # only a file the reader brings may be missing: one the snippet names, reported as not existing
         named = [p for p in re.findall(r"[\w~./-]+/[\w./-]*", snippet)
                  if os.path.expanduser(p).rstrip("/") in str(e)]

@@ -120,6 +120,7 @@ def test_the_real_scale_dry_run_shows_the_d20_vocabulary_without_the_tokenizer_f
 
 
 def test_without_the_file_text_cannot_be_encoded_and_training_needs_it(capsys):
+    pytest.importorskip("tiktoken")  # the nanochat extra; without it the tokenizer says so first
     from plugins.tokenizers.nanochat_bpe import NanochatBPETokenizer
     with torch.device("meta"):
         tok = NanochatBPETokenizer("/nonexistent/tokenizer_bpe.json", vocab_size=65536)
